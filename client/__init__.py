@@ -1,0 +1,1 @@
+"""The node: ClientApp, local data, DP trainer, privacy accountant, ledger."""

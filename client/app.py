@@ -1,0 +1,203 @@
+"""The node's ClientApp: train the adapter on local data, reply with the update only.
+
+What leaves the node each round: the adapter update (masked by SecAgg+ when the
+coordinator runs it), the number of training conversations, and these metrics:
+node name, status, train loss, cumulative epsilon and budget, and the head of its
+privacy ledger. Never a record, never a per-conversation value.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+from flwr.app import Context
+from flwr.client import NumPyClient
+from flwr.clientapp import ClientApp
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
+
+from client.data import LocalData, load_local_data
+from client.privacy import fits_budget, plan_round, secure_seed
+from client.train import train_round
+from shared import ledger
+from shared.adapter import attach_adapter, exchanged_names, fingerprint, frozen_a_fingerprint, get_arrays, set_arrays
+from shared.config import NodeConfig, RunConfig
+from shared.crypto import load_or_create_signing_key
+from shared.errors import ConfigError, PrivacyError
+from shared.model import heldout_loss, load_model, load_tokenizer, resolve_base_model, select_device, select_dtype
+from shared.protocol import META_FROZEN_A, META_ROUND, META_RUN, split_fit_config
+
+log = logging.getLogger("fedchat.node")
+SIM_KEYS = ("partition-id", "num-partitions")  # what Flower's simulation puts in node_config
+
+
+def resolve_node_config(context: Context, sim_nodes: dict[int, dict] | None) -> NodeConfig:
+    """Node settings: Flower's node_config, over the simulation's per-partition defaults."""
+    given = {k: v for k, v in context.node_config.items() if k not in SIM_KEYS}
+    defaults: dict = {}
+    if sim_nodes is not None and "partition-id" in context.node_config:
+        defaults = sim_nodes.get(int(context.node_config["partition-id"]), {})
+    node = NodeConfig.from_flower({**defaults, **given})
+    if not node.data_path:
+        raise ConfigError("node config 'data-path' is required: the node's dialogue JSONL file "
+                          "(flower-supernode --node-config \"data-path='...' state-dir='...'\").")
+    if not node.state_dir:
+        raise ConfigError("node config 'state-dir' is required: where the node keeps its privacy ledger and key.")
+    if not node.node_name:
+        node = node.replace(node_name=Path(node.state_dir).resolve().name)
+    return node
+
+
+@dataclass
+class _Loaded:
+    model: object
+    tokenizer: object
+    names: list[str]
+    frozen_a: str
+
+
+class NodeCache:
+    """Heavy objects kept for the life of the process (a SuperNode's ClientApp process
+    or a simulation actor serves many rounds)."""
+
+    models: dict[tuple, _Loaded] = {}
+    data: dict[tuple, LocalData] = {}
+
+    @classmethod
+    def model(cls, cfg: RunConfig, node: NodeConfig) -> _Loaded:
+        base = resolve_base_model(cfg.base_model)
+        device = select_device(node.device)
+        dtype = select_dtype(node.dtype, device)
+        key = (str(base), str(device), str(dtype), cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout,
+               cfg.lora_target_modules, cfg.aggregation, cfg.seed)
+        if key not in cls.models:
+            cls.models.clear()  # one model per process: a new run config replaces the old
+            model = attach_adapter(load_model(base, device, dtype), cfg)
+            cls.models[key] = _Loaded(model, load_tokenizer(base), exchanged_names(model, cfg.aggregation),
+                                      frozen_a_fingerprint(model))
+        return cls.models[key]
+
+    @classmethod
+    def local_data(cls, cfg: RunConfig, node: NodeConfig, tokenizer) -> LocalData:
+        path = Path(node.data_path)
+        stat = path.stat() if path.exists() else None
+        key = (str(path), stat and (stat.st_mtime_ns, stat.st_size), tokenizer.name_or_path,
+               cfg.max_seq_len, node.validation_fraction, node.skip_bad_lines)
+        if key not in cls.data:
+            cls.data[key] = load_local_data(str(path), tokenizer, max_len=cfg.max_seq_len,
+                                            validation_fraction=node.validation_fraction, seed=0,
+                                            skip_bad_lines=node.skip_bad_lines)
+        return cls.data[key]
+
+
+class FedChatClient(NumPyClient):
+    def __init__(self, node: NodeConfig, secagg_active: bool):
+        self.node = node
+        self.secagg_active = secagg_active
+        self.ledger_path = Path(node.state_dir) / "ledger.jsonl"
+
+    def fit(self, parameters, config):
+        cfg, meta = split_fit_config(config)
+        node, rnd, run = self.node, int(meta[META_ROUND]), str(meta[META_RUN])
+        if node.require_dp and not cfg.dp:
+            raise PrivacyError(f"node {node.node_name} requires DP (require-dp=true); the coordinator asked "
+                               "for a non-private round, refused.")
+        if node.require_secagg and not self.secagg_active:
+            raise PrivacyError(f"node {node.node_name} requires secure aggregation (require-secagg=true); the "
+                               "coordinator asked for a plaintext update, refused.")
+        loaded = NodeCache.model(cfg, node)
+        if cfg.aggregation == "ffa" and meta.get(META_FROZEN_A) != loaded.frozen_a:
+            raise ConfigError("this node's frozen LoRA A differs from the coordinator's: the same seed gave other "
+                              "values (different peft/torch version?). Install the versions the coordinator uses.")
+        set_arrays(loaded.model, loaded.names, parameters)
+        data = NodeCache.local_data(cfg, node, loaded.tokenizer)
+        n = len(data.train)
+        metrics = {"node": node.node_name, "num-conversations": n, "status": "ok"}
+
+        plan = None
+        if cfg.dp:
+            entries = ledger.read_entries(self.ledger_path)
+            plan = plan_round(entries, run, target_epsilon=node.target_epsilon, delta=node.target_delta,
+                              num_conversations=n, batch_size=cfg.batch_size, local_steps=cfg.local_steps,
+                              rounds_left=cfg.num_rounds - rnd + 1, accountant=cfg.dp_accountant)
+            metrics.update({"epsilon": plan.epsilon_before, "target-epsilon": node.target_epsilon,
+                            "delta": node.target_delta})
+            if not fits_budget(plan, node.target_epsilon):
+                log.warning("node %s: round %d would bring epsilon from %.3f to %s > budget %.3f: not training",
+                            node.node_name, rnd, plan.epsilon_before,
+                            "inf" if math.isinf(plan.epsilon_after) else f"{plan.epsilon_after:.3f}",
+                            node.target_epsilon)
+                metrics["status"] = "budget-exhausted"
+                metrics.update(self._ledger_head())
+                return [np.zeros_like(p) for p in parameters], 0, metrics
+
+        seed = secure_seed() if cfg.dp else _train_seed(cfg.seed, node.node_name, rnd)
+        result = train_round(loaded.model, loaded.names, data.train, cfg, pad_id=loaded.tokenizer.pad_token_id,
+                             seed=seed, noise_multiplier=plan.noise_multiplier if plan else None)
+        update = result.delta
+        if self.secagg_active:  # the protocol's quantiser silently clips; clip here and say so
+            bound = cfg.update_bound
+            metrics["clipped-values"] = int(sum(int((np.abs(u) > bound).sum()) for u in update))
+            update = [np.clip(u, -bound, bound) for u in update]
+        weight = min(n, cfg.secagg_max_weight)
+        if plan is not None:
+            entry = ledger.append(self.ledger_path, {
+                "node": node.node_name, "run": run, "round": rnd,
+                "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                "num_examples": n, "sample_rate": plan.sample_rate, "noise_multiplier": plan.noise_multiplier,
+                "max_grad_norm": cfg.dp_max_grad_norm, "steps": plan.steps, "delta": node.target_delta,
+                "accountant": cfg.dp_accountant, "epsilon": plan.epsilon_after,
+                "target_epsilon": node.target_epsilon, "update_sha256": fingerprint(update),
+            }, load_or_create_signing_key(node.ledger_key or Path(node.state_dir) / "ledger-key.pem"))
+            metrics.update({"epsilon": entry["epsilon"], "noise-multiplier": plan.noise_multiplier})
+        metrics.update(self._ledger_head())
+        metrics.update({"train-loss": result.train_loss, "seconds": result.seconds})
+        if data.validation:
+            val = heldout_loss(loaded.model, data.validation[:50], loaded.tokenizer.pad_token_id)
+            log.info("node %s round %d: local validation loss %.4f (kept on the node)", node.node_name, rnd, val)
+        log.info("node %s round %d: trained %d steps in %.1fs, train loss %.4f%s", node.node_name, rnd,
+                 result.steps, result.seconds, result.train_loss,
+                 f", epsilon {plan.epsilon_after:.3f}/{node.target_epsilon:g}" if plan else "")
+        return update, weight, metrics
+
+    def _ledger_head(self) -> dict:
+        digest, count = ledger.head(self.ledger_path)
+        return {"ledger-head": digest, "ledger-entries": count}
+
+
+def _train_seed(seed: int, node_name: str, rnd: int) -> int:
+    import hashlib
+
+    return int.from_bytes(hashlib.sha256(f"{seed}:{node_name}:{rnd}".encode()).digest()[:8], "little") >> 1
+
+
+def make_client_app(sim_nodes: dict[int, dict] | None = None) -> ClientApp:
+    """The ClientApp. `sim_nodes` gives per-partition node settings in simulation."""
+    from flwr.client.mod import secaggplus_mod
+
+    def client_fn(context: Context):
+        node = resolve_node_config(context, sim_nodes)
+        secagg_active = bool(context.state.config_records.get("fedchat.secagg", {}).get("active", False))
+        return FedChatClient(node, secagg_active).to_client()
+
+    def secagg_when_asked(msg, context, call_next):
+        """Run SecAgg+ when the coordinator runs it; remember whether it did for fit()."""
+        from flwr.app import ConfigRecord
+        from flwr.app.message_type import MessageType
+
+        if msg.metadata.message_type == MessageType.TRAIN:
+            active = RECORD_KEY_CONFIGS in msg.content.config_records
+            context.state.config_records["fedchat.secagg"] = ConfigRecord({"active": active})
+            if active:
+                return secaggplus_mod(msg, context, call_next)
+        return call_next(msg, context)
+
+    return ClientApp(client_fn=client_fn, mods=[secagg_when_asked])
+
+
+app = make_client_app()

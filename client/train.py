@@ -1,0 +1,103 @@
+"""Local training for one round: LoRA with AdamW, optionally DP-SGD (Opacus).
+
+Under DP every step draws a Poisson sample of the node's conversations (each one
+independently with probability q = batch-size / n), clips each conversation's
+gradient to max-grad-norm, adds Gaussian noise of std noise_multiplier * max-grad-norm
+and divides by the expected batch size. One conversation is the unit of privacy.
+The sampling and the noise come from a fresh OS-random seed, never from the run seed.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from shared.adapter import get_arrays
+from shared.config import RunConfig
+from shared.dialogue import Encoded, collate
+from shared.model import conversation_losses
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainResult:
+    delta: list[np.ndarray]  # trained minus received, for the exchanged tensors
+    train_loss: float  # mean per-conversation loss over the conversations drawn
+    steps: int
+    conversations_drawn: int
+    seconds: float
+
+
+def _uniform_batches(n: int, batch_size: int, steps: int, gen: torch.Generator):
+    """Non-private: shuffled passes over the data, fixed batch size."""
+    order: list[int] = []
+    for _ in range(steps):
+        while len(order) < batch_size:
+            order += torch.randperm(n, generator=gen).tolist()
+        yield order[:batch_size]
+        order = order[batch_size:]
+
+
+def _poisson_batches(n: int, sample_rate: float, steps: int, gen: torch.Generator):
+    """DP: each conversation joins each step's batch independently with prob. sample_rate."""
+    for _ in range(steps):
+        yield torch.nonzero(torch.rand(n, generator=gen) < sample_rate).flatten().tolist()
+
+
+def train_round(model, names: list[str], data: list[Encoded], cfg: RunConfig, *, pad_id: int,
+                seed: int, noise_multiplier: float | None = None,
+                on_step: Callable[[int, float], None] | None = None) -> TrainResult:
+    """Train the adapter in place for cfg.local_steps steps and return the update."""
+    started = time.perf_counter()
+    device = next(model.parameters()).device
+    received = get_arrays(model, names)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=cfg.learning_rate, weight_decay=0.0)
+    gen = torch.Generator().manual_seed(seed)
+    dp = noise_multiplier is not None
+    forward, gsm = model, None
+    if dp:
+        from opacus import GradSampleModule
+        from opacus.optimizers import DPOptimizer
+
+        gsm = forward = GradSampleModule(model, batch_first=True, loss_reduction="mean")
+        noise_gen = torch.Generator(device=device).manual_seed(seed)
+        optimizer = DPOptimizer(
+            optimizer, noise_multiplier=noise_multiplier, max_grad_norm=cfg.dp_max_grad_norm,
+            expected_batch_size=cfg.batch_size, loss_reduction="mean", generator=noise_gen,
+            secure_mode=True,  # noise robust to floating-point attacks
+        )
+        batches = _poisson_batches(len(data), min(1.0, cfg.batch_size / len(data)), cfg.local_steps, gen)
+    else:
+        batches = _uniform_batches(len(data), cfg.batch_size, cfg.local_steps, gen)
+
+    loss_sum, drawn = 0.0, 0
+    model.train()
+    try:
+        for step, idx in enumerate(batches, 1):
+            if idx:
+                batch = collate([data[i] for i in idx], pad_id, device)
+                losses, _ = conversation_losses(forward, **batch)
+                losses.mean().backward()
+                loss_sum += float(losses.detach().sum())
+                drawn += len(idx)
+            else:  # an empty Poisson sample still takes a (pure-noise) step
+                for p in trainable:
+                    p.grad_sample = torch.zeros((0, *p.shape), device=p.device, dtype=p.dtype)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if on_step:
+                on_step(step, loss_sum / max(drawn, 1))
+    finally:
+        model.eval()
+        if gsm is not None:
+            gsm._close()  # remove Opacus hooks so the cached model is plain again
+    delta = [new - old for new, old in zip(get_arrays(model, names), received)]
+    return TrainResult(delta, loss_sum / max(drawn, 1), cfg.local_steps, drawn,
+                       time.perf_counter() - started)

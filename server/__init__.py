@@ -1,0 +1,1 @@
+"""The coordinator: ServerApp, aggregation, checkpoints, merge, serving."""

@@ -1,0 +1,89 @@
+"""Checkpoints: one folder per completed round, resumable after a restart.
+
+    OUT/checkpoints/round-0003/   PEFT adapter (adapter_config.json, adapter_model.safetensors)
+                                  + fedchat-adapter.json + state.json (the run state)
+    OUT/adapter -> checkpoints/round-0003   (the latest; swapped atomically)
+
+A checkpoint folder is written under a temporary name and renamed when complete, so
+a crash never leaves a half checkpoint that looks whole.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from shared.adapter import save_adapter
+from shared.config import RunConfig
+from shared.errors import CheckpointError
+
+# Settings a resumed run must share with the checkpoint (they define the adapter).
+IDENTITY = ("base_model", "lora_r", "lora_alpha", "lora_target_modules", "aggregation", "seed")
+
+
+@dataclass
+class RunState:
+    run_id: str
+    config: dict  # the run config (hyphenated keys) the run started with
+    round: int = 0  # last completed round; 0 = initial adapter evaluated
+    base_eval_loss: float | None = None
+    rounds: list[dict] = field(default_factory=list)  # report rows, one per completed round
+    started: str = ""
+
+
+def round_dir(out: Path, rnd: int) -> Path:
+    return out / "checkpoints" / f"round-{rnd:04d}"
+
+
+def publish_link(link: Path, target: Path) -> None:
+    """Point `link` at `target` atomically (readers see the old or the new target)."""
+    tmp = link.with_name(f".{link.name}.tmp")
+    tmp.unlink(missing_ok=True)
+    os.symlink(os.path.relpath(target, link.parent), tmp)
+    os.replace(tmp, link)
+
+
+def save_checkpoint(out: Path, state: RunState, peft_model, meta: dict) -> Path:
+    final = round_dir(out, state.round)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".round-{state.round:04d}-", dir=final.parent))
+    try:
+        save_adapter(peft_model, tmp, {**meta, "round": state.round})
+        (tmp / "state.json").write_text(json.dumps(asdict(state), indent=1))
+        os.chmod(tmp, 0o755)
+        if final.exists():  # the same round again (a resumed run redid it)
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    publish_link(out / "adapter", final)
+    return final
+
+
+def latest_checkpoint(out: Path) -> Path | None:
+    folder = out / "checkpoints"
+    rounds = sorted(p for p in folder.glob("round-[0-9][0-9][0-9][0-9]") if (p / "state.json").is_file())
+    return rounds[-1] if rounds else None
+
+
+def load_state(checkpoint: Path) -> RunState:
+    try:
+        return RunState(**json.loads((checkpoint / "state.json").read_text()))
+    except (OSError, ValueError, TypeError) as exc:
+        raise CheckpointError(f"{checkpoint}/state.json is unreadable ({exc}): remove that checkpoint folder to "
+                              "resume from the previous round.") from None
+
+
+def check_resumable(state: RunState, cfg: RunConfig, checkpoint: Path) -> None:
+    """A checkpoint continues only a run that builds the same adapter."""
+    old = RunConfig.from_flower(state.config, ignore_unknown=True)
+    changed = [f"{k.replace('_', '-')}: {getattr(old, k)!r} -> {getattr(cfg, k)!r}"
+               for k in IDENTITY if getattr(old, k) != getattr(cfg, k)]
+    if changed:
+        raise CheckpointError(
+            f"{checkpoint} belongs to a run with other adapter settings ({'; '.join(changed)}). "
+            "Use a new out-dir for a new run, or the old settings to resume.")

@@ -1,0 +1,1 @@
+"""What both the coordinator and the nodes need: config, models, adapters, ledger."""

@@ -1,0 +1,220 @@
+"""The typed configuration everything reads from.
+
+Two objects, one per party:
+
+* ``RunConfig``: what the coordinator decides for a run (model, rounds, LoRA, DP
+  mechanism, secure aggregation). Flower passes it as ``context.run_config`` (from
+  ``[tool.flwr.app.config]`` in pyproject.toml plus ``--run-config`` overrides); the
+  coordinator sends it to nodes with every training instruction.
+* ``NodeConfig``: what a node operator decides for their node (data, privacy budget,
+  device, keys). Flower passes it as ``context.node_config`` (``--node-config``).
+
+Keys use Flower's hyphenated spelling (``num-rounds``); fields use underscores.
+Values are validated at construction, and an error names the key and the fix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any, ClassVar
+
+from shared.errors import ConfigError
+
+AGGREGATIONS = ("fedavg", "ffa")
+ACCOUNTANTS = ("prv", "rdp")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def _doc(text: str) -> dict[str, str]:
+    return {"doc": text}
+
+
+class _FlowerConfig:
+    """Conversion between a flat Flower config mapping and a typed dataclass."""
+
+    source: ClassVar[str] = "config"
+
+    @classmethod
+    def keys(cls) -> dict[str, dataclasses.Field]:
+        return {f.name.replace("_", "-"): f for f in fields(cls)}  # type: ignore[arg-type]
+
+    @classmethod
+    def from_flower(cls, mapping: Mapping[str, Any], *, ignore_unknown: bool = False):
+        """Build from hyphenated keys; unknown keys are an error unless ignored."""
+        known = cls.keys()
+        values: dict[str, Any] = {}
+        for key, value in mapping.items():
+            if key not in known:
+                if ignore_unknown:
+                    continue
+                close = difflib.get_close_matches(key, list(known), n=1)
+                hint = f" Did you mean '{close[0]}'?" if close else ""
+                raise ConfigError(
+                    f"unknown {cls.source} key '{key}'.{hint} Known keys: {', '.join(sorted(known))}."
+                )
+            values[known[key].name] = _coerce(key, value, known[key])
+        return cls(**values)
+
+    def to_flower(self) -> dict[str, Any]:
+        return {f.name.replace("_", "-"): getattr(self, f.name) for f in fields(self)}  # type: ignore[arg-type]
+
+    def replace(self, **changes: Any):
+        return dataclasses.replace(self, **changes)  # type: ignore[type-var]
+
+    def _fail(self, key: str, problem: str) -> None:
+        raise ConfigError(f"{self.source} '{key}' {problem} (got {getattr(self, key.replace('-', '_'))!r}).")
+
+
+def _coerce(key: str, value: Any, f: dataclasses.Field) -> Any:
+    """Flower configs carry int/float/str/bool; accept what converts losslessly."""
+    kind = f.type if isinstance(f.type, type) else {"int": int, "float": float, "str": str, "bool": bool}.get(str(f.type))
+    try:
+        if kind is bool:
+            if isinstance(value, str) and value.lower() in ("true", "false", "1", "0"):
+                return value.lower() in ("true", "1")
+            if isinstance(value, (bool, int)) and value in (0, 1):
+                return bool(value)
+            raise ValueError
+        if kind is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            return int(value)
+        if kind is float:
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        if kind is str:
+            return str(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"config '{key}' must be of type {kind.__name__} (got {value!r}).") from None
+    return value
+
+
+@dataclass(frozen=True)
+class RunConfig(_FlowerConfig):
+    """The coordinator's settings for one federated run."""
+
+    source: ClassVar[str] = "run config"
+
+    base_model: str = field(default="smollm2-135m", metadata=_doc("'smollm2-135m' (embedded), 'tiny' (tests) or a local HF model folder"))
+    num_rounds: int = field(default=3, metadata=_doc("federated rounds to run (a resumed run continues up to this number)"))
+    nodes_per_round: int = field(default=0, metadata=_doc("nodes sampled per round; 0 = every connected node"))
+    min_nodes: int = field(default=2, metadata=_doc("nodes that must be connected before a round starts"))
+    node_wait_timeout: float = field(default=600.0, metadata=_doc("seconds to wait for min-nodes before giving up"))
+    local_steps: int = field(default=10, metadata=_doc("optimizer steps each node takes per round"))
+    batch_size: int = field(default=8, metadata=_doc("conversations per step (expected batch size under Poisson sampling)"))
+    learning_rate: float = field(default=2e-3, metadata=_doc("AdamW learning rate for the LoRA tensors"))
+    lora_r: int = field(default=8, metadata=_doc("LoRA rank"))
+    lora_alpha: int = field(default=16, metadata=_doc("LoRA scaling numerator (scale = alpha / r)"))
+    lora_dropout: float = field(default=0.0, metadata=_doc("LoRA dropout"))
+    lora_target_modules: str = field(default="q_proj,v_proj", metadata=_doc("comma-separated module names that get adapters"))
+    aggregation: str = field(default="fedavg", metadata=_doc("'fedavg' (A and B averaged) or 'ffa' (FFA-LoRA: A frozen from the seed, only B exchanged)"))
+    seed: int = field(default=0, metadata=_doc("seed of the initial adapter, node sampling and the frozen A in 'ffa'"))
+    max_seq_len: int = field(default=256, metadata=_doc("tokens per conversation; longer ones are truncated (and reported)"))
+    eval_data: str = field(default="", metadata=_doc("held-out JSONL the coordinator evaluates on; empty = no evaluation"))
+    eval_max_conversations: int = field(default=200, metadata=_doc("cap on held-out conversations evaluated (0 = all)"))
+    out_dir: str = field(default="runs/latest", metadata=_doc("where checkpoints, report.json and the plot go"))
+    resume: bool = field(default=True, metadata=_doc("continue from the last checkpoint in out-dir if there is one"))
+    merge: bool = field(default=True, metadata=_doc("write the merged model (OUT/merged) when the run ends"))
+    dp: bool = field(default=True, metadata=_doc("train with DP-SGD on every node"))
+    dp_max_grad_norm: float = field(default=1.0, metadata=_doc("per-conversation gradient clipping norm"))
+    dp_accountant: str = field(default="prv", metadata=_doc("'prv' (tighter) or 'rdp'"))
+    secagg: bool = field(default=True, metadata=_doc("aggregate with SecAgg+ so the coordinator only sees the sum"))
+    secagg_num_shares: int = field(default=0, metadata=_doc("key shares per node; 0 = every sampled node"))
+    secagg_reconstruction_threshold: int = field(default=0, metadata=_doc("shares needed to unmask; 0 = a majority of shares"))
+    secagg_clipping_range: float = field(default=0.0, metadata=_doc("|value| bound before quantisation; 0 = 4 * learning-rate * local-steps"))
+    secagg_quantization_range: int = field(default=0, metadata=_doc("quantisation levels; 0 = the most that cannot overflow 2**32"))
+    secagg_max_weight: int = field(default=100000, metadata=_doc("largest per-node weight (conversations); larger nodes are capped"))
+    secagg_timeout: float = field(default=600.0, metadata=_doc("seconds to wait for replies at each SecAgg+ stage"))
+    device: str = field(default="auto", metadata=_doc("coordinator device for evaluation: auto, cpu, cuda, cuda:N, mps"))
+    dtype: str = field(default="auto", metadata=_doc("coordinator dtype: auto, float32, bfloat16, float16"))
+
+    def __post_init__(self) -> None:
+        positive = ("num_rounds", "local_steps", "batch_size", "lora_r", "lora_alpha", "max_seq_len", "secagg_max_weight")
+        for name in positive:
+            if getattr(self, name) <= 0:
+                self._fail(name.replace("_", "-"), "must be a positive integer")
+        for name in ("nodes_per_round", "eval_max_conversations", "secagg_num_shares",
+                     "secagg_reconstruction_threshold", "secagg_quantization_range"):
+            if getattr(self, name) < 0:
+                self._fail(name.replace("_", "-"), "must be 0 (automatic) or positive")
+        if self.min_nodes < 1:
+            self._fail("min-nodes", "must be at least 1")
+        if not self.learning_rate > 0:
+            self._fail("learning-rate", "must be > 0")
+        if not 0 <= self.lora_dropout < 1:
+            self._fail("lora-dropout", "must be in [0, 1)")
+        if not self.target_modules:
+            self._fail("lora-target-modules", "must name at least one module, e.g. 'q_proj,v_proj'")
+        if self.aggregation not in AGGREGATIONS:
+            self._fail("aggregation", f"must be one of {', '.join(AGGREGATIONS)}")
+        if self.dp_accountant not in ACCOUNTANTS:
+            self._fail("dp-accountant", f"must be one of {', '.join(ACCOUNTANTS)}")
+        if not self.dp_max_grad_norm > 0:
+            self._fail("dp-max-grad-norm", "must be > 0")
+        if self.secagg_clipping_range < 0:
+            self._fail("secagg-clipping-range", "must be 0 (automatic) or positive")
+        for name in ("node_wait_timeout", "secagg_timeout"):
+            if not getattr(self, name) > 0:
+                self._fail(name.replace("_", "-"), "must be a positive number of seconds")
+        if self.dtype not in DTYPES:
+            self._fail("dtype", f"must be one of {', '.join(DTYPES)}")
+        if not self.base_model:
+            self._fail("base-model", "must name a model ('smollm2-135m', 'tiny' or a folder)")
+        if self.secagg and self.nodes_per_round == 1:
+            self._fail("nodes-per-round", "must be at least 2 with secagg (the sum of one update is that update)")
+
+    @property
+    def target_modules(self) -> list[str]:
+        return [m.strip() for m in self.lora_target_modules.split(",") if m.strip()]
+
+    @property
+    def update_bound(self) -> float:
+        """Bound on |value| of a node's update before SecAgg+ quantisation.
+
+        AdamW moves each value by at most about (1 - beta1) / sqrt(1 - beta2) ~ 3.2
+        learning rates per step, DP noise or not, so 4 * lr * steps is never exceeded
+        by an honest node; nodes clip to it (and report what they clipped).
+        """
+        return self.secagg_clipping_range or 4.0 * self.learning_rate * self.local_steps
+
+
+@dataclass(frozen=True)
+class NodeConfig(_FlowerConfig):
+    """A node operator's settings for their node."""
+
+    source: ClassVar[str] = "node config"
+
+    data_path: str = field(default="", metadata=_doc("the node's private dialogue JSONL file"))
+    state_dir: str = field(default="", metadata=_doc("where the node keeps its privacy accountant, ledger and key"))
+    node_name: str = field(default="", metadata=_doc("the node's name in logs and in its ledger"))
+    target_epsilon: float = field(default=8.0, metadata=_doc("lifetime privacy budget epsilon of this node's data"))
+    target_delta: float = field(default=1e-5, metadata=_doc("delta of the budget; must be below 1/(training conversations)"))
+    device: str = field(default="auto", metadata=_doc("auto, cpu, cuda, cuda:N or mps"))
+    dtype: str = field(default="auto", metadata=_doc("base model dtype: auto (bfloat16 on CUDA, else float32), float32, bfloat16, float16"))
+    skip_bad_lines: bool = field(default=False, metadata=_doc("skip (and report) malformed lines instead of refusing the file"))
+    require_dp: bool = field(default=True, metadata=_doc("refuse to train without DP-SGD, whatever the coordinator asks"))
+    require_secagg: bool = field(default=True, metadata=_doc("refuse to send an update outside SecAgg+, whatever the coordinator asks"))
+    validation_fraction: float = field(default=0.1, metadata=_doc("share of local conversations held out for local validation"))
+    ledger_key: str = field(default="", metadata=_doc("Ed25519 private key (PEM) that signs the ledger; default STATE_DIR/ledger-key.pem"))
+
+    def __post_init__(self) -> None:
+        if not self.target_epsilon > 0:
+            self._fail("target-epsilon", "must be > 0")
+        if not 0 < self.target_delta < 1:
+            self._fail("target-delta", "must be in (0, 1), and below 1/(training conversations)")
+        if self.dtype not in DTYPES:
+            self._fail("dtype", f"must be one of {', '.join(DTYPES)}")
+        if not 0 <= self.validation_fraction < 1:
+            self._fail("validation-fraction", "must be in [0, 1)")
+
+
+def describe(cls: type[_FlowerConfig]) -> str:
+    """One line per key, for --help texts and the README."""
+    lines = []
+    for key, f in cls.keys().items():
+        lines.append(f"  {key} (default {f.default!r}): {f.metadata.get('doc', '')}")
+    return "\n".join(lines)

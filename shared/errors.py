@@ -1,0 +1,33 @@
+"""fedchat's own exception types. Every message says what is wrong and what to do."""
+
+
+class FedchatError(Exception):
+    """Base class: an error the user can act on (the CLI prints it without a traceback)."""
+
+
+class ConfigError(FedchatError):
+    """A configuration value is missing, malformed or out of range."""
+
+
+class DataError(FedchatError):
+    """A dialogue data file cannot be used as it is."""
+
+
+class ModelError(FedchatError):
+    """A base model or adapter cannot be found or loaded."""
+
+
+class CheckpointError(FedchatError):
+    """A checkpoint is missing, corrupt or belongs to a different run configuration."""
+
+
+class PrivacyError(FedchatError):
+    """A privacy setting cannot be honoured (budget, delta, accountant)."""
+
+
+class LedgerError(FedchatError):
+    """A privacy ledger cannot be written or does not verify."""
+
+
+class FederationError(FedchatError):
+    """The federation cannot proceed (too few nodes, failed secure aggregation)."""
