@@ -29,6 +29,7 @@ from shared.adapter import attach_adapter, exchanged_names, fingerprint, frozen_
 from shared.config import NodeConfig, RunConfig
 from shared.crypto import load_or_create_signing_key
 from shared.errors import ConfigError, PrivacyError
+from shared.logs import setup_logging
 from shared.model import heldout_loss, load_model, load_tokenizer, resolve_base_model, select_device, select_dtype
 from shared.protocol import META_FROZEN_A, META_ROUND, META_RUN, split_fit_config
 
@@ -181,6 +182,7 @@ def make_client_app(sim_nodes: dict[int, dict] | None = None) -> ClientApp:
     from flwr.client.mod import secaggplus_mod
 
     def client_fn(context: Context):
+        setup_logging(quiet_flower=True)
         node = resolve_node_config(context, sim_nodes)
         secagg_active = bool(context.state.config_records.get("fedchat.secagg", {}).get("active", False))
         return FedChatClient(node, secagg_active).to_client()

@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 @dataclass
 class TrainResult:
     delta: list[np.ndarray]  # trained minus received, for the exchanged tensors
-    train_loss: float  # mean per-conversation loss over the conversations drawn
+    train_loss: float  # token-weighted mean loss over the conversations drawn (as held-out loss is)
     steps: int
     conversations_drawn: int
     seconds: float
@@ -48,6 +48,43 @@ def _poisson_batches(n: int, sample_rate: float, steps: int, gen: torch.Generato
     """DP: each conversation joins each step's batch independently with prob. sample_rate."""
     for _ in range(steps):
         yield torch.nonzero(torch.rand(n, generator=gen) < sample_rate).flatten().tolist()
+
+
+def length_chunks(idx: list[int], data: list[Encoded], max_tokens: int) -> list[list[int]]:
+    """Split a batch into micro-batches of similar length so little compute goes to padding.
+
+    Sorted longest first; a new micro-batch starts when the next conversation is under
+    half as long as the micro-batch's longest, or when padded tokens would pass max_tokens.
+    Gradients are accumulated over the micro-batches, so the step is the same.
+    """
+    chunks: list[list[int]] = []
+    longest = 0
+    for i in sorted(idx, key=lambda i: -len(data[i].input_ids)):
+        n = len(data[i].input_ids)
+        if not chunks or n * 2 < longest or (len(chunks[-1]) + 1) * longest > max_tokens:
+            chunks.append([])
+            longest = n
+        chunks[-1].append(i)
+    return chunks
+
+
+def backward_batch(forward, data: list[Encoded], idx: list[int], *, pad_id: int, device, max_tokens: int,
+                   dp: bool) -> tuple[float, int]:
+    """Forward and backward one (possibly empty) batch in length micro-batches.
+
+    Plain training accumulates the gradient of the batch's mean loss in .grad; under
+    DP Opacus accumulates per-conversation gradients in .grad_sample (it rescales each
+    micro-batch mean and later divides by the expected batch size itself).
+    Returns (token-weighted loss sum, labelled tokens).
+    """
+    loss_sum, tokens = 0.0, 0
+    for chunk in length_chunks(idx, data, max_tokens):
+        batch = collate([data[i] for i in chunk], pad_id, device)
+        losses, counts = conversation_losses(forward, **batch)
+        (losses.mean() if dp else losses.sum() / len(idx)).backward()
+        loss_sum += float((losses.detach() * counts).sum())
+        tokens += int(counts.sum())
+    return loss_sum, tokens
 
 
 def train_round(model, names: list[str], data: list[Encoded], cfg: RunConfig, *, pad_id: int,
@@ -77,27 +114,25 @@ def train_round(model, names: list[str], data: list[Encoded], cfg: RunConfig, *,
     else:
         batches = _uniform_batches(len(data), cfg.batch_size, cfg.local_steps, gen)
 
-    loss_sum, drawn = 0.0, 0
+    loss_sum, tokens, drawn = 0.0, 0, 0
     model.train()
     try:
         for step, idx in enumerate(batches, 1):
-            if idx:
-                batch = collate([data[i] for i in idx], pad_id, device)
-                losses, _ = conversation_losses(forward, **batch)
-                losses.mean().backward()
-                loss_sum += float(losses.detach().sum())
-                drawn += len(idx)
-            else:  # an empty Poisson sample still takes a (pure-noise) step
+            step_loss, step_tokens = backward_batch(forward, data, idx, pad_id=pad_id, device=device,
+                                                    max_tokens=cfg.micro_batch_tokens, dp=dp)
+            loss_sum, tokens, drawn = loss_sum + step_loss, tokens + step_tokens, drawn + len(idx)
+            if not idx:
+                # an empty Poisson sample still takes a (pure-noise) step
                 for p in trainable:
                     p.grad_sample = torch.zeros((0, *p.shape), device=p.device, dtype=p.dtype)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             if on_step:
-                on_step(step, loss_sum / max(drawn, 1))
+                on_step(step, loss_sum / max(tokens, 1))
     finally:
         model.eval()
         if gsm is not None:
             gsm._close()  # remove Opacus hooks so the cached model is plain again
     delta = [new - old for new, old in zip(get_arrays(model, names), received)]
-    return TrainResult(delta, loss_sum / max(drawn, 1), cfg.local_steps, drawn,
+    return TrainResult(delta, loss_sum / max(tokens, 1), cfg.local_steps, drawn,
                        time.perf_counter() - started)

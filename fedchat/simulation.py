@@ -28,7 +28,8 @@ def simulate(run: RunConfig, sim_nodes: dict[int, dict], *, cpus_per_node: float
     backend = {
         "client_resources": {"num_cpus": cpus_per_node or cores, "num_gpus": gpus_per_node},
         "init_args": {"num_cpus": cores, "include_dashboard": False, "logging_level": "error",
-                      "log_to_driver": True, "configure_logging": False},
+                      "_node_ip_address": "127.0.0.1",
+                      "log_to_driver": True},
     }
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     run_simulation(server_app=make_server_app(run.to_flower()), client_app=make_client_app(sim_nodes),

@@ -32,6 +32,7 @@ from server.traffic import TrafficMeter
 from shared.adapter import attach_adapter, exchanged_names, frozen_a_fingerprint, get_arrays, set_arrays
 from shared.config import RunConfig
 from shared.errors import CheckpointError
+from shared.logs import setup_logging
 from shared.model import load_model, load_tokenizer, resolve_base_model, select_device, select_dtype
 
 log = logging.getLogger("fedchat.coordinator")
@@ -205,6 +206,7 @@ def make_server_app(overrides: dict | None = None) -> ServerApp:
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
+        setup_logging()
         cfg = RunConfig.from_flower({**context.run_config, **(overrides or {})})
         run_coordinator(grid, context, cfg)
 

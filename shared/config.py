@@ -106,6 +106,7 @@ class RunConfig(_FlowerConfig):
     node_wait_timeout: float = field(default=600.0, metadata=_doc("seconds to wait for min-nodes before giving up"))
     local_steps: int = field(default=10, metadata=_doc("optimizer steps each node takes per round"))
     batch_size: int = field(default=8, metadata=_doc("conversations per step (expected batch size under Poisson sampling)"))
+    micro_batch_tokens: int = field(default=2048, metadata=_doc("padded tokens per forward pass (memory bound); batches are split by length"))
     learning_rate: float = field(default=2e-3, metadata=_doc("AdamW learning rate for the LoRA tensors"))
     lora_r: int = field(default=8, metadata=_doc("LoRA rank"))
     lora_alpha: int = field(default=16, metadata=_doc("LoRA scaling numerator (scale = alpha / r)"))
@@ -133,7 +134,7 @@ class RunConfig(_FlowerConfig):
     dtype: str = field(default="auto", metadata=_doc("coordinator dtype: auto, float32, bfloat16, float16"))
 
     def __post_init__(self) -> None:
-        positive = ("num_rounds", "local_steps", "batch_size", "lora_r", "lora_alpha", "max_seq_len", "secagg_max_weight")
+        positive = ("num_rounds", "local_steps", "batch_size", "micro_batch_tokens", "lora_r", "lora_alpha", "max_seq_len", "secagg_max_weight")
         for name in positive:
             if getattr(self, name) <= 0:
                 self._fail(name.replace("_", "-"), "must be a positive integer")

@@ -1,0 +1,5 @@
+import sys
+
+from fedchat.cli import main
+
+sys.exit(main())

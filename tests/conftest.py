@@ -1,0 +1,46 @@
+"""Shared fixtures: the tiny random Llama (SmolLM2 tokenizer) prepared once per session."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from shared.logs import quiet_library_warnings
+
+quiet_library_warnings()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def model_cache(tmp_path_factory):
+    """Prepared base models go to FEDCHAT_CACHE if set (CI can keep it), else a session folder."""
+    if not os.environ.get("FEDCHAT_CACHE"):
+        os.environ["FEDCHAT_CACHE"] = str(tmp_path_factory.mktemp("fedchat-cache"))
+    return Path(os.environ["FEDCHAT_CACHE"])
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(model_cache):
+    from shared.model import resolve_base_model
+
+    return resolve_base_model("tiny")
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tiny_dir):
+    from shared.model import load_tokenizer
+
+    return load_tokenizer(tiny_dir)
+
+
+def write_jsonl(path: Path, records: list) -> Path:
+    with open(path, "w", encoding="utf-8") as f:
+        for r in records:
+            f.write((r if isinstance(r, str) else json.dumps(r)) + "\n")
+    return path
+
+
+def conversation(q: str = "What is the capital of France?", a: str = "Paris.") -> dict:
+    return {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}

@@ -1,0 +1,51 @@
+import pytest
+
+from shared.config import NodeConfig, RunConfig
+from shared.errors import ConfigError
+
+
+def test_defaults_are_valid_and_round_trip():
+    cfg = RunConfig()
+    assert RunConfig.from_flower(cfg.to_flower()) == cfg
+    assert cfg.target_modules == ["q_proj", "v_proj"]
+
+
+def test_unknown_key_suggests_the_close_one():
+    with pytest.raises(ConfigError, match="unknown run config key 'num-round'.*Did you mean 'num-rounds'"):
+        RunConfig.from_flower({"num-round": 3})
+
+
+@pytest.mark.parametrize("key,value,message", [
+    ("learning-rate", -1.0, "learning-rate' must be > 0"),
+    ("local-steps", 0, "local-steps' must be a positive integer"),
+    ("local-steps", "many", "must be of type int"),
+    ("aggregation", "median", "must be one of fedavg, ffa"),
+    ("dp-accountant", "gdp", "must be one of prv, rdp"),
+    ("lora-dropout", 1.5, "lora-dropout' must be in"),
+    ("dtype", "int8", "must be one of auto"),
+    ("lora-target-modules", " , ", "must name at least one module"),
+])
+def test_bad_run_config_values_name_the_key(key, value, message):
+    with pytest.raises(ConfigError, match=message):
+        RunConfig.from_flower({key: value})
+
+
+def test_secagg_needs_two_nodes_per_round():
+    with pytest.raises(ConfigError, match="at least 2 with secagg"):
+        RunConfig(nodes_per_round=1, secagg=True)
+    RunConfig(nodes_per_round=1, secagg=False)
+
+
+def test_flower_strings_and_bools_are_coerced():
+    cfg = RunConfig.from_flower({"num-rounds": "4", "dp": "false", "learning-rate": 1})
+    assert cfg.num_rounds == 4 and cfg.dp is False and cfg.learning_rate == 1.0
+    with pytest.raises(ConfigError, match="type int"):
+        RunConfig.from_flower({"num-rounds": 2.5})
+
+
+def test_node_config_validation():
+    assert NodeConfig.from_flower({"target-epsilon": "4"}).target_epsilon == 4.0
+    with pytest.raises(ConfigError, match="target-epsilon' must be > 0"):
+        NodeConfig(target_epsilon=0)
+    with pytest.raises(ConfigError, match="target-delta"):
+        NodeConfig(target_delta=1.0)

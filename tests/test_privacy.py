@@ -1,0 +1,115 @@
+"""DP accounting: calibration, accumulation across rounds and restarts, the budget guard."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from client.app import FedChatClient
+from client.privacy import calibrate_noise, check_delta, compute_epsilon, fits_budget, plan_round
+from shared import ledger
+from shared.adapter import attach_adapter, exchanged_names, get_arrays
+from shared.config import NodeConfig, RunConfig
+from shared.errors import PrivacyError
+from shared.model import load_model, resolve_base_model
+from shared.protocol import fit_config
+from tests.conftest import conversation, write_jsonl
+
+
+@pytest.mark.parametrize("accountant", ["prv", "rdp"])
+@pytest.mark.parametrize("eps,q,steps", [(1.0, 0.01, 100), (4.0, 0.02, 30), (8.0, 8 / 400, 30)])
+def test_calibration_meets_the_target_tightly(accountant, eps, q, steps):
+    sigma = calibrate_noise(eps, 1e-5, q, steps, [], accountant)
+    reached = compute_epsilon([(sigma, q, steps)], 1e-5, accountant)
+    assert reached <= eps
+    assert reached > eps * 0.97  # not wastefully conservative
+    assert compute_epsilon([(sigma * 0.97, q, steps)], 1e-5, accountant) > reached
+
+
+def test_calibration_accounts_for_what_was_already_spent():
+    spent = [(1.0, 0.02, 50)]
+    before = compute_epsilon(spent, 1e-5, "prv")
+    sigma = calibrate_noise(8.0, 1e-5, 0.02, 50, spent, "prv")
+    assert compute_epsilon(spent + [(sigma, 0.02, 50)], 1e-5, "prv") <= 8.0
+    assert sigma > calibrate_noise(8.0, 1e-5, 0.02, 50, [], "prv")  # less budget left: more noise
+    assert before > 0
+
+
+def test_delta_must_be_below_one_over_n():
+    check_delta(1e-5, 1000)
+    with pytest.raises(PrivacyError, match="not below 1/n = 1/50"):
+        check_delta(0.05, 50)
+
+
+def _entries(history, delta=1e-5, run="r1", accountant="prv"):
+    out = []
+    for i in range(len(history)):
+        s, q, n = history[i]
+        out.append({"run": run, "noise_multiplier": s, "sample_rate": q, "steps": n,
+                    "epsilon": compute_epsilon(history[: i + 1], delta, accountant)})
+    return out
+
+
+def test_plan_round_keeps_the_runs_noise_and_prices_the_next_round():
+    first = plan_round([], "r1", target_epsilon=8.0, delta=1e-5, num_conversations=400, batch_size=8,
+                       local_steps=10, rounds_left=3, accountant="prv")
+    assert first.epsilon_before == 0 and 0 < first.epsilon_after <= 8.0
+    history = [(first.noise_multiplier, first.sample_rate, first.steps)]
+    second = plan_round(_entries(history), "r1", target_epsilon=8.0, delta=1e-5, num_conversations=400,
+                        batch_size=8, local_steps=10, rounds_left=2, accountant="prv")
+    assert second.noise_multiplier == first.noise_multiplier  # calibrated once per run
+    assert second.epsilon_before == pytest.approx(first.epsilon_after, rel=1e-6)
+    assert second.epsilon_after > second.epsilon_before  # cumulative, never per round
+    history += [history[0]] * 2
+    fourth = plan_round(_entries(history), "r1", target_epsilon=8.0, delta=1e-5, num_conversations=400,
+                        batch_size=8, local_steps=10, rounds_left=0, accountant="prv")
+    assert not fits_budget(fourth, 8.0)  # a round beyond the planned three would overspend
+
+
+def test_a_lowered_budget_below_what_was_spent_refuses_every_round():
+    entries = _entries([(0.8, 0.02, 30)])
+    plan = plan_round(entries, "r2", target_epsilon=0.5, delta=1e-5, num_conversations=400, batch_size=8,
+                      local_steps=10, rounds_left=3, accountant="prv")
+    assert math.isinf(plan.epsilon_after) and not fits_budget(plan, 0.5)
+
+
+def _fit(node: NodeConfig, cfg: RunConfig, rnd: int, run: str):
+    """One real fit() of a node, as its ClientApp would run it (a new object = a restarted process)."""
+    model = attach_adapter(load_model(resolve_base_model("tiny"), torch.device("cpu"), torch.float32), cfg)
+    params = get_arrays(model, exchanged_names(model, cfg.aggregation))
+    client = FedChatClient(node, secagg_active=False)
+    return client.fit(params, fit_config(cfg, rnd, run, ""))
+
+
+def test_epsilon_accumulates_across_rounds_and_restarts(tmp_path, tiny_dir):
+    data = write_jsonl(tmp_path / "d.jsonl", [conversation(f"q{i}", f"a{i}") for i in range(60)])
+    node = NodeConfig(data_path=str(data), state_dir=str(tmp_path / "state"), node_name="n1", target_epsilon=4.0,
+                      target_delta=1e-3, require_secagg=False)
+    cfg = RunConfig(base_model="tiny", num_rounds=3, local_steps=2, batch_size=4, secagg=False)
+    epsilons = []
+    for rnd in (1, 2, 3):  # a fresh client object each round: the process restarted
+        update, weight, metrics = _fit(node, cfg, rnd, "run-a")
+        assert metrics["status"] == "ok" and weight > 0
+        epsilons.append(metrics["epsilon"])
+    assert epsilons[0] < epsilons[1] < epsilons[2] <= 4.0
+    entries = ledger.read_entries(tmp_path / "state" / "ledger.jsonl")
+    assert [e["round"] for e in entries] == [1, 2, 3]
+    assert len({e["noise_multiplier"] for e in entries}) == 1
+    # A fourth round of the same run was not planned: the guard refuses it, nothing is trained or logged.
+    update, weight, metrics = _fit(node, cfg.replace(num_rounds=4), 4, "run-a")
+    assert metrics["status"] == "budget-exhausted" and weight == 0
+    assert all(not np.any(u) for u in update)
+    assert metrics["epsilon"] == pytest.approx(epsilons[-1], rel=1e-6)
+    assert len(ledger.read_entries(tmp_path / "state" / "ledger.jsonl")) == 3
+
+
+def test_node_refuses_rounds_its_operator_did_not_allow(tmp_path, tiny_dir):
+    data = write_jsonl(tmp_path / "d.jsonl", [conversation(f"q{i}", f"a{i}") for i in range(20)])
+    node = NodeConfig(data_path=str(data), state_dir=str(tmp_path / "s"))
+    with pytest.raises(PrivacyError, match="requires DP"):
+        _fit(node, RunConfig(base_model="tiny", dp=False, secagg=False), 1, "r")
+    with pytest.raises(PrivacyError, match="requires secure aggregation"):
+        _fit(node, RunConfig(base_model="tiny", secagg=False), 1, "r")
+    with pytest.raises(PrivacyError, match="not below 1/n"):
+        _fit(node.replace(target_delta=0.1, require_secagg=False), RunConfig(base_model="tiny", secagg=False), 1, "r")

@@ -1,0 +1,96 @@
+"""End to end in Flower's simulation engine with the tiny model."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from fedchat.demo_data import write_demo_data
+from fedchat.simulation import simulate
+from shared.config import RunConfig
+from shared.model import load_model
+
+pytestmark = pytest.mark.slow
+
+
+def _nodes(data: Path, state: Path, n: int, **extra) -> dict:
+    return {i: {"data-path": str(data / f"org-{i + 1}.jsonl"), "state-dir": str(state / f"org-{i + 1}"),
+                "node-name": f"org-{i + 1}", **extra} for i in range(n)}
+
+
+def test_plaintext_fedavg_run_writes_report_checkpoints_and_merged_model(tmp_path):
+    write_demo_data(tmp_path / "data", 2)
+    run = RunConfig(base_model="tiny", num_rounds=2, local_steps=3, batch_size=4, dp=False, secagg=False,
+                    eval_data=str(tmp_path / "data" / "eval.jsonl"), eval_max_conversations=30,
+                    out_dir=str(tmp_path / "run"))
+    report = simulate(run, _nodes(tmp_path / "data", tmp_path / "nodes", 2, **{"require-dp": False,
+                                                                              "require-secagg": False}))
+    for key in ("base_model", "clients", "base_eval_loss", "final_eval_loss", "adapter", "merged_model", "rounds"):
+        assert key in report
+    assert report["clients"] == 2 and len(report["rounds"]) == 2
+    assert report["final_eval_loss"] < report["base_eval_loss"]
+    for row in report["rounds"]:
+        for key in ("round", "eval_loss", "train_loss", "seconds", "bytes_up", "bytes_down", "clients"):
+            assert row[key] is not None
+        assert {c["node"] for c in row["clients"]} == {"org-1", "org-2"}
+        for c in row["clients"]:
+            assert c["num_examples"] > 0 and c["train_loss"] > 0
+            # plaintext: each node sends its update (float32) plus a little framing
+            assert report["adapter_update_bytes"] <= c["bytes_up"] < report["adapter_update_bytes"] * 1.1
+    out = Path(report["merged_model"])
+    assert load_model(out, torch.device("cpu"), torch.float32) is not None
+    assert (tmp_path / "run" / "checkpoints" / "round-0002" / "adapter_model.safetensors").exists()
+    assert (tmp_path / "run" / "loss.png").stat().st_size > 1000
+
+
+def test_secure_dp_ffa_run_keeps_budgets_and_ledgers(tmp_path):
+    write_demo_data(tmp_path / "data", 3)
+    run = RunConfig(base_model="tiny", num_rounds=2, local_steps=2, batch_size=4, aggregation="ffa",
+                    eval_data=str(tmp_path / "data" / "eval.jsonl"), eval_max_conversations=20,
+                    out_dir=str(tmp_path / "run"), merge=False)
+    report = simulate(run, _nodes(tmp_path / "data", tmp_path / "nodes", 3, **{"target-epsilon": 3.0}))
+    assert report["secagg"] and report["dp"] and report["aggregation"] == "ffa"
+    for row in report["rounds"]:
+        assert row["status"] == "ok" and row["secagg"]["nodes"] == 3
+        for c in row["clients"]:
+            assert 0 < c["epsilon"] <= 3.0 and c["target_epsilon"] == 3.0
+    for i in range(3):
+        lines = (tmp_path / "nodes" / f"org-{i + 1}" / "ledger.jsonl").read_text().splitlines()
+        assert len(lines) == 2
+        assert [json.loads(line)["round"] for line in lines] == [1, 2]
+
+
+def _demo(out: Path, rounds: int, **popen):
+    cmd = [sys.executable, "-m", "fedchat", "demo", "--base-model", "tiny", "--clients", "2", "--rounds", str(rounds),
+           "--local-steps", "2", "--no-dp", "--no-secagg", "--out", str(out), "--run-config", "eval-max-conversations=10"]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True, **popen)
+
+
+def test_coordinator_resumes_after_being_killed(tmp_path):
+    out = tmp_path / "run"
+    proc = _demo(out, 3)
+    deadline = time.monotonic() + 240
+    try:
+        while not (out / "checkpoints" / "round-0001" / "state.json").exists():
+            assert proc.poll() is None, proc.stdout.read()
+            assert time.monotonic() < deadline, "no checkpoint of round 1 within 240 s"
+            time.sleep(0.5)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # a crash: no cleanup, no final report
+        proc.wait(timeout=30)
+    first = json.loads((out / "checkpoints" / "round-0001" / "state.json").read_text())
+    resumed = _demo(out, 3)
+    output, _ = resumed.communicate(timeout=400)
+    assert resumed.returncode == 0, output
+    assert "resuming run" in output
+    report = json.loads((out / "report.json").read_text())
+    assert report["run_id"] == first["run_id"]
+    assert [r["round"] for r in report["rounds"]] == [1, 2, 3]
+    assert report["rounds"][0] == first["rounds"][0]  # round 1 was not trained again
