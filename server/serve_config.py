@@ -1,0 +1,113 @@
+"""The serving configuration: what `fedchat serve` and `fedchat chat` read, validated once.
+
+Which model to serve is one of three sources:
+
+* ``model``: a merged model folder (``fedchat merge`` output, ``OUT/merged``, or any
+  Hugging Face chat model folder);
+* ``adapter`` (with ``base``, or the base model the adapter's metadata names): the
+  adapter is merged into the base in memory when it loads;
+* only ``watch``: a coordinator run folder; its ``merged`` model if the run wrote one,
+  else its latest ``adapter`` checkpoint.
+
+With ``watch`` the server follows ``WATCH/merged`` (serving merged models) or
+``WATCH/adapter`` (serving an adapter) and switches to each newer round.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from shared.errors import ConfigError
+
+API_KEY_ENV = "FEDCHAT_API_KEY"
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where the served weights come from: a merged folder, or base + adapter."""
+
+    kind: str  # "merged" | "adapter"
+    path: Path  # the merged folder or the adapter folder (a symlink is followed at load time)
+    base: str | None = None  # adapter only: base model name or folder (None: from the adapter's metadata)
+
+    def describe(self) -> str:
+        if self.kind == "merged":
+            return f"merged model {self.path}"
+        return f"adapter {self.path} on base {self.base or '(named by the adapter)'}"
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    model: str | None = None
+    base: str | None = None
+    adapter: str | None = None
+    watch: str | None = None
+    watch_interval: float = 2.0
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key: str | None = None
+    model_name: str = "fedchat"
+    device: str = "auto"
+    dtype: str = "auto"
+    max_queue: int = 64
+    default_max_tokens: int = 512
+
+    def __post_init__(self) -> None:
+        if self.model and (self.adapter or self.base):
+            raise ConfigError("give either --model (a merged model folder) or --adapter/--base, not both.")
+        if not (self.model or self.adapter or self.base or self.watch):
+            raise ConfigError("nothing to serve: give --model DIR (a merged model folder), --adapter DIR "
+                              "(with --base if its metadata names no base model), or --watch OUT (a run folder).")
+        if self.base and not (self.adapter or self.watch):
+            raise ConfigError("--base needs --adapter DIR (or --watch OUT to serve OUT/adapter).")
+        if self.watch and not Path(self.watch).is_dir():
+            raise ConfigError(f"--watch {self.watch}: no such folder. Give the coordinator's output folder "
+                              "(the one holding 'merged' and 'adapter').")
+        if not 0 <= self.port <= 65535:
+            raise ConfigError(f"--port {self.port} is not a TCP port (0-65535).")
+        if self.watch_interval <= 0:
+            raise ConfigError(f"--watch-interval must be positive seconds (got {self.watch_interval}).")
+        if self.max_queue < 1:
+            raise ConfigError(f"--max-queue must be at least 1 (got {self.max_queue}).")
+        if self.default_max_tokens < 1:
+            raise ConfigError(f"--default-max-tokens must be at least 1 (got {self.default_max_tokens}).")
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"--dtype {self.dtype!r}: use one of {', '.join(DTYPES)}.")
+        if not self.model_name or any(c.isspace() for c in self.model_name):
+            raise ConfigError(f"--model-name {self.model_name!r} must be a non-empty name without spaces.")
+        if self.api_key is not None and not self.api_key:
+            raise ConfigError(f"the API key is empty: set --api-key or {API_KEY_ENV} to a secret, or leave both unset.")
+
+    @classmethod
+    def from_env(cls, **values) -> ServeConfig:
+        """The config with the API key from FEDCHAT_API_KEY when none is given explicitly."""
+        if values.get("api_key") is None and os.environ.get(API_KEY_ENV):
+            values["api_key"] = os.environ[API_KEY_ENV]
+        return cls(**values)
+
+    def replace(self, **changes) -> ServeConfig:
+        return dataclasses.replace(self, **changes)
+
+    def source(self) -> ModelSource:
+        """The model to load at start."""
+        if self.model:
+            return ModelSource("merged", Path(self.model))
+        if self.adapter:
+            return ModelSource("adapter", Path(self.adapter), self.base)
+        watch = Path(self.watch)  # type: ignore[arg-type]
+        if self.base is None and (watch / "merged").exists():
+            return ModelSource("merged", watch / "merged")
+        if (watch / "adapter").exists():
+            return ModelSource("adapter", watch / "adapter", self.base)
+        raise ConfigError(f"{watch} holds neither 'merged' nor 'adapter' yet: start the server once the "
+                          "coordinator has finished a round, or serve another --model meanwhile.")
+
+    def watch_link(self) -> Path | None:
+        """The symlink the server follows for newer rounds (None without --watch)."""
+        if not self.watch:
+            return None
+        return Path(self.watch) / ("merged" if self.source().kind == "merged" else "adapter")
