@@ -7,6 +7,7 @@ import json
 import logging
 import sys
 
+from server.serve_cli import add_serving_commands
 from shared.errors import FedchatError
 from shared.logs import setup_logging
 
@@ -181,6 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--base-model", help="override the base model the adapter names")
     merge.add_argument("--force", action="store_true", help="replace --out if it exists")
     merge.set_defaults(func=cmd_merge)
+    add_serving_commands(sub)
     return p
 
 
