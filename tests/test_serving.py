@@ -1,0 +1,448 @@
+"""Serving: a live `fedchat serve` on 127.0.0.1 driven by the official `openai` client, the
+generation pieces it is built from, and `fedchat chat`.
+
+The expected answers come from Hugging Face's own `model.generate` on the merged folders
+(an implementation independent of the server's token loop).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import openai
+import pytest
+import torch
+from openai import OpenAI
+
+from server.checkpoint import RunState, publish_link, round_dir, save_checkpoint
+from server.merge import merge_adapter
+from server.serve_config import ModelSource, ServeConfig
+from server.serve_engine import Generation, GenerationParams, TextStream
+from server.serve_model import ModelWatcher, load_served
+from shared.adapter import attach_adapter, exchanged_names, get_arrays, set_arrays
+from shared.config import RunConfig
+from shared.errors import ConfigError
+from shared.model import load_model
+
+REPO = Path(__file__).resolve().parents[1]
+KEY = "test-key-123"
+CPU, F32 = torch.device("cpu"), torch.float32
+HELLO = [{"role": "user", "content": "Hello, who are you?"}]
+PROMPTS = ["What is the capital of France?", "Write a haiku about rain.", "How do plants grow?",
+           "Tell me a joke.", "What is 2 + 2?", "Name three colours."]
+
+
+# ----------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory, tiny_dir) -> Path:
+    """A coordinator output folder with rounds 1 and 2 (different adapters), checkpointed and
+    merged as the coordinator lays them out; OUT/merged and OUT/adapter point at round 1."""
+    out = tmp_path_factory.mktemp("run")
+    cfg = RunConfig(base_model="tiny")
+    for rnd in (1, 2):
+        model = attach_adapter(load_model(tiny_dir, CPU, F32), cfg)
+        names = exchanged_names(model, "fedavg")
+        rng = np.random.default_rng(rnd)
+        set_arrays(model, names, [a + rng.normal(scale=0.5, size=a.shape).astype(np.float32) if ".lora_B." in n
+                                  else a for n, a in zip(names, get_arrays(model, names))])
+        save_checkpoint(out, RunState(run_id="test-run", config=cfg.to_flower(), round=rnd), model,
+                        {"base_model": "tiny", "base_model_path": str(tiny_dir), "run_id": "test-run"})
+        merge_adapter(round_dir(out, rnd), out / "models" / f"merged-round-{rnd:04d}")
+    publish_link(out / "merged", out / "models" / "merged-round-0001")
+    publish_link(out / "adapter", round_dir(out, 1))
+    return out
+
+
+def merged(run_dir: Path, rnd: int) -> Path:
+    return run_dir / "models" / f"merged-round-{rnd:04d}"
+
+
+class Oracle:
+    """Greedy answers from transformers' model.generate on a merged folder."""
+
+    def __init__(self, folder: Path, tokenizer) -> None:
+        self.model, self.tokenizer = load_model(folder, CPU, F32), tokenizer
+
+    def ids(self, messages, max_tokens: int) -> list[int]:
+        enc = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
+                                                 return_dict=True)
+        out = self.model.generate(**enc, max_new_tokens=max_tokens, do_sample=False,
+                                  pad_token_id=self.tokenizer.pad_token_id)
+        return out[0, enc["input_ids"].shape[1]:].tolist()
+
+    def answer(self, messages, max_tokens: int) -> str:
+        return self.tokenizer.decode(self.ids(messages, max_tokens), skip_special_tokens=True)
+
+
+@pytest.fixture(scope="module")
+def oracles(run_dir, tokenizer) -> dict[int, Oracle]:
+    return {rnd: Oracle(merged(run_dir, rnd), tokenizer) for rnd in (1, 2)}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LiveServer:
+    """`python -m fedchat serve ...` as a child process on a free port; stopped by its PID."""
+
+    def __init__(self, args: list[str], log: Path, env: dict | None = None) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = log
+        with open(log, "wb") as f:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "fedchat", "serve", *args, "--host", "127.0.0.1", "--port", str(self.port)],
+                cwd=REPO, stdout=f, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
+        deadline = time.monotonic() + 90
+        while True:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"the server exited with {self.proc.returncode}:\n{log.read_text()}")
+            try:
+                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                self.stop()
+                raise AssertionError(f"the server did not answer /health within 90 s:\n{log.read_text()}")
+            time.sleep(0.2)
+
+    def health(self) -> dict:
+        return httpx.get(f"{self.url}/health", timeout=5).json()
+
+    def client(self, key: str | None = KEY, **kw) -> OpenAI:
+        return OpenAI(base_url=f"{self.url}/v1", api_key=key, max_retries=0, timeout=60, **kw)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=15)
+
+
+@pytest.fixture(scope="module")
+def server(run_dir, tmp_path_factory):
+    """Serves round 1's merged folder with an API key from the environment variable."""
+    srv = LiveServer(["--model", str(merged(run_dir, 1))], tmp_path_factory.mktemp("logs") / "serve.log",
+                     env={"FEDCHAT_API_KEY": KEY})
+    yield srv
+    srv.stop()
+
+
+def ask(client: OpenAI, content: str, max_tokens: int = 24, **kw):
+    return client.chat.completions.create(model="fedchat", messages=[{"role": "user", "content": content}],
+                                          max_tokens=max_tokens, **kw)
+
+
+def streamed(client: OpenAI, content: str, max_tokens: int = 24, **kw) -> tuple[str, list]:
+    chunks = list(client.chat.completions.create(
+        model="fedchat", messages=[{"role": "user", "content": content}], max_tokens=max_tokens, stream=True,
+        stream_options={"include_usage": True}, **kw))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    return text, chunks
+
+
+# ----------------------------------------------------------------- the live server
+
+@pytest.mark.slow
+def test_plain_answer_is_the_models_greedy_answer(server, oracles, tokenizer):
+    reply = server.client().chat.completions.create(model="fedchat", messages=HELLO, max_tokens=20, temperature=0)
+    expected = oracles[1].ids(HELLO, 20)
+    choice = reply.choices[0]
+    assert choice.message.role == "assistant"
+    assert choice.message.content == tokenizer.decode(expected, skip_special_tokens=True)
+    assert choice.finish_reason == ("stop" if expected[-1] == tokenizer.eos_token_id else "length")
+    prompt = len(tokenizer.apply_chat_template(HELLO, add_generation_prompt=True)["input_ids"])
+    assert (reply.usage.prompt_tokens, reply.usage.completion_tokens, reply.usage.total_tokens) == (
+        prompt, len(expected), prompt + len(expected))
+    assert reply.model == "fedchat" and reply.system_fingerprint == "fedchat-round-1"
+
+
+@pytest.mark.slow
+def test_streamed_answer_equals_plain_answer(server):
+    client = server.client()
+    for prompt in PROMPTS[:3]:
+        plain = ask(client, prompt, max_tokens=40, temperature=0)
+        text, chunks = streamed(client, prompt, max_tokens=40, temperature=0)
+        assert text == plain.choices[0].message.content
+        assert all(c.object == "chat.completion.chunk" and c.id == chunks[0].id for c in chunks)
+        assert chunks[0].choices[0].delta.role == "assistant"
+        assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == plain.choices[0].finish_reason
+        assert chunks[-1].choices == [] and chunks[-1].usage.model_dump() == plain.usage.model_dump()
+    # sampling is reproducible with a seed, streamed or not
+    a = ask(client, PROMPTS[0], max_tokens=30, temperature=1.0, top_p=0.9, seed=7).choices[0].message.content
+    b, _ = streamed(client, PROMPTS[0], max_tokens=30, temperature=1.0, top_p=0.9, seed=7)
+    c = ask(client, PROMPTS[0], max_tokens=30, temperature=1.0, top_p=0.9, seed=8).choices[0].message.content
+    assert a == b and a != c
+
+
+@pytest.mark.slow
+def test_stop_strings_cut_the_answer(server):
+    client = server.client()
+    full = ask(client, PROMPTS[1], max_tokens=40, temperature=1.0, seed=3).choices[0].message.content
+    stop = full[len(full) // 2:len(full) // 2 + 3]
+    cut = full[:full.index(stop)]
+    reply = ask(client, PROMPTS[1], max_tokens=40, temperature=1.0, seed=3, stop=[stop, "never-said"])
+    assert (reply.choices[0].message.content, reply.choices[0].finish_reason) == (cut, "stop")
+    text, _ = streamed(client, PROMPTS[1], max_tokens=40, temperature=1.0, seed=3, stop=stop)
+    assert text == cut
+
+
+@pytest.mark.slow
+def test_models_show_the_served_round(server, run_dir):
+    client = server.client()
+    [card] = client.models.list().data
+    assert card.id == "fedchat" and card.round == 1 and card.run_id == "test-run"
+    assert client.models.retrieve("fedchat").round == 1
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("gpt-4")
+
+
+def error_of(exc: openai.APIStatusError) -> dict:
+    body = exc.response.json()
+    assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}
+    assert body["error"]["message"]
+    return body["error"]
+
+
+@pytest.mark.slow
+def test_errors_have_openais_status_and_body(server):
+    with pytest.raises(openai.AuthenticationError) as wrong:
+        ask(server.client(key="not-the-key"), "hi")
+    assert error_of(wrong.value)["code"] == "invalid_api_key"
+    missing = httpx.post(f"{server.url}/v1/chat/completions", json={"model": "fedchat", "messages": HELLO})
+    assert missing.status_code == 401 and missing.json()["error"]["code"] == "missing_api_key"
+    assert httpx.get(f"{server.url}/v1/models").status_code == 401
+
+    auth = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
+    bad_json = httpx.post(f"{server.url}/v1/chat/completions", content=b'{"model": "fedchat", "messages": [',
+                          headers=auth)
+    assert bad_json.status_code == 400 and bad_json.json()["error"]["type"] == "invalid_request_error"
+
+    client = server.client()
+    cases = [({"messages": [{"role": "wizard", "content": "hi"}]}, "messages[0].role"),
+             ({"messages": HELLO, "temperature": 3.5}, "temperature"),
+             ({"messages": HELLO, "temperature": -1}, "temperature"),
+             ({"messages": HELLO, "max_tokens": 0}, "max_tokens"),
+             ({"messages": HELLO, "top_p": 0}, "top_p"),
+             ({"messages": HELLO, "n": 2}, "n"),
+             ({"messages": []}, "messages")]
+    for kwargs, param in cases:
+        with pytest.raises(openai.BadRequestError) as bad:
+            client.chat.completions.create(model="fedchat", **kwargs)
+        assert error_of(bad.value)["param"] == param, kwargs
+
+    long = [{"role": "user", "content": "hello " * 2100}]  # the tiny model's context is 2048 tokens
+    with pytest.raises(openai.BadRequestError) as too_long:
+        client.chat.completions.create(model="fedchat", messages=long, max_tokens=10)
+    err = error_of(too_long.value)
+    assert err["code"] == "context_length_exceeded" and "2048" in err["message"]
+    with pytest.raises(openai.BadRequestError) as too_much:
+        client.chat.completions.create(model="fedchat", messages=HELLO, max_tokens=2040)
+    assert error_of(too_much.value)["code"] == "context_length_exceeded"
+
+    with pytest.raises(openai.NotFoundError) as unknown:
+        client.chat.completions.create(model="gpt-4o", messages=HELLO)
+    assert error_of(unknown.value)["code"] == "model_not_found"
+    route = httpx.get(f"{server.url}/v1/nope")
+    assert route.status_code == 404 and route.json()["error"]["code"] == "unknown_url"
+    assert server.health()["failed"] == 0
+
+
+@pytest.mark.slow
+def test_concurrent_clients_get_the_answers_they_get_alone(server):
+    client = server.client()
+    # different prompts and seeds give different answers: any mix-up between requests shows
+    alone = {i: ask(client, p, max_tokens=32, temperature=0.8, seed=i) for i, p in enumerate(PROMPTS)}
+    assert len({r.choices[0].message.content for r in alone.values()}) == len(PROMPTS)
+    results: dict = {}
+
+    def user(i: int) -> None:
+        own = server.client()  # one client (connection pool) per user
+        try:
+            if i % 2:
+                results[i] = streamed(own, PROMPTS[i], max_tokens=32, temperature=0.8, seed=i)[0]
+            else:
+                results[i] = ask(own, PROMPTS[i], max_tokens=32, temperature=0.8, seed=i).choices[0].message.content
+        except Exception as exc:  # noqa: BLE001 (reported below)
+            results[i] = exc
+
+    threads = [threading.Thread(target=user, args=(i,)) for i in range(len(PROMPTS))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert results == {i: r.choices[0].message.content for i, r in alone.items()}
+
+
+@pytest.mark.slow
+def test_client_disconnecting_mid_stream_frees_its_slot(server):
+    client = server.client()
+    before = server.health()
+    stream = client.chat.completions.create(model="fedchat", messages=HELLO, max_tokens=1900, temperature=0,
+                                            stream=True)
+    pieces = 0
+    for chunk in stream:
+        pieces += bool(chunk.choices and chunk.choices[0].delta.content)
+        if pieces == 3:
+            break
+    stream.close()  # the client goes away with ~1900 tokens still to generate
+    deadline = time.monotonic() + 10
+    while (health := server.health())["cancelled"] == before["cancelled"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert health["cancelled"] == before["cancelled"] + 1 and health["running"] == 0
+    assert health["completion_tokens"] - before["completion_tokens"] < 950  # stopped early, not at 1900
+    started = time.monotonic()
+    assert ask(client, "Are you free?", max_tokens=8, temperature=0).usage.completion_tokens >= 1
+    assert time.monotonic() - started < 5
+
+
+@pytest.mark.slow
+def test_hot_reload_during_traffic(run_dir, oracles, tmp_path):
+    srv = LiveServer(["--watch", str(run_dir), "--watch-interval", "0.2"], tmp_path / "serve.log")
+    try:
+        client = srv.client(key="any")  # no key required
+        assert client.models.list().data[0].round == 1
+        expected = {rnd: oracles[rnd].answer([{"role": "user", "content": PROMPTS[0]}], 24) for rnd in (1, 2)}
+        assert expected[1] != expected[2]  # the two rounds answer differently
+        stop, answers, errors = threading.Event(), [], []
+
+        def user(i: int) -> None:
+            own = srv.client(key="any")
+            while not stop.is_set():
+                try:
+                    if i % 2:
+                        reply = ask(own, PROMPTS[0], temperature=0)
+                        answers.append((reply.system_fingerprint, reply.choices[0].message.content))
+                    else:
+                        text, chunks = streamed(own, PROMPTS[0], temperature=0)
+                        answers.append((chunks[0].system_fingerprint, text))
+                except Exception as exc:  # noqa: BLE001 (asserted below)
+                    errors.append(exc)
+
+        users = [threading.Thread(target=user, args=(i,)) for i in range(3)]
+        for t in users:
+            t.start()
+        while len(answers) < 6 and not errors:
+            time.sleep(0.05)
+        publish_link(run_dir / "merged", merged(run_dir, 2))  # the coordinator publishes round 2
+        deadline = time.monotonic() + 30
+        while client.models.list().data[0].round != 2:
+            assert time.monotonic() < deadline, srv.log.read_text()
+            time.sleep(0.1)
+        served_before = len(answers)
+        while len(answers) < served_before + 6 and not errors:
+            time.sleep(0.05)
+        stop.set()
+        for t in users:
+            t.join(60)
+        assert not errors
+        by_round = {"fedchat-round-1": expected[1], "fedchat-round-2": expected[2]}
+        assert {fp for fp, _ in answers} == set(by_round)
+        assert all(text == by_round[fp] for fp, text in answers)  # complete, and from one model each
+        assert srv.health()["failed"] == 0
+    finally:
+        srv.stop()
+        publish_link(run_dir / "merged", merged(run_dir, 1))
+
+
+# ----------------------------------------------------------------- fedchat chat
+
+
+@pytest.mark.slow
+def test_chat_command_with_a_model_folder(run_dir, oracles):
+    first = oracles[1].answer([{"role": "user", "content": "Hello"}], 8)
+    second = oracles[1].answer([{"role": "user", "content": "Hello"}, {"role": "assistant", "content": first},
+                                {"role": "user", "content": "And then?"}], 8)
+    cmd = [sys.executable, "-m", "fedchat", "chat", "--model", str(merged(run_dir, 1)), "--temperature", "0",
+           "--max-tokens", "8"]
+    done = subprocess.run(cmd, input="Hello\nAnd then?\n/exit\nnever read\n", capture_output=True, text=True,
+                          cwd=REPO, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == f"{first}\n{second}\n"
+    at_eof = subprocess.run(cmd, input="Hello\n", capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert (at_eof.returncode, at_eof.stdout) == (0, f"{first}\n")
+
+
+@pytest.mark.slow
+def test_chat_command_with_a_running_server(server, oracles):
+    done = subprocess.run(
+        [sys.executable, "-m", "fedchat", "chat", "--url", f"{server.url}/v1", "--temperature", "0",
+         "--max-tokens", "8"], input="Hello\n", capture_output=True, text=True, cwd=REPO, timeout=120,
+        env={**os.environ, "FEDCHAT_API_KEY": KEY})
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == oracles[1].answer([{"role": "user", "content": "Hello"}], 8) + "\n"
+    wrong = subprocess.run([sys.executable, "-m", "fedchat", "chat", "--url", server.url, "--api-key", "nope"],
+                           input="Hello\n", capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert wrong.returncode == 2 and "401" in wrong.stderr
+
+
+# ----------------------------------------------------------------- the pieces, in process
+
+
+def test_text_stream_never_splits_characters_or_leaks_a_stop_string(tokenizer):
+    text = "Grüße aus Köln 👋🏽, 東京は晴れ. Fine? END of it"
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    decode = lambda i: tokenizer.decode(i, skip_special_tokens=True)  # noqa: E731
+    stream = TextStream(decode)
+    pieces = [stream.push(t) for t in ids] + [stream.flush()]
+    assert "".join(pieces) == decode(ids) == text
+    assert not any("\ufffd" in p for p in pieces)
+    stopping = TextStream(decode, ("END", "Fine!"))
+    pieces = []
+    for t in ids:
+        pieces.append(stopping.push(t))
+        if stopping.stopped:
+            break
+    assert stopping.stopped and "".join(pieces) == text[:text.index("END")]
+    assert not any("E" in p for p in pieces)  # never streamed a piece of the stop string
+
+
+def test_adapter_source_answers_like_its_merged_folder(run_dir):
+    params = GenerationParams(max_tokens=16)
+    via_adapter = load_served(ModelSource("adapter", run_dir / "checkpoints" / "round-0002"), CPU, F32)
+    via_merged = load_served(ModelSource("merged", merged(run_dir, 2)), CPU, F32)
+    assert (via_adapter.round, via_merged.round) == (2, 2)
+    prompt = via_merged.encode_chat(HELLO)
+    assert "".join(Generation(via_adapter, prompt, params)) == "".join(Generation(via_merged, prompt, params))
+
+
+def test_watcher_loads_each_newly_published_round(run_dir):
+    seen = []
+    link = run_dir / "adapter"
+    watcher = ModelWatcher(ModelSource("adapter", link), lambda src: load_served(src, CPU, F32), seen.append, 1.0)
+    try:
+        assert watcher.check() is False  # what the link points at when watching starts is not news
+        publish_link(link, run_dir / "checkpoints" / "round-0002")
+        assert watcher.check() is True and watcher.check() is False
+        assert [s.round for s in seen] == [2]
+    finally:
+        publish_link(link, run_dir / "checkpoints" / "round-0001")
+
+
+def test_serve_config_says_what_to_do(tmp_path, monkeypatch):
+    with pytest.raises(ConfigError, match="nothing to serve"):
+        ServeConfig()
+    with pytest.raises(ConfigError, match="not both"):
+        ServeConfig(model="a", adapter="b")
+    with pytest.raises(ConfigError, match="neither 'merged' nor 'adapter'"):
+        ServeConfig(watch=str(tmp_path)).source()
+    monkeypatch.setenv("FEDCHAT_API_KEY", "from-env")
+    assert ServeConfig.from_env(model="m").api_key == "from-env"
+    assert ServeConfig.from_env(model="m", api_key="given").api_key == "given"
