@@ -144,7 +144,8 @@ class FedChatClient(NumPyClient):
         if self.secagg_active:  # the protocol's quantiser silently clips; clip here and say so
             bound = cfg.update_bound
             metrics["clipped-values"] = int(sum(int((np.abs(u) > bound).sum()) for u in update))
-            update = [np.clip(u, -bound, bound) for u in update]
+            # float64: Flower quantises to 2**29 levels, finer than float32 can resolve.
+            update = [np.clip(u, -bound, bound).astype(np.float64) for u in update]
         weight = min(n, cfg.secagg_max_weight)
         if plan is not None:
             entry = ledger.append(self.ledger_path, {

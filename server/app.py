@@ -97,6 +97,7 @@ class Coordinator:
             "base_model": self.cfg.base_model, "aggregation": self.cfg.aggregation,
             "dp": self.cfg.dp, "secagg": self.cfg.secagg, "clients": len(nodes), "nodes": nodes,
             "num_rounds": self.cfg.num_rounds, "completed_rounds": s.round,
+            "failed_rounds": [r["round"] for r in s.rounds if r.get("status") != "ok"],
             "base_eval_loss": s.base_eval_loss, "final_eval_loss": evals[-1] if evals else s.base_eval_loss,
             "adapter": str((self.out / "adapter").absolute()),
             "merged_model": str(merged.absolute()) if merged else None,
@@ -124,10 +125,10 @@ def run_coordinator(grid: Grid, context: Context, cfg: RunConfig) -> dict:
     strategy = FedChatStrategy(cfg, state.run_id, coordinator.arrays, coordinator.frozen_a)
     legacy = LegacyContext(context, config=ServerConfig(num_rounds=cfg.num_rounds), strategy=strategy)
     meter = TrafficMeter(grid)
+    current = {"round": 0}
     secagg = FedchatSecAgg(cfg, lambda: len(strategy.sample(current["round"], legacy.client_manager))) \
         if cfg.secagg else None
     fit_workflow = secagg or default_fit_workflow
-    current = {"round": 0}
     thread, stop, registered = start_update_client_manager_thread(meter, legacy.client_manager)
     registered.wait()
     try:
@@ -175,15 +176,17 @@ def _round_row(rnd: int, strategy: FedChatStrategy, meter: TrafficMeter, secagg,
     row = {"round": rnd, "status": "ok" if outcome and outcome.applied else "failed",
            "train_loss": outcome.train_loss if outcome else None, "seconds": round(seconds, 2),
            "bytes_up": sum(meter.up.values()), "bytes_down": sum(meter.down.values()),
-           "clients": list(by_id.values()), "failures": outcome.failures if outcome else []}
+           "clients": list(by_id.values()), "failures": outcome.failures if outcome else [],
+           "dropped": outcome.dropped if outcome else 0}
     if secagg is not None:
         row["secagg"] = dict(secagg.last_parameters)
     if row["status"] == "failed":
-        if outcome is not None and not outcome.clients and secagg is not None:
+        if secagg is not None and "halted_at" in secagg.last_parameters:
             p = secagg.last_parameters
-            row["error"] = (f"secure aggregation halted: fewer than {p.get('reconstruction_threshold')} of the "
-                            f"{p.get('nodes')} sampled nodes remained; no node's update was revealed and the global "
-                            "adapter is unchanged")
+            stage = p["halted_at"]
+            row["error"] = (f"secure aggregation halted at stage '{stage}': {p['active_after_stage'][stage]} of the "
+                            f"{p['nodes']} sampled nodes remained, {p['reconstruction_threshold']} are needed to "
+                            "unmask; no node's update was revealed and the global adapter is unchanged")
         else:
             row["error"] = "no usable update this round; the global adapter is unchanged"
         log.error("round %d failed: %s", rnd, row["error"])

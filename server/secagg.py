@@ -23,6 +23,7 @@ it and the tests measure it.
 from __future__ import annotations
 
 import math
+import time
 
 from flwr.server.workflow import SecAggPlusWorkflow
 
@@ -40,8 +41,9 @@ def protocol_parameters(cfg: RunConfig, n: int) -> dict:
             "max_weight": float(cfg.secagg_max_weight)}
 
 
-def quantisation_error_bound(cfg: RunConfig, weights: list[int]) -> float:
-    p = protocol_parameters(cfg, len(weights))
+def quantisation_error_bound(cfg: RunConfig, weights: list[int], sampled: int | None = None) -> float:
+    """Largest per-value error of the unmasked weighted mean of the surviving nodes' updates."""
+    p = protocol_parameters(cfg, sampled or len(weights))
     step = 2 * p["clipping_range"] / p["quantization_range"]
     return len(weights) * step / (sum(weights) / p["max_weight"])
 
@@ -70,5 +72,28 @@ class FedchatSecAgg(SecAggPlusWorkflow):
         self.quantization_range = p["quantization_range"]
         self.clipping_range = p["clipping_range"]
         self.last_parameters = {**p, "num_shares": n if self.num_shares == 1.0 else self.num_shares,
-                                "reconstruction_threshold": self.reconstruction_threshold, "nodes": n}
+                                "reconstruction_threshold": self.reconstruction_threshold, "nodes": n,
+                                "stage_seconds": {}, "active_after_stage": {}}
         super().__call__(grid, context)
+
+    def _timed(self, name: str, stage, grid, context, state) -> bool:
+        started = time.perf_counter()
+        ok = stage(grid, context, state)
+        self.last_parameters["stage_seconds"][name] = round(time.perf_counter() - started, 3)
+        self.last_parameters["active_after_stage"][name] = len(state.active_node_ids)
+        if not ok:
+            self.last_parameters["halted_at"] = name
+        return ok
+
+    # Each protocol stage, timed: where the round's time goes, and where a round halted.
+    def setup_stage(self, grid, context, state):
+        return self._timed("setup", super().setup_stage, grid, context, state)
+
+    def share_keys_stage(self, grid, context, state):
+        return self._timed("share_keys", super().share_keys_stage, grid, context, state)
+
+    def collect_masked_vectors_stage(self, grid, context, state):
+        return self._timed("collect_masked_vectors", super().collect_masked_vectors_stage, grid, context, state)
+
+    def unmask_stage(self, grid, context, state):
+        return self._timed("unmask", super().unmask_stage, grid, context, state)

@@ -34,13 +34,18 @@ class RoundOutcome:
     applied: bool = False
     clients: list[dict] = field(default_factory=list)
     failures: list[str] = field(default_factory=list)
+    dropped: int = 0  # sampled nodes whose update never arrived
     train_loss: float | None = None
 
 
 def _failure_text(failure) -> str:
+    """The node's own error message, without Flower's wrapping."""
     if isinstance(failure, BaseException):
         error = failure.args[0] if failure.args else failure
-        return str(getattr(error, "reason", error)).strip().splitlines()[-1][:500]
+        text = str(getattr(error, "reason", error)).strip()
+        if "Message: " in text:
+            text = text.split("Message: ", 1)[1].removesuffix("'>")
+        return text[:500]
     proxy, res = failure
     return f"node {proxy.node_id}: {res.status.message}"
 
@@ -119,8 +124,10 @@ class FedChatStrategy(Strategy):
                     if client["train_loss"] is not None:
                         losses.append((res.num_examples, client["train_loss"]))
             outcome.clients.append({k: v for k, v in client.items() if v is not None})
-        for failure in failures:
-            text = _failure_text(failure)
+        sampled = self._sample[1] if self._sample and self._sample[0] == server_round else []
+        replied = {proxy.node_id for proxy, _ in results}
+        outcome.dropped = len([p for p in sampled if p.node_id not in replied])
+        for text in dict.fromkeys(_failure_text(f) for f in failures):  # SecAgg+ lists some errors twice
             outcome.failures.append(text)
             log.error("round %d: a node failed: %s", server_round, text)
         self.outcome = outcome

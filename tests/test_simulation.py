@@ -41,8 +41,8 @@ def test_plaintext_fedavg_run_writes_report_checkpoints_and_merged_model(tmp_pat
         assert {c["node"] for c in row["clients"]} == {"org-1", "org-2"}
         for c in row["clients"]:
             assert c["num_examples"] > 0 and c["train_loss"] > 0
-            # plaintext: each node sends its update (float32) plus a little framing
-            assert report["adapter_update_bytes"] <= c["bytes_up"] < report["adapter_update_bytes"] * 1.1
+            # plaintext: each node sends its float32 update plus metrics and framing (a few hundred bytes)
+            assert report["adapter_update_bytes"] <= c["bytes_up"] < report["adapter_update_bytes"] + 4096
     out = Path(report["merged_model"])
     assert load_model(out, torch.device("cpu"), torch.float32) is not None
     assert (tmp_path / "run" / "checkpoints" / "round-0002" / "adapter_model.safetensors").exists()
@@ -94,3 +94,30 @@ def test_coordinator_resumes_after_being_killed(tmp_path):
     assert report["run_id"] == first["run_id"]
     assert [r["round"] for r in report["rounds"]] == [1, 2, 3]
     assert report["rounds"][0] == first["rounds"][0]  # round 1 was not trained again
+
+
+def test_exhausted_nodes_stop_training_while_the_run_continues(tmp_path):
+    data, state = tmp_path / "data", tmp_path / "nodes"
+    write_demo_data(data, 4)
+    common = dict(base_model="tiny", local_steps=2, batch_size=4, merge=False)
+    first = RunConfig(num_rounds=1, secagg=False, out_dir=str(tmp_path / "run-a"), **common)
+    nodes = _nodes(data, state, 2, **{"target-epsilon": 3.0, "require-secagg": False})
+    simulate(first, nodes)
+    spent = {n: json.loads((state / n / "ledger.jsonl").read_text().splitlines()[-1])["epsilon"]
+             for n in ("org-1", "org-2")}
+    assert all(2.0 < e <= 3.0 for e in spent.values())
+    # The operators of org-1 and org-2 lower their budgets below what they already spent.
+    nodes = _nodes(data, state, 4, **{"target-epsilon": 3.0})
+    for i in (0, 1):
+        nodes[i]["target-epsilon"] = 1.0
+    report = simulate(RunConfig(num_rounds=2, out_dir=str(tmp_path / "run-b"), **common), nodes)
+    first_round, second_round = report["rounds"]
+    status = {c["node"]: c["status"] for c in first_round["clients"]}
+    assert status == {"org-1": "budget-exhausted", "org-2": "budget-exhausted", "org-3": "ok", "org-4": "ok"}
+    assert first_round["status"] == "ok" and second_round["status"] == "ok"
+    assert {c["node"] for c in second_round["clients"]} == {"org-3", "org-4"}  # no longer sampled
+    for n in ("org-1", "org-2"):  # nothing trained, nothing spent
+        assert len((state / n / "ledger.jsonl").read_text().splitlines()) == 1
+    for c in first_round["clients"]:
+        if c["status"] == "budget-exhausted":
+            assert c["epsilon"] == pytest.approx(spent[c["node"]], rel=1e-6) and c["target_epsilon"] == 1.0

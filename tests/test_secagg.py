@@ -1,0 +1,132 @@
+"""SecAgg+ in Flower's simulation engine: precision, what the coordinator sees, dropouts."""
+
+import numpy as np
+import pytest
+from flwr.common import bytes_to_ndarray, parameters_to_ndarrays
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
+from flwr.common.serde import recorddict_from_proto, recorddict_to_proto
+from flwr.compat.common.recorddict_compat import recorddict_to_fitres
+from safetensors.numpy import load_file
+
+import server.app
+from fedchat.demo_data import write_demo_data
+from fedchat.simulation import simulate
+from server.secagg import protocol_parameters, quantisation_error_bound
+from server.traffic import TrafficMeter
+from shared.config import RunConfig
+
+pytestmark = pytest.mark.slow
+
+
+class RecordingMeter(TrafficMeter):
+    """The coordinator's view: a copy of every message content that reaches it, as it arrives."""
+
+    received: list = []
+
+    def _count_in(self, messages):
+        RecordingMeter.received.extend(recorddict_from_proto(recorddict_to_proto(m.content))
+                                       for m in messages if m.has_content())
+        return super()._count_in(messages)
+
+
+@pytest.fixture
+def record(monkeypatch):
+    RecordingMeter.received = []
+    monkeypatch.setattr(server.app, "TrafficMeter", RecordingMeter)
+    return RecordingMeter
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("data")
+    write_demo_data(folder, 4)
+    return folder
+
+
+def _run(tmp_path, data, name, n, secagg, broken=(), **extra):
+    cfg = RunConfig(base_model="tiny", num_rounds=1, local_steps=2, batch_size=4, dp=False, secagg=secagg,
+                    merge=False, out_dir=str(tmp_path / name), **extra)
+    nodes = {i: {"data-path": str(data / ("missing.jsonl" if i in broken else f"org-{i + 1}.jsonl")),
+                 "state-dir": str(tmp_path / name / "nodes" / f"org-{i + 1}"), "node-name": f"org-{i + 1}",
+                 "require-dp": False, "require-secagg": secagg} for i in range(n)}
+    report = simulate(cfg, nodes)
+    adapter = load_file(str(tmp_path / name / "checkpoints" / "round-0001" / "adapter_model.safetensors"))
+    return cfg, report, adapter
+
+
+def _max_diff(a: dict, b: dict) -> float:
+    return max(float(np.abs(a[k] - b[k]).max()) for k in a)
+
+
+def _float32_ulp(adapter: dict) -> float:
+    """Both runs store global + mean update in float32: they may differ by one rounding step."""
+    return float(np.spacing(np.float32(max(float(np.abs(v).max()) for v in adapter.values()))))
+
+
+def test_secure_aggregate_equals_plaintext_average_and_reveals_no_update(tmp_path, data, record):
+    cfg, plain, plain_adapter = _run(tmp_path, data, "plain", 3, secagg=False)
+    plaintext_updates = {}
+    for content in record.received:
+        if content.array_records:
+            res = recorddict_to_fitres(content, keep_input=True)
+            plaintext_updates[res.metrics["node"]] = parameters_to_ndarrays(res.parameters)
+    assert len(plaintext_updates) == 3  # without SecAgg+ the coordinator does see each update
+
+    record.received = []
+    cfg, secure, secure_adapter = _run(tmp_path, data, "secure", 3, secagg=True)
+    weights = [c["num_examples"] for c in secure["rounds"][0]["clients"]]
+    bound = quantisation_error_bound(cfg, weights) + _float32_ulp(plain_adapter)
+    error = _max_diff(plain_adapter, secure_adapter)
+    print(f"SecAgg+ vs plaintext weighted mean: max |error| {error:.3g}, documented bound {bound:.3g}")
+    assert error <= bound
+    assert _max_diff(plain_adapter, load_file(str(tmp_path / "plain/checkpoints/round-0000/adapter_model.safetensors"))) > 100 * bound
+
+    # What the coordinator received: no array payload, masked integers only, nothing of any plaintext update.
+    masked = []
+    for content in record.received:
+        for arrays in content.array_records.values():
+            assert len(arrays) == 0, "an update reached the coordinator in plaintext"
+        configs = content.config_records.get(RECORD_KEY_CONFIGS, {})
+        if Key.MASKED_PARAMETERS in configs:
+            vec = [bytes_to_ndarray(b) for b in configs[Key.MASKED_PARAMETERS]]
+            assert all(v.dtype.kind in "iu" for v in vec)
+            masked.append(np.concatenate([v.ravel() for v in vec[1:]]).astype(np.float64))
+        wire = recorddict_to_proto(content).SerializeToString()
+        for update in plaintext_updates.values():
+            assert update[0].tobytes()[:64] not in wire
+    assert len(masked) == 3
+    modulus = protocol_parameters(cfg, 3)
+    for vec in masked:
+        assert vec.min() >= 0 and vec.max() < 2**32
+        assert abs(vec.mean() / 2**32 - 0.5) < 0.05  # uniform over the modulus, like the masks
+        for update in plaintext_updates.values():
+            flat = np.concatenate([u.ravel() for u in update]).astype(np.float64)
+            assert abs(np.corrcoef(vec, flat)[0, 1]) < 0.1
+    assert modulus["quantization_range"] == 2**29
+
+
+def test_dropout_after_key_sharing_leaves_a_correct_result(tmp_path, data, record):
+    _, plain, plain_adapter = _run(tmp_path, data, "plain3", 3, secagg=False)
+    cfg, report, adapter = _run(tmp_path, data, "drop", 4, secagg=True, broken=(3,))
+    row = report["rounds"][0]
+    assert row["status"] == "ok"
+    assert row["secagg"]["active_after_stage"]["share_keys"] == 4  # it took part in key sharing ...
+    assert row["secagg"]["active_after_stage"]["collect_masked_vectors"] == 3  # ... then dropped out
+    assert row["dropped"] == 1
+    assert len(row["failures"]) == 1 and row["failures"][0].endswith("missing.jsonl: no such file. Give the path of a JSONL dialogue file.")
+    assert {c["node"] for c in row["clients"]} == {"org-1", "org-2", "org-3"}
+    bound = quantisation_error_bound(cfg, [c["num_examples"] for c in row["clients"]], sampled=4) \
+        + _float32_ulp(plain_adapter)
+    error = _max_diff(plain_adapter, adapter)
+    print(f"one dropout of 4: max |error| vs plaintext mean of the other 3: {error:.3g} (bound {bound:.3g})")
+    assert error <= bound
+
+
+def test_too_many_dropouts_fail_the_round_with_a_clear_error(tmp_path, data, caplog):
+    cfg, report, adapter = _run(tmp_path, data, "halt", 3, secagg=True, broken=(1, 2))
+    row = report["rounds"][0]
+    assert row["status"] == "failed"
+    assert "halted at stage 'collect_masked_vectors': 1 of the 3 sampled nodes remained, 2 are needed" in row["error"]
+    assert report["failed_rounds"] == [1]
+    initial = load_file(str(tmp_path / "halt" / "checkpoints" / "round-0000" / "adapter_model.safetensors"))
+    assert _max_diff(initial, adapter) == 0.0  # nothing was applied
