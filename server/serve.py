@@ -18,6 +18,7 @@ hot reload live in `server.serve_model`.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hmac
 import ipaddress
 import json
@@ -186,7 +187,7 @@ def fit_context(request: ChatRequest, served: ServedModel) -> tuple[list[int], G
     room = served.context_length - len(prompt_ids)
     params = request.params
     if not request.max_tokens_given:
-        params = GenerationParams(**{**params.__dict__, "max_tokens": max(1, min(params.max_tokens, room))})
+        params = dataclasses.replace(params, max_tokens=max(1, min(params.max_tokens, room)))
     if len(prompt_ids) + params.max_tokens > served.context_length:
         raise APIError(400, f"This model's maximum context length is {served.context_length} tokens. However, you "
                             f"requested {len(prompt_ids) + params.max_tokens} tokens ({len(prompt_ids)} in the "
@@ -272,14 +273,15 @@ def create_app(engine: Engine, cfg: ServeConfig) -> FastAPI:
             return StreamingResponse(reply.sse(gen, events, chat.include_usage), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         pieces: list[str] = []
-        done: asyncio.Future = asyncio.get_running_loop().create_future()
         loop = asyncio.get_running_loop()
+        done: asyncio.Future = loop.create_future()
+        finish = _emitter(loop, lambda event: done.done() or done.set_result(event))
 
         def emit(event: tuple) -> None:
             if event[0] == "delta":
-                pieces.append(event[1])
+                pieces.append(event[1])  # read only after "done" arrives
             else:
-                _emitter(loop, lambda e: done.done() or done.set_result(e))(event)
+                finish(event)
 
         _submit(engine, gen, emit)
         gone = asyncio.ensure_future(_disconnected(request))

@@ -7,6 +7,7 @@ Lines typed are user turns; the answer streams back. `/reset` starts a new conve
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 import urllib.error
@@ -38,8 +39,8 @@ class LocalChat:
         if room < 1:
             raise ChatError(f"the conversation ({len(prompt_ids)} tokens) fills the model's context "
                             f"({self.served.context_length}): /reset to start over.")
-        yield from Generation(self.served, prompt_ids, GenerationParams(
-            **{**params.__dict__, "max_tokens": min(params.max_tokens, room)}))
+        yield from Generation(self.served, prompt_ids, dataclasses.replace(params,
+                                                                           max_tokens=min(params.max_tokens, room)))
 
 
 class RemoteChat:
