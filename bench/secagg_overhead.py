@@ -1,0 +1,82 @@
+"""What SecAgg+ costs: round time, protocol stages, bytes.
+
+    .venv/bin/python bench/secagg_overhead.py [--nodes 5] [--rounds 3] [--scale 5 10 20]
+
+1. Round wall time with SecAgg+ / without, same nodes, model, steps and DP settings,
+   run back to back in Flower's simulation engine (rounds after the first, whose time
+   includes loading the model), and bytes per node per round with and without.
+2. The coordinator's time in each protocol stage at 5, 10 and 20 nodes in simulation
+   (one cheap local step per node, so the protocol is what is timed): setup (key
+   generation at nodes), share keys, collect masked vectors minus the nodes' training
+   time (masking at the nodes and transport), and unmask (the coordinator reconstructs
+   secrets and removes the masks).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import md_table, simulate_demo, write_results  # noqa: E402
+from shared.logs import setup_logging  # noqa: E402
+
+
+def _warm(report: dict) -> list[dict]:
+    return report["rounds"][1:] or report["rounds"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--nodes", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--local-steps", type=int, default=5)
+    parser.add_argument("--scale", type=int, nargs="+", default=[5, 10, 20])
+    parser.add_argument("--base-model", default="smollm2-135m")
+    args = parser.parse_args()
+    setup_logging(quiet_flower=True)
+    common = {"base_model": args.base_model, "eval_data": "", "dp": True}
+    with tempfile.TemporaryDirectory() as tmp:
+        reports = {}
+        for secagg in (False, True):
+            print(f"== {args.nodes} nodes, {'SecAgg+' if secagg else 'plaintext'}", flush=True)
+            reports[secagg] = simulate_demo(Path(tmp) / f"ratio-{secagg}", args.nodes, num_rounds=args.rounds,
+                                            local_steps=args.local_steps, secagg=secagg, **common)
+        seconds = {s: statistics.mean(r["seconds"] for r in _warm(reports[s])) for s in reports}
+        up = {s: statistics.mean(c["bytes_up"] for r in _warm(reports[s]) for c in r["clients"]) for s in reports}
+        down = {s: statistics.mean(c["bytes_down"] for r in _warm(reports[s]) for c in r["clients"]) for s in reports}
+        stages = []
+        for n in args.scale:
+            print(f"== protocol stages at {n} nodes", flush=True)
+            report = simulate_demo(Path(tmp) / f"scale-{n}", n, num_rounds=2, local_steps=1, batch_size=2,
+                                   secagg=True, **common)
+            row = report["rounds"][-1]
+            st = row["secagg"]["stage_seconds"]
+            training = sum(c.get("train_seconds", 0) for c in row["clients"])
+            stages.append({"nodes": n, "setup": st["setup"], "share_keys": st["share_keys"],
+                           "collect_minus_training": st["collect_masked_vectors"] - training,
+                           "unmask": st["unmask"], "round_seconds": row["seconds"],
+                           "training_seconds": training, "bytes_up_per_node": row["bytes_up"] / n,
+                           "parameters": {k: v for k, v in row["secagg"].items() if k != "stage_seconds"}})
+    ratio = seconds[True] / seconds[False]
+    result = {"ratio": ratio, "goal": "ratio <= 1.10 at 5 nodes", "nodes": args.nodes,
+              "round_seconds": {"secagg": seconds[True], "plaintext": seconds[False]},
+              "bytes_up_per_node_per_round": {"secagg": up[True], "plaintext": up[False]},
+              "bytes_down_per_node_per_round": {"secagg": down[True], "plaintext": down[False]},
+              "stages": stages, "base_model": args.base_model, "local_steps": args.local_steps}
+    table = md_table(["nodes", "round s (plaintext)", "round s (SecAgg+)", "ratio", "MB up/node (plain)",
+                      "MB up/node (SecAgg+)"],
+                     [[args.nodes, f"{seconds[False]:.1f}", f"{seconds[True]:.1f}", f"{ratio:.3f}",
+                       f"{up[False] / 1e6:.2f}", f"{up[True] / 1e6:.2f}"]])
+    table += "\n\n" + md_table(["nodes", "setup s", "share keys s", "collect - training s", "unmask s"],
+                               [[s["nodes"], f"{s['setup']:.2f}", f"{s['share_keys']:.2f}",
+                                 f"{s['collect_minus_training']:.2f}", f"{s['unmask']:.2f}"] for s in stages])
+    write_results("secagg_overhead", result, table)
+
+
+if __name__ == "__main__":
+    main()
