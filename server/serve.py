@@ -32,6 +32,7 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from server.serve_config import API_KEY_ENV, ModelSource, ServeConfig
@@ -270,8 +271,10 @@ def create_app(engine: Engine, cfg: ServeConfig) -> FastAPI:
         if chat.stream:
             events: asyncio.Queue = asyncio.Queue()
             _submit(engine, gen, _emitter(asyncio.get_running_loop(), events.put_nowait))
+            # the background task also frees the worker if the client leaves before the stream starts
             return StreamingResponse(reply.sse(gen, events, chat.include_usage), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+                                     background=BackgroundTask(gen.cancel))
         pieces: list[str] = []
         loop = asyncio.get_running_loop()
         done: asyncio.Future = loop.create_future()
