@@ -38,17 +38,44 @@ SIM_KEYS = ("partition-id", "num-partitions")  # what Flower's simulation puts i
 
 
 def resolve_node_config(context: Context, sim_nodes: dict[int, dict] | None) -> NodeConfig:
-    """Node settings: Flower's node_config, over the simulation's per-partition defaults."""
+    """Node settings: Flower's node_config, over the simulation's per-partition defaults.
+
+    A virtual node of `flwr run .` (simulation) has only a partition id; it gets its data
+    and state folders from the run's sim-data-dir in fit() (see `for_partition`).
+    """
     given = {k: v for k, v in context.node_config.items() if k not in SIM_KEYS}
     defaults: dict = {}
-    if sim_nodes is not None and "partition-id" in context.node_config:
-        defaults = sim_nodes.get(int(context.node_config["partition-id"]), {})
+    partition = context.node_config.get("partition-id")
+    if sim_nodes is not None and partition is not None:
+        defaults = sim_nodes.get(int(partition), {})
     node = NodeConfig.from_flower({**defaults, **given})
+    if partition is None or node.data_path:
+        _require_paths(node)
+    return node
+
+
+def _require_paths(node: NodeConfig) -> None:
     if not node.data_path:
         raise ConfigError("node config 'data-path' is required: the node's dialogue JSONL file "
                           "(flower-supernode --node-config \"data-path='...' state-dir='...'\").")
     if not node.state_dir:
         raise ConfigError("node config 'state-dir' is required: where the node keeps its privacy ledger and key.")
+
+
+def for_partition(node: NodeConfig, partition: int, cfg: RunConfig) -> NodeConfig:
+    """Settings of a virtual node that has only a partition id (`flwr run .` simulation)."""
+    if not node.data_path:
+        if not cfg.sim_data_dir:
+            raise ConfigError("a simulated node has no data-path: set the run config 'sim-data-dir' to a folder "
+                              "of org-1.jsonl, org-2.jsonl, ... (`fedchat data demo --out DIR` writes one).")
+        name = f"org-{partition + 1}"
+        node = node.replace(data_path=str(Path(cfg.sim_data_dir) / f"{name}.jsonl"),
+                            state_dir=node.state_dir or str(Path(cfg.out_dir).absolute() / "nodes" / name),
+                            node_name=node.node_name or name)
+    return _with_name(node)
+
+
+def _with_name(node: NodeConfig) -> NodeConfig:
     if not node.node_name:
         node = node.replace(node_name=Path(node.state_dir).resolve().name)
     return node
@@ -97,14 +124,16 @@ class NodeCache:
 
 
 class FedChatClient(NumPyClient):
-    def __init__(self, node: NodeConfig, secagg_active: bool):
+    def __init__(self, node: NodeConfig, secagg_active: bool, partition: int | None = None):
         self.node = node
         self.secagg_active = secagg_active
-        self.ledger_path = Path(node.state_dir) / "ledger.jsonl"
+        self.partition = partition
 
     def fit(self, parameters, config):
         cfg, meta = split_fit_config(config)
-        node, rnd, run = self.node, int(meta[META_ROUND]), str(meta[META_RUN])
+        node = for_partition(self.node, self.partition, cfg) if self.partition is not None else _with_name(self.node)
+        self.ledger_path = Path(node.state_dir) / "ledger.jsonl"
+        rnd, run = int(meta[META_ROUND]), str(meta[META_RUN])
         if node.require_dp and not cfg.dp:
             raise PrivacyError(f"node {node.node_name} requires DP (require-dp=true); the coordinator asked "
                                "for a non-private round, refused.")
@@ -186,7 +215,8 @@ def make_client_app(sim_nodes: dict[int, dict] | None = None) -> ClientApp:
         setup_logging(quiet_flower=True)
         node = resolve_node_config(context, sim_nodes)
         secagg_active = bool(context.state.config_records.get("fedchat.secagg", {}).get("active", False))
-        return FedChatClient(node, secagg_active).to_client()
+        partition = context.node_config.get("partition-id")
+        return FedChatClient(node, secagg_active, None if partition is None else int(partition)).to_client()
 
     def secagg_when_asked(msg, context, call_next):
         """Run SecAgg+ when the coordinator runs it; remember whether it did for fit()."""

@@ -130,6 +130,7 @@ class RunConfig(_FlowerConfig):
     secagg_quantization_range: int = field(default=0, metadata=_doc("quantisation levels; 0 = the most that cannot overflow 2**32"))
     secagg_max_weight: int = field(default=100000, metadata=_doc("largest per-node weight (conversations); larger nodes are capped"))
     secagg_timeout: float = field(default=600.0, metadata=_doc("seconds to wait for replies at each SecAgg+ stage"))
+    sim_data_dir: str = field(default="", metadata=_doc("simulation only: folder of org-1.jsonl, org-2.jsonl, ... for virtual nodes that have just a partition id (`flwr run .`)"))
     device: str = field(default="auto", metadata=_doc("coordinator device for evaluation: auto, cpu, cuda, cuda:N, mps"))
     dtype: str = field(default="auto", metadata=_doc("coordinator dtype: auto, float32, bfloat16, float16"))
 
