@@ -214,9 +214,22 @@ class NodeConfig(_FlowerConfig):
             self._fail("validation-fraction", "must be in [0, 1)")
 
 
-def describe(cls: type[_FlowerConfig]) -> str:
-    """One line per key, for --help texts and the README."""
-    lines = []
-    for key, f in cls.keys().items():
-        lines.append(f"  {key} (default {f.default!r}): {f.metadata.get('doc', '')}")
-    return "\n".join(lines)
+def markdown_reference() -> str:
+    """docs/configuration.md: every key of both configs (`python -m shared.config > docs/configuration.md`)."""
+    out = ["# Configuration reference", "",
+           "Generated from `shared/config.py` (`python -m shared.config > docs/configuration.md`); a test keeps it "
+           "in sync.", ""]
+    for cls, title, how in (
+            (RunConfig, "Run config (the coordinator's)",
+             "`[tool.flwr.app.config]` in pyproject.toml, `flwr run ... --run-config \"key=value ...\"`, or "
+             "`fedchat demo --run-config key=value ...`."),
+            (NodeConfig, "Node config (each node operator's)",
+             "`flower-supernode --node-config \"key='value' ...\"` (or the node's TOML file, see deploy/).")):
+        out += [f"## {title}", "", f"Set with {how}", "", "| key | default | meaning |", "|---|---|---|"]
+        out += [f"| `{k}` | `{f.default!r}` | {f.metadata.get('doc', '')} |" for k, f in cls.keys().items()]
+        out.append("")
+    return "\n".join(out)
+
+
+if __name__ == "__main__":
+    print(markdown_reference(), end="")

@@ -49,3 +49,23 @@ def test_node_config_validation():
         NodeConfig(target_epsilon=0)
     with pytest.raises(ConfigError, match="target-delta"):
         NodeConfig(target_delta=1.0)
+
+
+def test_configuration_reference_is_up_to_date():
+    from pathlib import Path
+
+    from shared.config import markdown_reference
+
+    doc = Path(__file__).resolve().parents[1] / "docs" / "configuration.md"
+    assert doc.read_text() == markdown_reference(), "regenerate: python -m shared.config > docs/configuration.md"
+
+
+def test_pyproject_run_config_matches_the_typed_config():
+    """Every key in [tool.flwr.app.config] exists in RunConfig, and every RunConfig key is there."""
+    import tomllib
+    from pathlib import Path
+
+    pyproject = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
+    flower = pyproject["tool"]["flwr"]["app"]["config"]
+    assert set(flower) == set(RunConfig.keys())
+    RunConfig.from_flower(flower)
