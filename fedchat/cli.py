@@ -7,6 +7,7 @@ import json
 import logging
 import sys
 
+from fedchat.certs_cli import add_certs_command
 from server.serve_cli import add_serving_commands
 from shared.errors import FedchatError
 from shared.logs import setup_logging
@@ -183,6 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--force", action="store_true", help="replace --out if it exists")
     merge.set_defaults(func=cmd_merge)
     add_serving_commands(sub)
+    add_certs_command(sub)
     return p
 
 

@@ -249,14 +249,19 @@ def check_node_name(name: str) -> str:
     return name
 
 
-def write_certs(out: str | Path, *, hosts: list[str] | tuple[str, ...] = DEFAULT_HOSTS, nodes: list[str] = (),
+def write_certs(out: str | Path, *, hosts: list[str] | tuple[str, ...] | None = None, nodes: list[str] = (),
                 superlink: bool = True, force: bool = False, ca_days: int = 3650, cert_days: int = 825) -> CertSet:
     """Create (or complete) a certificate folder.
 
-    With `superlink`, the CA and the SuperLink certificate for `hosts`; and a key pair per name
-    in `nodes`. Existing files are kept (keys are identities: a node registered by its public
-    key must keep it), unless `force`; a kept SuperLink certificate must cover `hosts`.
+    With `superlink`, the CA and the SuperLink certificate for `hosts` (default 127.0.0.1 and
+    localhost for a new one); and a key pair per name in `nodes`. Existing files are kept (keys
+    are identities: a node registered by its public key must keep it), unless `force`; an
+    existing SuperLink certificate that does not cover the `hosts` given is issued again by the
+    same CA (nodes trust the CA, so nothing else changes).
     """
+    if cert_days < 1 or ca_days < cert_days:
+        raise CertError(f"certificate validity must be at least 1 day and within the CA's {ca_days} days "
+                        f"(got {cert_days}).")
     certs = CertSet(Path(out))
     names = [check_node_name(n) for n in nodes]
     if len(set(names)) != len(names):
@@ -273,14 +278,15 @@ def write_certs(out: str | Path, *, hosts: list[str] | tuple[str, ...] = DEFAULT
         else:
             ca_cert, ca_key = load_cert(certs.ca_cert), load_pem_key(certs.ca_key)
             certs.kept += [certs.ca_cert, certs.ca_key]
-            renew_server = not certs.server_cert.exists()
+            renew_server = not certs.server_cert.exists() or (
+                hosts is not None and not set(hosts) <= cert_hosts(load_cert(certs.server_cert)))
         if renew_server:
-            key, cert = new_server_cert(ca_key, ca_cert, list(hosts), days=cert_days)
+            key, cert = new_server_cert(ca_key, ca_cert, list(hosts or DEFAULT_HOSTS), days=cert_days)
             atomic_write_bytes(certs.server_key, _key_pem(key), mode=0o600)
             atomic_write_bytes(certs.server_cert, _cert_pem(cert))
             certs.written += [certs.server_cert, certs.server_key]
         else:
-            check_server_cert(certs.server_cert, certs.server_key, certs.ca_cert, list(hosts))
+            check_server_cert(certs.server_cert, certs.server_key, certs.ca_cert, list(hosts or ()))
             certs.kept += [certs.server_cert, certs.server_key]
     for name in names:
         private, public = certs.node_key(name), certs.node_public_key(name)

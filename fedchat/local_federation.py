@@ -1,0 +1,512 @@
+"""A real federation on one machine: Flower's deployment engine, TLS, authenticated nodes.
+
+``deploy/local-federation.sh --nodes N --rounds R --base-model M --out DIR`` runs this. It
+uses the commands a multi-machine deployment uses (deploy/README.md), all on 127.0.0.1
+with ports the kernel picks, and writes under DIR:
+
+    certs/            CA, SuperLink certificate (127.0.0.1, localhost), a key pair per node
+    data/             demo dialogues: org-1.jsonl .. org-N.jsonl, eval.jsonl
+    superlink/        the SuperLink's database and FLWR_HOME
+    nodes/org-i/      node i's state: privacy ledger, ledger key, node-config.toml, FLWR_HOME
+    flwr/             the `flwr` CLI's FLWR_HOME (config.toml: the connection to the SuperLink)
+    run/              the coordinator's output: checkpoints, adapter, merged model, report.json
+    ledgers/          each node's ledger and ledger public key (for `fedchat audit`)
+    logs/             superlink.log, org-i.log, serverapp.log, flwr-cli.log, ...
+    report.json       the coordinator's report plus a "deployment" section
+    commands.sh       the exact commands it ran
+    processes.json    every process it started or saw (to check none survives)
+
+Every process it starts is stopped when it ends: on success, on failure, on Ctrl-C or
+SIGTERM. Every wait is bounded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shlex
+import shutil
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from importlib.metadata import version
+from pathlib import Path
+
+from fedchat.deployment import (CONNECTION, LOOPBACK, FlowerCLI, SuperLinkTLS, free_port, https_ready,
+                                superlink_command, supernode_command, tool, venv_bin, wait_until, write_cli_config,
+                                write_toml)
+from fedchat.processes import Service, Supervisor, become_subreaper
+from shared.certs import DEFAULT_HOSTS, write_certs
+from shared.config import AGGREGATIONS, NodeConfig, RunConfig
+from shared.errors import ConfigError, FedchatError, FederationError
+from shared.files import atomic_write_text
+from shared.logs import FORMAT
+
+log = logging.getLogger("fedchat.federation")
+
+_BIND_ERRORS = ("address already in use", "error while attempting to bind")
+
+
+class Interrupted(FedchatError):
+    """Ctrl-C or SIGTERM: stop everything and leave."""
+
+
+@dataclass(frozen=True)
+class LocalFederation:
+    """What to run. Values are checked at construction; an error names the flag."""
+
+    nodes: int
+    rounds: int
+    base_model: str
+    out: Path
+    local_steps: int = 10
+    batch_size: int = 8
+    aggregation: str = "fedavg"
+    dp: bool = True
+    secagg: bool = True
+    target_epsilon: float = 8.0
+    timeout: float = 3600.0
+    startup_timeout: float = 180.0
+    app: Path = field(default_factory=lambda: find_app())
+    run_config: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.nodes < 1:
+            raise ConfigError("--nodes must be at least 1.")
+        if self.secagg and self.nodes < 2:
+            raise ConfigError("--nodes must be at least 2 with SecAgg+ (the sum of one update is that update); "
+                              "give --nodes 2 or more, or --no-secagg.")
+        if self.aggregation not in AGGREGATIONS:
+            raise ConfigError(f"--aggregation must be one of {', '.join(AGGREGATIONS)}.")
+        for name in ("timeout", "startup_timeout"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"--{name.replace('_', '-')} must be a positive number of seconds.")
+        self.coordinator_config()  # RunConfig checks the rest (rounds, steps, ...) and names the key
+        self.node_config(1)
+
+    def node_name(self, i: int) -> str:
+        return f"org-{i}"
+
+    def coordinator_config(self) -> dict:
+        """The run-config overrides `flwr run` submits (validated as a RunConfig)."""
+        out = self.out.resolve()
+        values = {
+            "base-model": self.base_model, "num-rounds": self.rounds, "local-steps": self.local_steps,
+            "batch-size": self.batch_size, "aggregation": self.aggregation, "dp": self.dp, "secagg": self.secagg,
+            "min-nodes": self.nodes, "node-wait-timeout": float(self.startup_timeout),
+            "out-dir": str(out / "run"), "eval-data": str(out / "data" / "eval.jsonl"),
+            **self.run_config,
+        }
+        RunConfig.from_flower(values)
+        return values
+
+    def node_config(self, i: int) -> dict:
+        """Node i's --node-config (validated as a NodeConfig)."""
+        out = self.out.resolve()
+        name = self.node_name(i)
+        values = {"data-path": str(out / "data" / f"{name}.jsonl"), "state-dir": str(out / "nodes" / name),
+                  "node-name": name, "target-epsilon": float(self.target_epsilon), "require-dp": self.dp,
+                  "require-secagg": self.secagg}
+        NodeConfig.from_flower(values)
+        return values
+
+
+def find_app() -> Path:
+    """The fedchat project folder (its pyproject.toml holds the Flower app)."""
+    for folder in (Path(__file__).resolve().parents[1], Path.cwd(), *Path.cwd().parents):
+        pyproject = folder / "pyproject.toml"
+        if pyproject.is_file() and "[tool.flwr.app]" in pyproject.read_text(encoding="utf-8"):
+            return folder
+    raise ConfigError("cannot find the fedchat project (a pyproject.toml with [tool.flwr.app]): run from the "
+                      "repository or give --app PATH.")
+
+
+class Runner:
+    """One local federation, from certificates to report."""
+
+    def __init__(self, fed: LocalFederation) -> None:
+        self.fed = fed
+        self.out = fed.out.resolve()
+        self.logs = self.out / "logs"
+        self.sup = Supervisor(self.logs, record=self.out / "processes.json")
+        self.env = self._base_env()
+        self.cli = FlowerCLI(self.out / "flwr", self._run, timeout=120.0)
+        self.superlink: Service | None = None
+        self.address = ""
+        self.node_ids: dict[str, str] = {}
+        self.run_id: str | None = None
+        self.certs = None
+        self.started = time.monotonic()
+        self.step_no = 0
+
+    # ---------------------------------------------------------------- helpers
+
+    def _base_env(self) -> dict[str, str]:
+        from shared.model import cache_root
+
+        env = dict(os.environ)
+        env["PATH"] = f"{venv_bin()}{os.pathsep}{env.get('PATH', '')}"  # flwr-serverapp/-clientapp from this venv
+        env["FEDCHAT_CACHE"] = str(cache_root().resolve())  # one model cache for every process
+        env["PYTHONUNBUFFERED"] = "1"
+        env.pop("FLWR_HOME", None)
+        return env
+
+    def _env(self, **extra: str) -> dict[str, str]:
+        return {**self.env, **extra}
+
+    def _record(self, argv: list[str], env: dict[str, str] | None = None, cwd: Path | None = None) -> None:
+        prefix = " ".join(f"{k}={shlex.quote(v)}" for k, v in (env or {}).items())
+        line = (f"(cd {shlex.quote(str(cwd))} && " if cwd else "") + (prefix + " " if prefix else "") \
+            + shlex.join(argv) + (")" if cwd else "")
+        with open(self.out / "commands.sh", "a", encoding="utf-8") as f:
+            f.write(line + "\n")
+
+    def _run(self, name: str, argv: list[str], *, env: dict[str, str] | None = None, timeout: float, cwd=None):
+        self._record(argv, {k: v for k, v in (env or {}).items() if k == "FLWR_HOME"}, cwd)
+        return self.sup.run(name, argv, env=self._env(**(env or {})), timeout=timeout, cwd=cwd)
+
+    def _start(self, name: str, argv: list[str], *, cwd: Path, **env: str) -> Service:
+        self._record(argv, env, cwd)
+        cwd.mkdir(parents=True, exist_ok=True)
+        return self.sup.start(name, argv, env=self._env(**env), cwd=cwd)
+
+    def step(self, text: str) -> None:
+        self.step_no += 1
+        log.info("[%d/10] %s", self.step_no, text)
+
+    def _check_services(self) -> str | None:
+        for s in self.sup.services:
+            code = s.exited()
+            if code is not None:
+                return (f"{s.name} exited (code {code}); last lines of {s.log_path}:\n{s.log_tail()}")
+        return None
+
+    # ---------------------------------------------------------------- steps
+
+    def prepare(self) -> None:
+        fed = self.fed
+        if self.out.exists() and any(self.out.iterdir()):
+            raise ConfigError(f"{self.out} is not empty: give a new --out, or --fresh to delete it first.")
+        for sub in ("logs", "flwr", "superlink"):
+            (self.out / sub).mkdir(parents=True, exist_ok=True)
+        atomic_write_text(self.out / "commands.sh", "#!/usr/bin/env bash\n# The commands this local federation ran, "
+                          "in order (FLWR_HOME: where each process keeps Flower's files).\n")
+
+        self.step(f"certificates: a CA, the SuperLink's for {', '.join(DEFAULT_HOSTS)}, a key pair per node")
+        names = [fed.node_name(i) for i in range(1, fed.nodes + 1)]
+        certs = write_certs(self.out / "certs", hosts=DEFAULT_HOSTS, nodes=names)
+        self.certs = certs
+        self._record(["fedchat", "certs", "--out", str(certs.root), "--hosts", *DEFAULT_HOSTS, "--nodes", str(fed.nodes)])
+
+        self.step(f"demo data for {fed.nodes} organisations")
+        from fedchat.demo_data import write_demo_data
+
+        manifest = write_demo_data(self.out / "data", fed.nodes)
+        self._record(["fedchat", "data", "demo", "--clients", str(fed.nodes), "--out", str(self.out / "data")])
+        for c in manifest["clients"]:
+            log.info("    %s: %d conversations", c["node"], c["conversations"])
+
+        self.step(f"base model {fed.base_model} (prepared once in {self.env['FEDCHAT_CACHE']})")
+        done = self._run("prepare", [tool("fedchat"), "model", "prepare", "--base-model", fed.base_model],
+                         timeout=1800)
+        if done.returncode != 0:
+            raise FederationError(f"`fedchat model prepare --base-model {fed.base_model}` failed:\n"
+                                  f"{done.stderr.strip()[-1500:]}")
+
+    def start_superlink(self) -> None:
+        self.step("SuperLink with TLS and SuperNode authentication")
+        certs = self.certs
+        tls = SuperLinkTLS(certs.server_cert, certs.server_key, certs.ca_cert)
+        for attempt in range(3):
+            port = free_port(LOOPBACK)
+            argv = superlink_command(host=LOOPBACK, port=port, tls=tls, node_auth=True,
+                                     database=self.out / "superlink" / "state.db")
+            service = self._start("superlink", argv, cwd=self.out / "superlink",
+                                  FLWR_HOME=str(self.out / "superlink" / "flwr-home"))
+            try:
+                wait_until(lambda: https_ready(LOOPBACK, port, certs.ca_cert), timeout=self.fed.startup_timeout,
+                           what="the SuperLink did not answer over TLS", alive=self._check_services)
+            except FederationError:
+                if service.exited() is not None and _bind_failed(service) and attempt < 2:
+                    self.sup.services.remove(service)
+                    continue
+                raise
+            self.superlink, self.address = service, f"{LOOPBACK}:{port}"
+            break
+        write_cli_config(self.out / "flwr", self.address, certs.ca_cert)
+        log.info("    https://%s (Fleet, Control and Runtime APIs), log %s", self.address, service.log_path)
+
+    def register_nodes(self) -> None:
+        self.step(f"registering {self.fed.nodes} node public keys")
+        for i in range(1, self.fed.nodes + 1):
+            name = self.fed.node_name(i)
+            self.node_ids[name] = self.cli.register(self.certs.node_public_key(name), name)
+            log.info("    %s: node id %s", name, self.node_ids[name])
+
+    def start_nodes(self) -> None:
+        fed = self.fed
+        self.step(f"{fed.nodes} SuperNodes, each with its own data, state, key and ledger")
+        for i in range(1, fed.nodes + 1):
+            name = fed.node_name(i)
+            state = self.out / "nodes" / name
+            config = write_toml(state / "node-config.toml", fed.node_config(i))
+            for attempt in range(3):
+                argv = supernode_command(superlink=self.address, root_certificates=self.certs.ca_cert,
+                                         auth_key=self.certs.node_key(name), node_config=config,
+                                         runtime_port=free_port(LOOPBACK), max_wait_time=fed.startup_timeout)
+                service = self._start(name, argv, cwd=state, FLWR_HOME=str(state / "flwr-home"))
+                time.sleep(0.5)
+                if service.exited() is not None and _bind_failed(service) and attempt < 2:
+                    self.sup.services.remove(service)
+                    continue
+                break
+
+        wanted = set(self.node_ids.values())
+
+        def all_online() -> bool:
+            online = {n["node-id"] for n in self.cli.nodes() if n.get("status") == "online"}
+            return wanted <= online
+
+        wait_until(all_online, timeout=fed.startup_timeout, interval=2.0, alive=self._check_services,
+                   what=f"not every SuperNode came online (logs in {self.logs})")
+        log.info("    all %d nodes online", fed.nodes)
+
+    def submit(self) -> None:
+        self.step(f"submitting the app ({self.fed.app}) with `flwr run`")
+        run_config = write_toml(self.out / "run-config.toml", self.fed.coordinator_config())
+        self.run_id = self.cli.run(self.fed.app, run_config)
+        log.info("    run %s: %d rounds, %s, %s, %s", self.run_id, self.fed.rounds, self.fed.aggregation,
+                 "SecAgg+" if self.fed.secagg else "plaintext updates", "DP-SGD" if self.fed.dp else "no DP")
+
+    def wait(self) -> dict:
+        fed = self.fed
+        self.step(f"waiting for the run to finish (at most {fed.timeout:.0f} s)")
+        deadline = time.monotonic() + fed.timeout
+        report_path = self.out / "run" / "report.json"
+        last_round, last_cli, status = 0, 0.0, ""
+        while True:
+            problem = self._check_services()
+            if problem:
+                raise FederationError(f"the federation broke down: {problem}")
+            report = _read_json(report_path)
+            done = report.get("completed_rounds", 0) if report else 0
+            if done > last_round:
+                row = report["rounds"][-1]
+                loss = row.get("eval_loss")
+                log.info("    round %d/%d %s in %.0f s, held-out loss %s", done, fed.rounds, row.get("status"),
+                         row.get("seconds", 0), "n/a" if loss is None else f"{loss:.4f}")
+                last_round = done
+            finishing = bool(report) and report.get("status") == "finished"
+            if finishing or time.monotonic() - last_cli > 15:
+                status = self.cli.run_status(self.run_id)["status"]
+                last_cli = time.monotonic()
+                if status.startswith("finished"):
+                    break
+            if time.monotonic() > deadline:
+                try:
+                    self.cli.stop(self.run_id)
+                except FedchatError as exc:
+                    log.warning("could not stop run %s: %s", self.run_id, exc)
+                raise FederationError(f"run {self.run_id} did not finish within {fed.timeout:.0f} s (--timeout); "
+                                      f"it was stopped. Checkpoints in {self.out / 'run'}; logs in {self.logs}.")
+            time.sleep(1.0)
+        self._save_server_log()
+        if status != "finished:completed":
+            raise FederationError(f"run {self.run_id} ended as '{status}'; see {self.logs / 'serverapp.log'}.")
+        report = _read_json(report_path)
+        if not report or report.get("status") != "finished":
+            raise FederationError(f"run {self.run_id} ended without a finished report in {report_path}; "
+                                  f"see {self.logs / 'serverapp.log'}.")
+        return report
+
+    def _save_server_log(self) -> None:
+        if self.run_id is None:
+            return
+        try:
+            text = self.cli.logs(self.run_id)
+        except FedchatError as exc:
+            text = f"(could not fetch the ServerApp's log: {exc})\n"
+        atomic_write_text(self.logs / "serverapp.log", text)
+
+    def collect(self, report: dict) -> dict:
+        fed = self.fed
+        self.step("collecting ledgers, auditing them, writing the report")
+        ledgers = self.out / "ledgers"
+        ledgers.mkdir(exist_ok=True)
+        nodes, copied = [], []
+        for i in range(1, fed.nodes + 1):
+            name = fed.node_name(i)
+            state = self.out / "nodes" / name
+            entry = {"name": name, "node_id": self.node_ids.get(name), "auth_public_key": str(self.certs.node_public_key(name)),
+                     "log": str(self.logs / f"{name}.log")}
+            if (state / "ledger.jsonl").exists():
+                shutil.copyfile(state / "ledger.jsonl", ledgers / f"{name}.jsonl")
+                shutil.copyfile(state / "ledger-key.pub", ledgers / f"{name}.pub")
+                entry.update(ledger=str(ledgers / f"{name}.jsonl"), ledger_key=str(ledgers / f"{name}.pub"))
+                copied.append(str(ledgers / f"{name}.jsonl"))
+            elif fed.dp:
+                raise FederationError(f"node {name} trained with DP but left no ledger in {state}: see "
+                                      f"{self.logs / (name + '.log')}.")
+            nodes.append(entry)
+        audit = None
+        if copied:
+            done = self._run("audit", [tool("fedchat"), "audit", *copied, "--report", str(self.out / "run" / "report.json"),
+                                       "--json"], timeout=600)
+            try:
+                audit = json.loads(done.stdout)
+            except ValueError:
+                raise FederationError(f"`fedchat audit` failed: {done.stderr.strip()[-1500:]}") from None
+            if done.returncode != 0:
+                raise FederationError(f"the privacy ledgers do not verify: {json.dumps(audit)[:1500]}")
+        report = dict(report)
+        report["deployment"] = {
+            "engine": "flower-deployment", "flower": version("flwr"), "superlink": self.address,
+            "tls": True, "supernode_auth": True, "certs": str(self.certs.root), "run_id": self.run_id,
+            "flower_status": "finished:completed", "app": str(fed.app), "seconds": round(time.monotonic() - self.started, 1),
+            "nodes": nodes, "audit": audit, "logs": str(self.logs), "processes": str(self.out / "processes.json"),
+        }
+        atomic_write_text(self.out / "report.json", json.dumps(report, indent=2) + "\n")
+        return report
+
+    def run(self) -> dict:
+        self.prepare()
+        self.start_superlink()
+        self.register_nodes()
+        self.start_nodes()
+        self.submit()
+        report = self.wait()
+        return self.collect(report)
+
+    def stop(self) -> None:
+        self.step("stopping every process this federation started")
+        if self.run_id is not None and not (self.logs / "serverapp.log").exists() and self.superlink is not None \
+                and self.superlink.exited() is None:
+            try:
+                self._save_server_log()
+            except FedchatError:
+                pass
+        killed = self.sup.stop(grace=10.0)
+        seen = len(self.sup.seen)
+        if killed:
+            log.warning("    %d process(es) had to be killed: %s", len(killed), ", ".join(killed))
+        left = self.sup.marked()
+        if left:
+            log.error("    still running: %s", ", ".join(str(p.pid) for p in left))
+        else:
+            log.info("    done: none of the %d processes it saw is left (%s)", seen, self.out / "processes.json")
+
+
+def _bind_failed(service: Service) -> bool:
+    return any(e in service.log_tail(40).lower() for e in _BIND_ERRORS)
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+# ------------------------------------------------------------------ command line
+
+def _parse_run_config(items: list[str] | None) -> dict:
+    out = {}
+    for item in items or []:
+        if "=" not in item:
+            raise ConfigError(f"--run-config expects key=value, got {item!r}.")
+        key, value = item.split("=", 1)
+        try:
+            out[key.strip()] = json.loads(value)
+        except ValueError:
+            out[key.strip()] = value
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="local-federation.sh",
+        description="A real federation on this machine: flower-superlink with TLS and SuperNode authentication, N "
+                    "flower-supernode processes (own data, state, key and privacy ledger each), the fedchat app "
+                    "submitted with `flwr run`; writes OUT/report.json and every process's log under OUT/logs, "
+                    "and stops every process it started.")
+    p.add_argument("--nodes", type=int, required=True, help="SuperNodes (organisations) to start")
+    p.add_argument("--rounds", type=int, required=True, help="federated rounds")
+    p.add_argument("--base-model", default="smollm2-135m", help="smollm2-135m (embedded), tiny, or a local HF model folder")
+    p.add_argument("--out", required=True, help="folder for everything (must be new or empty)")
+    p.add_argument("--fresh", action="store_true", help="delete --out first if it exists")
+    p.add_argument("--local-steps", type=int, default=10, help="optimizer steps per node per round")
+    p.add_argument("--batch-size", type=int, default=8, help="conversations per step")
+    p.add_argument("--aggregation", choices=AGGREGATIONS, default="fedavg")
+    p.add_argument("--dp", action=argparse.BooleanOptionalAction, default=True, help="DP-SGD on every node")
+    p.add_argument("--secagg", action=argparse.BooleanOptionalAction, default=True, help="SecAgg+ every round")
+    p.add_argument("--target-epsilon", type=float, default=8.0, help="every node's privacy budget")
+    p.add_argument("--timeout", type=float, default=3600.0, help="seconds the run may take before it is stopped")
+    p.add_argument("--startup-timeout", type=float, default=180.0,
+                   help="seconds for the SuperLink to answer and every node to come online")
+    p.add_argument("--app", type=Path, default=None, help="the fedchat project folder (default: this repository)")
+    p.add_argument("--run-config", nargs="*", metavar="KEY=VALUE", help="any other run-config key")
+    p.add_argument("-v", "--verbose", action="store_true")
+    return p
+
+
+def _raise_interrupted(signum, _frame) -> None:
+    raise Interrupted(f"received {signal.Signals(signum).name}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format=FORMAT, datefmt="%H:%M:%S",
+                        stream=sys.stderr)
+    for noisy in ("httpx", "urllib3"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        fed = LocalFederation(nodes=args.nodes, rounds=args.rounds, base_model=args.base_model, out=Path(args.out),
+                              local_steps=args.local_steps, batch_size=args.batch_size, aggregation=args.aggregation,
+                              dp=args.dp, secagg=args.secagg, target_epsilon=args.target_epsilon, timeout=args.timeout,
+                              startup_timeout=args.startup_timeout, app=args.app.resolve() if args.app else find_app(),
+                              run_config=_parse_run_config(args.run_config))
+        if args.fresh and fed.out.exists() and any(fed.out.iterdir()):
+            if not (fed.out / "commands.sh").exists():
+                raise ConfigError(f"--fresh deletes only an earlier local federation's folder, and {fed.out} is not "
+                                  "one (no commands.sh): delete it yourself or choose another --out.")
+            shutil.rmtree(fed.out)
+        fed.out.mkdir(parents=True, exist_ok=True)
+        runner = Runner(fed)
+    except FedchatError as exc:
+        print(f"local-federation: error: {exc}", file=sys.stderr)
+        return 2
+
+    become_subreaper()  # orphans of Flower's processes come back to us, to be stopped and reaped
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _raise_interrupted)
+    code = 1
+    try:
+        report = runner.run()
+        d = report["deployment"]
+        log.info("finished: %d/%d rounds, %d nodes, %s, %s in %.0f s; report %s", report["completed_rounds"],
+                 report["num_rounds"], len(d["nodes"]), "SecAgg+" if report["secagg"] else "plaintext",
+                 "DP" if report["dp"] else "no DP", d["seconds"], fed.out.resolve() / "report.json")
+        code = 0
+    except Interrupted as exc:
+        log.error("interrupted (%s): stopping every process", exc)
+        code = 130
+    except FedchatError as exc:
+        log.error("%s", exc)
+        code = 1
+    except Exception:  # still stop everything; show the bug
+        log.exception("unexpected error")
+        code = 1
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            signal.signal(sig, signal.SIG_IGN)  # a second Ctrl-C must not cut the cleanup short
+        runner.stop()
+    if code:
+        print(f"local-federation: failed; logs in {runner.logs}", file=sys.stderr)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
