@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import os
 import socket
 import ssl
 import subprocess
@@ -47,11 +48,23 @@ from shared.files import atomic_write_text
 
 CONNECTION = "fedchat"  # the connection name fedchat writes into $FLWR_HOME/config.toml
 LOOPBACK = "127.0.0.1"
+# Flower's processes report usage events to Flower's telemetry service and check its update
+# service at start-up unless told not to. A privacy-focused deployment tells them not to (and
+# here, as in CI, there is no network to reach anyway).
+NO_PHONING_HOME = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1"}
 
 
 def venv_bin() -> Path:
     """The folder of this interpreter's console scripts (flower-superlink, flwr, fedchat...)."""
     return Path(sys.executable).parent
+
+
+def process_env(base: dict[str, str] | None = None) -> dict[str, str]:
+    """Environment for Flower's processes: this venv's tools first on PATH, no phoning home."""
+    env = dict(os.environ if base is None else base)
+    env["PATH"] = f"{venv_bin()}{os.pathsep}{env.get('PATH', '')}"  # flwr-serverapp/-clientapp of this venv
+    env.update(NO_PHONING_HOME)
+    return env
 
 
 def tool(name: str) -> str:
@@ -167,18 +180,24 @@ class FlowerCLI:
     """`flwr` commands against one SuperLink connection, each bounded in time, JSON parsed.
 
     `runner(name, argv, env=..., timeout=...)` runs a command to its end (a Supervisor's
-    ``run``), so that even a hung CLI call is stopped with everything else.
+    ``run``), so that even a hung CLI call is stopped with everything else. `record(argv, env)`,
+    if given, is told every command that changes the SuperLink's state (not the queries).
     """
 
     def __init__(self, flwr_home: str | Path, runner: Callable[..., subprocess.CompletedProcess],
-                 connection: str = CONNECTION, timeout: float = 120.0) -> None:
+                 connection: str = CONNECTION, timeout: float = 120.0,
+                 record: Callable[[list[str], dict[str, str]], None] | None = None) -> None:
         self.flwr_home = Path(flwr_home)
         self.runner = runner
         self.connection = connection
         self.timeout = timeout
+        self.record = record
 
-    def _call(self, args: list[str], *, timeout: float | None = None, expect_json: bool = True) -> Any:
+    def _call(self, args: list[str], *, timeout: float | None = None, expect_json: bool = True,
+              changes: bool = False) -> Any:
         argv = [tool("flwr"), *args]
+        if changes and self.record is not None:
+            self.record(argv, {"FLWR_HOME": str(self.flwr_home)})
         env = {"FLWR_HOME": str(self.flwr_home), "COLUMNS": "200", "NO_COLOR": "1"}
         done = self.runner("flwr-cli", argv, env=env, timeout=timeout or self.timeout)
         if not expect_json:
@@ -197,14 +216,15 @@ class FlowerCLI:
 
     def register(self, public_key: str | Path, name: str) -> str:
         payload = self._call(["supernode", "register", str(public_key), self.connection, "--name", name,
-                              "--format", "json"])
+                              "--format", "json"], changes=True)
         return str(payload["node-id"])
 
     def nodes(self) -> list[dict]:
         return self._call(["supernode", "list", self.connection, "--format", "json"])["nodes"]
 
     def run(self, app: str | Path, run_config: str | Path) -> str:
-        payload = self._call(["run", str(app), self.connection, "--run-config", str(run_config), "--format", "json"])
+        payload = self._call(["run", str(app), self.connection, "--run-config", str(run_config), "--format", "json"],
+                             changes=True)
         return str(payload["run-id"])
 
     def run_status(self, run_id: str) -> dict:
@@ -217,4 +237,4 @@ class FlowerCLI:
         return self._call(["log", str(run_id), self.connection, "--show"], timeout=timeout, expect_json=False)
 
     def stop(self, run_id: str) -> None:
-        self._call(["stop", str(run_id), self.connection, "--format", "json"])
+        self._call(["stop", str(run_id), self.connection, "--format", "json"], changes=True)

@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import shlex
 import shutil
 import signal
@@ -35,10 +34,9 @@ from dataclasses import dataclass, field
 from importlib.metadata import version
 from pathlib import Path
 
-from fedchat.deployment import (CONNECTION, LOOPBACK, FlowerCLI, SuperLinkTLS, free_port, https_ready,
-                                superlink_command, supernode_command, tool, venv_bin, wait_until, write_cli_config,
-                                write_toml)
-from fedchat.processes import Service, Supervisor, become_subreaper
+from fedchat.deployment import (LOOPBACK, FlowerCLI, SuperLinkTLS, free_port, https_ready, process_env,
+                                superlink_command, supernode_command, tool, wait_until, write_cli_config, write_toml)
+from fedchat.processes import Service, Supervisor, become_subreaper, survivors
 from shared.certs import DEFAULT_HOSTS, write_certs
 from shared.config import AGGREGATIONS, NodeConfig, RunConfig
 from shared.errors import ConfigError, FedchatError, FederationError
@@ -133,7 +131,7 @@ class Runner:
         self.logs = self.out / "logs"
         self.sup = Supervisor(self.logs, record=self.out / "processes.json")
         self.env = self._base_env()
-        self.cli = FlowerCLI(self.out / "flwr", self._run, timeout=120.0)
+        self.cli = FlowerCLI(self.out / "flwr", self._run, timeout=120.0, record=self._record)
         self.superlink: Service | None = None
         self.address = ""
         self.node_ids: dict[str, str] = {}
@@ -147,8 +145,7 @@ class Runner:
     def _base_env(self) -> dict[str, str]:
         from shared.model import cache_root
 
-        env = dict(os.environ)
-        env["PATH"] = f"{venv_bin()}{os.pathsep}{env.get('PATH', '')}"  # flwr-serverapp/-clientapp from this venv
+        env = process_env()
         env["FEDCHAT_CACHE"] = str(cache_root().resolve())  # one model cache for every process
         env["PYTHONUNBUFFERED"] = "1"
         env.pop("FLWR_HOME", None)
@@ -165,7 +162,8 @@ class Runner:
             f.write(line + "\n")
 
     def _run(self, name: str, argv: list[str], *, env: dict[str, str] | None = None, timeout: float, cwd=None):
-        self._record(argv, {k: v for k, v in (env or {}).items() if k == "FLWR_HOME"}, cwd)
+        if name != "flwr-cli":  # FlowerCLI records its own state-changing commands
+            self._record(argv, None, cwd)
         return self.sup.run(name, argv, env=self._env(**(env or {})), timeout=timeout, cwd=cwd)
 
     def _start(self, name: str, argv: list[str], *, cwd: Path, **env: str) -> Service:
@@ -392,9 +390,9 @@ class Runner:
         seen = len(self.sup.seen)
         if killed:
             log.warning("    %d process(es) had to be killed: %s", len(killed), ", ".join(killed))
-        left = self.sup.marked()
+        left = survivors(self.sup.record_path)
         if left:
-            log.error("    still running: %s", ", ".join(str(p.pid) for p in left))
+            log.error("    still running: %s", ", ".join(left))
         else:
             log.info("    done: none of the %d processes it saw is left (%s)", seen, self.out / "processes.json")
 

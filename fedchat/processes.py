@@ -282,3 +282,23 @@ def _reap_orphans() -> None:
             return
         if pid == 0:
             return
+
+
+def survivors(record: str | Path) -> list[str]:
+    """Processes recorded by a Supervisor (its JSON record) that still run, or still carry its token."""
+    data = json.loads(Path(record).read_text())
+    alive: dict[int, str] = {}
+    for p in data["processes"]:
+        try:
+            proc = psutil.Process(p["pid"])
+            if abs(proc.create_time() - p["create_time"]) < 0.01 and _alive(proc):
+                alive[proc.pid] = " ".join(p["cmdline"][:3])
+        except psutil.Error:
+            continue
+    for proc in psutil.process_iter():
+        try:
+            if proc.pid != os.getpid() and _alive(proc) and proc.environ().get(data["token_env"]) == data["token"]:
+                alive.setdefault(proc.pid, " ".join(proc.cmdline()[:3]))
+        except psutil.Error:
+            continue
+    return [f"{pid} ({cmd})" for pid, cmd in sorted(alive.items())]

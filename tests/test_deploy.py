@@ -1,0 +1,317 @@
+"""Deployment on Flower's real engine: certificates, TLS, node authentication, the local federation.
+
+The fast tests check the certificates with a real TLS handshake and the node keys with
+Flower's own loaders. The slow ones start real `flower-superlink` / `flower-supernode`
+processes on 127.0.0.1 (ports the kernel picks) and stop them, and everything they started,
+in finalizers; each asserts that no process of its own survives.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import signal
+import socket
+import ssl
+import subprocess
+import threading
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from fedchat.cli import main as fedchat_main
+from fedchat.deployment import (LOOPBACK, FlowerCLI, SuperLinkTLS, free_port, https_ready, process_env,
+                                superlink_command, supernode_command, wait_until, write_cli_config, write_toml)
+from fedchat.processes import Supervisor, survivors
+from shared.certs import CertError, cert_hosts, load_cert, write_certs
+from shared.errors import FederationError
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "deploy" / "local-federation.sh"
+
+
+# ------------------------------------------------------------------ certificates (fast)
+
+def _tls_handshake(certs, server_hostname: str) -> str:
+    """Serve one TLS handshake with the SuperLink certificate; connect trusting only the CA."""
+    server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_ctx.load_cert_chain(certs.server_cert, certs.server_key)
+    listener = socket.create_server((LOOPBACK, 0))
+    port = listener.getsockname()[1]
+
+    def serve():
+        conn, _ = listener.accept()
+        try:
+            with server_ctx.wrap_socket(conn, server_side=True) as tls:
+                tls.recv(1)
+        except (ssl.SSLError, OSError):
+            pass
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    client_ctx = ssl.create_default_context(cafile=str(certs.ca_cert))
+    try:
+        with socket.create_connection((LOOPBACK, port), timeout=5) as raw:
+            with client_ctx.wrap_socket(raw, server_hostname=server_hostname) as tls:
+                version = tls.version()
+                tls.sendall(b"x")
+        return version
+    finally:
+        thread.join(5)
+        listener.close()
+
+
+def test_superlink_certificate_verifies_against_the_ca_for_its_hosts_only(tmp_path):
+    certs = write_certs(tmp_path / "certs", hosts=["127.0.0.1", "localhost"], nodes=["org-1"])
+    assert _tls_handshake(certs, "127.0.0.1").startswith("TLS")
+    assert _tls_handshake(certs, "localhost").startswith("TLS")
+    with pytest.raises(ssl.SSLCertVerificationError):
+        _tls_handshake(certs, "coordinator.example.org")
+    other = write_certs(tmp_path / "other", nodes=[])
+    mixed = SimpleNamespace(server_cert=other.server_cert, server_key=other.server_key, ca_cert=certs.ca_cert)
+    with pytest.raises(ssl.SSLCertVerificationError):  # a certificate from another CA is not trusted
+        _tls_handshake(mixed, "127.0.0.1")
+    assert oct(certs.ca_key.stat().st_mode & 0o777) == "0o600"
+    assert oct(certs.server_key.stat().st_mode & 0o777) == "0o600"
+
+
+def test_node_keys_are_what_flower_reads_and_verifies(tmp_path):
+    from flwr.cli.supernode.register import try_load_public_key
+    from flwr.supercore.primitives.asymmetric import (bytes_to_public_key, public_key_to_bytes, sign_message,
+                                                      verify_signature)
+
+    certs = write_certs(tmp_path, nodes=["org-1", "org-2"], superlink=False)
+    assert not certs.ca_cert.exists()  # node-only: no CA on a node's host
+    private = serialization.load_ssh_private_key(certs.node_key("org-1").read_bytes(), None)  # flower-supernode's loader
+    assert isinstance(private, ec.EllipticCurvePrivateKey) and private.curve.name == "secp384r1"
+    registered = try_load_public_key(certs.node_public_key("org-1"))  # `flwr supernode register`'s loader
+    assert registered == public_key_to_bytes(private.public_key())
+    signature = sign_message(private, b"2026-01-01T00:00:00")  # what every Fleet request carries
+    assert verify_signature(bytes_to_public_key(registered), b"2026-01-01T00:00:00", signature)
+    other = try_load_public_key(certs.node_public_key("org-2"))
+    assert not verify_signature(bytes_to_public_key(other), b"2026-01-01T00:00:00", signature)
+    assert oct(certs.node_key("org-1").stat().st_mode & 0o777) == "0o600"
+
+
+def test_certs_keeps_identities_and_reissues_the_server_certificate_for_new_hosts(tmp_path, capsys):
+    assert fedchat_main(["certs", "--out", str(tmp_path), "--nodes", "2"]) == 0
+    ca, key1 = (tmp_path / "ca.pem").read_bytes(), (tmp_path / "nodes" / "org-1").read_bytes()
+    assert cert_hosts(load_cert(tmp_path / "superlink.pem")) == {"127.0.0.1", "localhost"}
+
+    assert fedchat_main(["certs", "--out", str(tmp_path), "--nodes", "3"]) == 0  # adds org-3, keeps the rest
+    assert (tmp_path / "nodes" / "org-1").read_bytes() == key1 and (tmp_path / "nodes" / "org-3.pub").exists()
+    assert fedchat_main(["certs", "--out", str(tmp_path), "--hosts", "coordinator.example.org", "10.0.0.5"]) == 0
+    assert cert_hosts(load_cert(tmp_path / "superlink.pem")) == {"coordinator.example.org", "10.0.0.5"}
+    assert (tmp_path / "ca.pem").read_bytes() == ca  # same CA: nodes need nothing new
+    assert (tmp_path / "nodes" / "org-1").read_bytes() == key1
+
+    assert fedchat_main(["certs", "--out", str(tmp_path), "--nodes", "1", "--force"]) == 0
+    assert (tmp_path / "ca.pem").read_bytes() != ca and (tmp_path / "nodes" / "org-1").read_bytes() != key1
+    capsys.readouterr()
+    assert fedchat_main(["certs", "--out", str(tmp_path), "--hosts", "https://x:9093"]) == 2
+    assert "neither an IP address nor a host name" in capsys.readouterr().err
+    with pytest.raises(CertError, match="letters, digits"):
+        write_certs(tmp_path, nodes=["../evil"], superlink=False)
+
+
+def test_local_federation_refuses_bad_arguments_before_starting_anything(tmp_path):
+    (tmp_path / "keep.txt").write_text("not a federation")
+    for args, message in [
+        (["--nodes", "1", "--rounds", "1", "--out", str(tmp_path / "a")], "at least 2 with SecAgg+"),
+        (["--nodes", "2", "--rounds", "0", "--out", str(tmp_path / "b")], "num-rounds"),
+        (["--nodes", "2", "--rounds", "1", "--out", str(tmp_path)], "is not empty"),
+        (["--nodes", "2", "--rounds", "1", "--out", str(tmp_path), "--fresh"], "not one (no commands.sh)"),
+    ]:
+        done = subprocess.run([str(SCRIPT), *args], capture_output=True, text=True, timeout=120)
+        assert done.returncode != 0, args
+        assert message in done.stderr, (args, done.stderr[-2000:])
+    assert (tmp_path / "keep.txt").exists()  # --fresh never deletes a folder it did not make
+
+
+# ------------------------------------------------------------------ a TLS SuperLink with node auth (slow)
+
+@pytest.fixture(scope="module")
+def superlink(tmp_path_factory):
+    """A SuperLink with TLS and SuperNode authentication; org-1 registered, 'rogue' never."""
+    root = tmp_path_factory.mktemp("superlink")
+    certs = write_certs(root / "certs", nodes=["org-1", "rogue"])
+    sup = Supervisor(root / "logs", record=root / "processes.json")
+    env = {**process_env(), "FLWR_HOME": str(root / "home")}
+    port = free_port()
+    service = sup.start("superlink", superlink_command(
+        host=LOOPBACK, port=port, tls=SuperLinkTLS(certs.server_cert, certs.server_key, certs.ca_cert),
+        node_auth=True, database=root / "state.db"), env=env, cwd=root)
+    try:
+        wait_until(lambda: https_ready(LOOPBACK, port, certs.ca_cert), timeout=90, what="SuperLink over TLS",
+                   alive=lambda: service.exited() is not None and service.log_tail())
+        write_cli_config(root / "flwr", f"{LOOPBACK}:{port}", certs.ca_cert)
+        cli = FlowerCLI(root / "flwr", sup.run)
+        registered = cli.register(certs.node_public_key("org-1"), "org-1")
+        node_config = write_toml(root / "node-config.toml", {"data-path": str(root / "none.jsonl"),
+                                                             "state-dir": str(root / "state")})
+        yield {"root": root, "certs": certs, "sup": sup, "env": env, "port": port, "cli": cli, "service": service,
+               "registered": registered, "node_config": node_config}
+    finally:
+        sup.stop(grace=10)
+        assert survivors(root / "processes.json") == []
+
+
+def _node(superlink, name: str, *, tls: bool = True, key: str | None = None, max_wait: float = 8.0):
+    return superlink["sup"].start(name, supernode_command(
+        superlink=f"{LOOPBACK}:{superlink['port']}", root_certificates=superlink["certs"].ca_cert if tls else None,
+        auth_key=superlink["certs"].node_key(key) if key else None, node_config=superlink["node_config"],
+        runtime_port=free_port(), max_wait_time=max_wait), env=superlink["env"], cwd=superlink["root"])
+
+
+def _wait_exit(service, timeout: float) -> int:
+    deadline = time.monotonic() + timeout
+    while service.exited() is None:
+        assert time.monotonic() < deadline, f"{service.name} still running after {timeout} s:\n{service.log_tail()}"
+        time.sleep(0.5)
+    return service.exited()
+
+
+def _online(superlink) -> set[str]:
+    return {n["node-id"] for n in superlink["cli"].nodes() if n["status"] == "online"}
+
+
+@pytest.mark.slow
+def test_plaintext_clients_are_refused(superlink):
+    port, ca = superlink["port"], superlink["certs"].ca_cert
+    assert https_ready(LOOPBACK, port, ca)  # the same request over TLS is answered
+
+    plain = http.client.HTTPConnection(LOOPBACK, port, timeout=5)  # HTTP without TLS: no HTTP answer at all
+    with pytest.raises((http.client.HTTPException, ConnectionError, OSError)):
+        plain.request("GET", "/health")
+        plain.getresponse()
+    plain.close()
+    untrusting = http.client.HTTPSConnection(LOOPBACK, port, timeout=5, context=ssl.create_default_context())
+    with pytest.raises(ssl.SSLCertVerificationError):  # TLS that does not trust our CA does not connect either
+        untrusting.request("GET", "/health")
+    untrusting.close()
+
+    node = _node(superlink, "plaintext-node", tls=False)  # flower-supernode --insecure
+    assert _wait_exit(node, timeout=60) != 0
+    log = node.log_path.read_text()
+    assert "Server disconnected without sending a response" in log
+    assert "could not establish a connection to the SuperLink" in log
+    assert all(n["node-id"] == superlink["registered"] for n in superlink["cli"].nodes())  # no new node appeared
+
+    insecure_cli = superlink["root"] / "insecure-cli"
+    write_cli_config(insecure_cli, f"{LOOPBACK}:{port}", None)  # `flwr` with insecure = true
+    with pytest.raises(FederationError):
+        FlowerCLI(insecure_cli, superlink["sup"].run, timeout=60).nodes()
+
+
+@pytest.mark.slow
+def test_unregistered_nodes_are_refused_and_the_registered_one_joins(superlink):
+    rogue = _node(superlink, "rogue-node", key="rogue")  # valid TLS, a key never registered
+    keyless = _node(superlink, "keyless-node")  # valid TLS, no key: tries to register itself
+    good = _node(superlink, "org-1-node", key="org-1")  # the control: same everything, registered key
+    try:
+        assert _wait_exit(rogue, timeout=60) != 0
+        assert "Failed to activate SuperNode" in rogue.log_path.read_text()
+        assert _wait_exit(keyless, timeout=60) != 0
+        assert "All SuperNodes must be registered via the CLI" in keyless.log_path.read_text()
+        rogue_key = superlink["certs"].node_key("rogue")
+        rogue_pem = serialization.load_ssh_private_key(rogue_key.read_bytes(), None).public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo).decode()
+        superlink_log = superlink["service"].log_path.read_text()
+        assert "No SuperNode found with the given public key" in superlink_log
+        assert rogue_pem.splitlines()[1] in superlink_log.replace("\\n", "\n")  # it was this key that was refused
+
+        wait_until(lambda: superlink["registered"] in _online(superlink), timeout=60, interval=1.0,
+                   what="the registered node did not come online",
+                   alive=lambda: good.exited() is not None and good.log_tail())
+        assert _online(superlink) == {superlink["registered"]}  # neither the rogue nor the keyless node joined
+        assert [n["node-id"] for n in superlink["cli"].nodes()] == [superlink["registered"]]
+        assert good.exited() is None
+    finally:
+        for service in (rogue, keyless, good):
+            if service.exited() is None:
+                os.killpg(service.pid, signal.SIGTERM)
+
+
+# ------------------------------------------------------------------ the local federation script (slow)
+
+def _script(out: Path, *extra: str) -> subprocess.Popen:
+    args = [str(SCRIPT), "--nodes", "2", "--base-model", "tiny", "--out", str(out), "--local-steps", "2",
+            "--batch-size", "4", "--startup-timeout", "120", *extra]
+    return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+def _finish(proc: subprocess.Popen, timeout: float) -> str:
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+        return out
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGINT)  # let it clean up, then make sure
+        try:
+            out, _ = proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            out, _ = proc.communicate()
+        pytest.fail(f"the script did not end within {timeout} s:\n{out[-4000:]}")
+
+
+def _assert_nothing_left(out: Path, at_least: int) -> None:
+    record = json.loads((out / "processes.json").read_text())
+    assert len(record["processes"]) >= at_least, record["processes"]  # it did see what it started
+    assert survivors(out / "processes.json") == []
+
+
+@pytest.mark.slow
+def test_local_federation_completes_two_rounds_and_leaves_no_process(tmp_path, tiny_dir):
+    out = tmp_path / "fed"
+    proc = _script(out, "--rounds", "2", "--timeout", "420")
+    log = _finish(proc, timeout=540)
+    assert proc.returncode == 0, log[-5000:]
+
+    report = json.loads((out / "report.json").read_text())
+    assert report["status"] == "finished" and report["completed_rounds"] == 2 and report["num_rounds"] == 2
+    assert report["secagg"] is True and report["dp"] is True
+    assert [r["status"] for r in report["rounds"]] == ["ok", "ok"]
+    assert all("secagg" in r and r["secagg"]["nodes"] == 2 for r in report["rounds"])  # SecAgg+ parameters per round
+    assert report["nodes"] == ["org-1", "org-2"]
+    d = report["deployment"]
+    assert d["tls"] and d["supernode_auth"] and d["flower_status"] == "finished:completed"
+    assert d["superlink"].startswith("127.0.0.1:")
+    assert [a["verdict"] for a in d["audit"]] == ["OK", "OK"] and not any(a["problems"] for a in d["audit"])
+    for node in d["nodes"]:
+        ledger = Path(node["ledger"])
+        assert ledger.parent == out / "ledgers" and len(ledger.read_text().splitlines()) == 2  # one entry per round
+        assert Path(node["ledger_key"]).exists()
+    assert (out / "run" / "merged").exists()
+
+    for name in ("superlink", "org-1", "org-2", "serverapp"):
+        assert (out / "logs" / f"{name}.log").stat().st_size > 0, name
+    server_log = (out / "logs" / "serverapp.log").read_text()
+    assert server_log.count("Secure aggregation completed") == 2
+    superlink_log = (out / "logs" / "superlink.log").read_text()
+    assert "--enable-supernode-auth" in superlink_log and "Uvicorn running on https://127.0.0.1" in superlink_log
+    commands = (out / "commands.sh").read_text()
+    assert "flower-superlink" in commands and commands.count(" supernode register ") == 2
+    assert commands.count("flower-supernode ") == 2 and commands.count(" run ") == 1
+    _assert_nothing_left(out, at_least=7)  # superlink, 2 supernodes, their superexecs, the serverapp...
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_every_process_of_a_running_federation(tmp_path, tiny_dir):
+    out = tmp_path / "fed"
+    proc = _script(out, "--rounds", "3", "--timeout", "600")
+    deadline = time.monotonic() + 240
+    while not (out / "run" / "checkpoints").exists():  # round 0 checkpointed: the ServerApp runs round 1
+        assert proc.poll() is None, proc.communicate()[0][-4000:]
+        assert time.monotonic() < deadline, "the run did not start"
+        time.sleep(1)
+    time.sleep(8)  # the nodes' ClientApps are training
+    os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does: the whole foreground group
+    log = _finish(proc, timeout=90)
+    assert proc.returncode == 130, log[-4000:]
+    assert "interrupted" in log and "stopping every process" in log
+    _assert_nothing_left(out, at_least=7)
