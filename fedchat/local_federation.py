@@ -173,7 +173,7 @@ class Runner:
 
     def step(self, text: str) -> None:
         self.step_no += 1
-        log.info("[%d/10] %s", self.step_no, text)
+        log.info("[%d/9] %s", self.step_no, text)
 
     def _check_services(self) -> str | None:
         for s in self.sup.services:
@@ -186,8 +186,6 @@ class Runner:
 
     def prepare(self) -> None:
         fed = self.fed
-        if self.out.exists() and any(self.out.iterdir()):
-            raise ConfigError(f"{self.out} is not empty: give a new --out, or --fresh to delete it first.")
         for sub in ("logs", "flwr", "superlink"):
             (self.out / sub).mkdir(parents=True, exist_ok=True)
         atomic_write_text(self.out / "commands.sh", "#!/usr/bin/env bash\n# The commands this local federation ran, "
@@ -379,7 +377,7 @@ class Runner:
         return self.collect(report)
 
     def stop(self) -> None:
-        self.step("stopping every process this federation started")
+        log.info("stopping every process this federation started")
         if self.run_id is not None and not (self.logs / "serverapp.log").exists() and self.superlink is not None \
                 and self.superlink.exited() is None:
             try:
@@ -471,6 +469,9 @@ def main(argv: list[str] | None = None) -> int:
                 raise ConfigError(f"--fresh deletes only an earlier local federation's folder, and {fed.out} is not "
                                   "one (no commands.sh): delete it yourself or choose another --out.")
             shutil.rmtree(fed.out)
+        if fed.out.exists() and any(fed.out.iterdir()):
+            raise ConfigError(f"{fed.out} is not empty: give a new --out, or --fresh to delete an earlier local "
+                              "federation's folder first.")
         fed.out.mkdir(parents=True, exist_ok=True)
         runner = Runner(fed)
     except FedchatError as exc:

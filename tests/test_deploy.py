@@ -315,3 +315,15 @@ def test_ctrl_c_stops_every_process_of_a_running_federation(tmp_path, tiny_dir):
     assert proc.returncode == 130, log[-4000:]
     assert "interrupted" in log and "stopping every process" in log
     _assert_nothing_left(out, at_least=7)
+
+
+@pytest.mark.slow
+def test_a_failed_run_exits_non_zero_says_why_and_leaves_no_process(tmp_path, tiny_dir):
+    out = tmp_path / "fed"
+    proc = _script(out, "--rounds", "3", "--timeout", "10")  # three rounds cannot finish in 10 s
+    log = _finish(proc, timeout=300)
+    assert proc.returncode == 1, log[-4000:]
+    assert "did not finish within 10 s (--timeout); it was stopped" in log
+    assert "local-federation: failed; logs in" in log
+    assert not (out / "report.json").exists()
+    _assert_nothing_left(out, at_least=7)
