@@ -25,8 +25,9 @@ def cmd_certs(args) -> int:
     if not args.no_superlink:
         print(f"\nSuperLink: flower-superlink --ssl-certfile {certs.server_cert} --ssl-keyfile {certs.server_key} "
               f"--ssl-ca-certfile {certs.ca_cert} --enable-supernode-auth ...")
-        print(f"           valid for: {', '.join(sorted(cert_hosts(load_cert(certs.server_cert))))}. Give {certs.ca_cert} (never {certs.ca_key}) to every "
-              "node and to whoever runs `flwr`.")
+        hosts = ", ".join(sorted(cert_hosts(load_cert(certs.server_cert))))
+        print(f"           valid for: {hosts}. Give {certs.ca_cert} (never {certs.ca_key}) to every node and to "
+              "whoever runs `flwr`.")
     for name in names:
         print(f"node {name}: flwr supernode register {certs.node_public_key(name)} ...   (on the coordinator)")
         print(f"{' ' * (len(name) + 6)}flower-supernode --auth-supernode-private-key {certs.node_key(name)} ...   "

@@ -148,7 +148,7 @@ class Runner:
         env = process_env()
         env["FEDCHAT_CACHE"] = str(cache_root().resolve())  # one model cache for every process
         env["PYTHONUNBUFFERED"] = "1"
-        env.pop("FLWR_HOME", None)
+        env["FLWR_HOME"] = str(self.out / "flwr")  # never the user's ~/.flwr; services get their own
         return env
 
     def _env(self, **extra: str) -> dict[str, str]:
@@ -195,7 +195,8 @@ class Runner:
         names = [fed.node_name(i) for i in range(1, fed.nodes + 1)]
         certs = write_certs(self.out / "certs", hosts=DEFAULT_HOSTS, nodes=names)
         self.certs = certs
-        self._record(["fedchat", "certs", "--out", str(certs.root), "--hosts", *DEFAULT_HOSTS, "--nodes", str(fed.nodes)])
+        self._record(["fedchat", "certs", "--out", str(certs.root), "--hosts", *DEFAULT_HOSTS,
+                      "--nodes", str(fed.nodes)])
 
         self.step(f"demo data for {fed.nodes} organisations")
         from fedchat.demo_data import write_demo_data
@@ -336,8 +337,8 @@ class Runner:
         for i in range(1, fed.nodes + 1):
             name = fed.node_name(i)
             state = self.out / "nodes" / name
-            entry = {"name": name, "node_id": self.node_ids.get(name), "auth_public_key": str(self.certs.node_public_key(name)),
-                     "log": str(self.logs / f"{name}.log")}
+            entry = {"name": name, "node_id": self.node_ids.get(name),
+                     "auth_public_key": str(self.certs.node_public_key(name)), "log": str(self.logs / f"{name}.log")}
             if (state / "ledger.jsonl").exists():
                 shutil.copyfile(state / "ledger.jsonl", ledgers / f"{name}.jsonl")
                 shutil.copyfile(state / "ledger-key.pub", ledgers / f"{name}.pub")
@@ -347,24 +348,32 @@ class Runner:
                 raise FederationError(f"node {name} trained with DP but left no ledger in {state}: see "
                                       f"{self.logs / (name + '.log')}.")
             nodes.append(entry)
-        audit = None
+        audit, problems = None, []
         if copied:
-            done = self._run("audit", [tool("fedchat"), "audit", *copied, "--report", str(self.out / "run" / "report.json"),
-                                       "--json"], timeout=600)
+            done = self._run("audit", [tool("fedchat"), "audit", *copied, "--report",
+                                       str(self.out / "run" / "report.json"), "--json"], timeout=600)
             try:
                 audit = json.loads(done.stdout)
             except ValueError:
                 raise FederationError(f"`fedchat audit` failed: {done.stderr.strip()[-1500:]}") from None
-            if done.returncode != 0:
-                raise FederationError(f"the privacy ledgers do not verify: {json.dumps(audit)[:1500]}")
+            problems += [f"ledger {a['node']}: {p}" for a in audit for p in a.get("problems", [])]
+            if done.returncode != 0 and not problems:
+                problems.append(f"`fedchat audit` failed (see {self.logs / 'audit.log'})")
+        if report.get("failed_rounds"):
+            problems.append(f"rounds {report['failed_rounds']} failed: " + "; ".join(
+                r.get("error", "") for r in report["rounds"] if r.get("status") != "ok"))
         report = dict(report)
         report["deployment"] = {
             "engine": "flower-deployment", "flower": version("flwr"), "superlink": self.address,
             "tls": True, "supernode_auth": True, "certs": str(self.certs.root), "run_id": self.run_id,
-            "flower_status": "finished:completed", "app": str(fed.app), "seconds": round(time.monotonic() - self.started, 1),
-            "nodes": nodes, "audit": audit, "logs": str(self.logs), "processes": str(self.out / "processes.json"),
+            "flower_status": "finished:completed", "app": str(fed.app),
+            "seconds": round(time.monotonic() - self.started, 1), "nodes": nodes, "audit": audit,
+            "problems": problems, "logs": str(self.logs), "processes": str(self.out / "processes.json"),
         }
         atomic_write_text(self.out / "report.json", json.dumps(report, indent=2) + "\n")
+        if problems:
+            raise FederationError(f"the run finished but not cleanly ({self.out / 'report.json'}): "
+                                  + " | ".join(problems))
         return report
 
     def run(self) -> dict:
@@ -430,7 +439,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "and stops every process it started.")
     p.add_argument("--nodes", type=int, required=True, help="SuperNodes (organisations) to start")
     p.add_argument("--rounds", type=int, required=True, help="federated rounds")
-    p.add_argument("--base-model", default="smollm2-135m", help="smollm2-135m (embedded), tiny, or a local HF model folder")
+    p.add_argument("--base-model", default="smollm2-135m",
+                   help="smollm2-135m (embedded), tiny, or a local HF model folder")
     p.add_argument("--out", required=True, help="folder for everything (must be new or empty)")
     p.add_argument("--fresh", action="store_true", help="delete --out first if it exists")
     p.add_argument("--local-steps", type=int, default=10, help="optimizer steps per node per round")

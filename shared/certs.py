@@ -269,7 +269,8 @@ def write_certs(out: str | Path, *, hosts: list[str] | tuple[str, ...] | None = 
     if superlink:
         if force or not certs.ca_cert.exists():
             if certs.ca_key.exists() != certs.ca_cert.exists() and not force:
-                raise CertError(f"{certs.root} holds only half of a CA ({CA_CERT}, {CA_KEY}): remove it or use --force.")
+                raise CertError(f"{certs.root} holds only half of a CA ({CA_CERT}, {CA_KEY}): remove it or use "
+                                "--force.")
             ca_key, ca_cert = new_ca()
             atomic_write_bytes(certs.ca_key, _key_pem(ca_key), mode=0o600)
             atomic_write_bytes(certs.ca_cert, _cert_pem(ca_cert))

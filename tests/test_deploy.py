@@ -87,7 +87,8 @@ def test_node_keys_are_what_flower_reads_and_verifies(tmp_path):
 
     certs = write_certs(tmp_path, nodes=["org-1", "org-2"], superlink=False)
     assert not certs.ca_cert.exists()  # node-only: no CA on a node's host
-    private = serialization.load_ssh_private_key(certs.node_key("org-1").read_bytes(), None)  # flower-supernode's loader
+    # flower-supernode's loader
+    private = serialization.load_ssh_private_key(certs.node_key("org-1").read_bytes(), None)
     assert isinstance(private, ec.EllipticCurvePrivateKey) and private.curve.name == "secp384r1"
     registered = try_load_public_key(certs.node_public_key("org-1"))  # `flwr supernode register`'s loader
     assert registered == public_key_to_bytes(private.public_key())
@@ -241,7 +242,7 @@ def test_unregistered_nodes_are_refused_and_the_registered_one_joins(superlink):
 
 def _script(out: Path, *extra: str) -> subprocess.Popen:
     args = [str(SCRIPT), "--nodes", "2", "--base-model", "tiny", "--out", str(out), "--local-steps", "2",
-            "--batch-size", "4", "--startup-timeout", "120", *extra]
+            "--batch-size", "4", "--startup-timeout", "120", *extra, "--run-config", "eval-max-conversations=16"]
     return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
 
 
@@ -309,7 +310,7 @@ def test_ctrl_c_stops_every_process_of_a_running_federation(tmp_path, tiny_dir):
         assert proc.poll() is None, proc.communicate()[0][-4000:]
         assert time.monotonic() < deadline, "the run did not start"
         time.sleep(1)
-    time.sleep(8)  # the nodes' ClientApps are training
+    time.sleep(5)  # the nodes' ClientApps are at work
     os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does: the whole foreground group
     log = _finish(proc, timeout=90)
     assert proc.returncode == 130, log[-4000:]
@@ -320,10 +321,10 @@ def test_ctrl_c_stops_every_process_of_a_running_federation(tmp_path, tiny_dir):
 @pytest.mark.slow
 def test_a_failed_run_exits_non_zero_says_why_and_leaves_no_process(tmp_path, tiny_dir):
     out = tmp_path / "fed"
-    proc = _script(out, "--rounds", "3", "--timeout", "10")  # three rounds cannot finish in 10 s
+    proc = _script(out, "--rounds", "3", "--timeout", "2")  # three rounds cannot finish in 2 s
     log = _finish(proc, timeout=300)
     assert proc.returncode == 1, log[-4000:]
-    assert "did not finish within 10 s (--timeout); it was stopped" in log
+    assert "did not finish within 2 s (--timeout); it was stopped" in log
     assert "local-federation: failed; logs in" in log
     assert not (out / "report.json").exists()
     _assert_nothing_left(out, at_least=7)
