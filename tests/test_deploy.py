@@ -241,9 +241,12 @@ def test_unregistered_nodes_are_refused_and_the_registered_one_joins(superlink):
 # ------------------------------------------------------------------ the local federation script (slow)
 
 def _script(out: Path, *extra: str) -> subprocess.Popen:
+    """The script as a user runs it, with a HOME of its own (to see that it leaves ~/.flwr alone)."""
     args = [str(SCRIPT), "--nodes", "2", "--base-model", "tiny", "--out", str(out), "--local-steps", "2",
             "--batch-size", "4", "--startup-timeout", "120", *extra, "--run-config", "eval-max-conversations=16"]
-    return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    env = {**os.environ, "HOME": str(out.parent / "home")}  # FEDCHAT_CACHE (conftest) keeps the prepared model
+    return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                            start_new_session=True)
 
 
 def _finish(proc: subprocess.Popen, timeout: float) -> str:
@@ -299,6 +302,7 @@ def test_local_federation_completes_two_rounds_and_leaves_no_process(tmp_path, t
     assert "flower-superlink" in commands and commands.count(" supernode register ") == 2
     assert commands.count("flower-supernode ") == 2 and commands.count(" run ") == 1
     _assert_nothing_left(out, at_least=7)  # superlink, 2 supernodes, their superexecs, the serverapp...
+    assert not (tmp_path / "home" / ".flwr").exists()  # Flower's files went under DIR, not the user's home
 
 
 @pytest.mark.slow
