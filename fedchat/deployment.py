@@ -198,7 +198,7 @@ class FlowerCLI:
         argv = [tool("flwr"), *args]
         if changes and self.record is not None:
             self.record(argv, {"FLWR_HOME": str(self.flwr_home)})
-        env = {"FLWR_HOME": str(self.flwr_home), "COLUMNS": "200", "NO_COLOR": "1"}
+        env = {**NO_PHONING_HOME, "FLWR_HOME": str(self.flwr_home), "COLUMNS": "200", "NO_COLOR": "1"}
         done = self.runner("flwr-cli", argv, env=env, timeout=timeout or self.timeout)
         if not expect_json:
             if done.returncode != 0:
