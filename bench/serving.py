@@ -237,6 +237,11 @@ def markdown(r: dict) -> str:
         f"{r['settings']['passes']} passes, greedy, max_tokens {r['settings']['max_tokens']}. Engine: "
         f"{r['engine']}.",
         "",
+        f"Load average (1 min) on the {m['cpu_cores']} cores: {m['load_average_1_5_15_min']['start'][0]} at the start, "
+        f"{m['load_average_1_5_15_min']['end'][0]} at the end; wall time {r['wall_seconds']:.0f} s"
+        + (" (the machine was busy with other work: rerun on a quiet machine for reliable figures)."
+           if max(m['load_average_1_5_15_min']['start'][0], m['load_average_1_5_15_min']['end'][0]) > 1.5 else "."),
+        "",
         "| measure | value |",
         "|---|---|",
         f"| direct `model.generate` | {d['tokens_per_s']:.1f} tokens/s ({d['tokens']} tokens in {d['seconds']:.1f} s) |",
