@@ -8,6 +8,7 @@ import logging
 import sys
 
 from fedchat.certs_cli import add_certs_command
+from fedchat.service_cli import add_service_commands
 from server.serve_cli import add_serving_commands
 from shared.errors import FedchatError
 from shared.logs import setup_logging
@@ -185,6 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
     merge.set_defaults(func=cmd_merge)
     add_serving_commands(sub)
     add_certs_command(sub)
+    add_service_commands(sub)
     return p
 
 

@@ -6,8 +6,8 @@ with ports the kernel picks, and writes under DIR:
 
     certs/            CA, SuperLink certificate (127.0.0.1, localhost), a key pair per node
     data/             demo dialogues: org-1.jsonl .. org-N.jsonl, eval.jsonl
-    superlink/        the SuperLink's database and FLWR_HOME
-    nodes/org-i/      node i's state: privacy ledger, ledger key, node-config.toml, FLWR_HOME
+    superlink/        coordinator.toml (the SuperLink's config file), its database and FLWR_HOME
+    nodes/org-i/      node i's state: node.toml (its config file), privacy ledger, ledger key, FLWR_HOME
     flwr/             the `flwr` CLI's FLWR_HOME (config.toml: the connection to the SuperLink)
     run/              the coordinator's output: checkpoints, adapter, merged model, report.json
     ledgers/          each node's ledger and ledger public key (for `fedchat audit`)
@@ -34,8 +34,8 @@ from dataclasses import dataclass, field
 from importlib.metadata import version
 from pathlib import Path
 
-from fedchat.deployment import (LOOPBACK, FlowerCLI, SuperLinkTLS, free_port, https_ready, process_env,
-                                superlink_command, supernode_command, tool, wait_until, write_cli_config, write_toml)
+from fedchat.deployment import (LOOPBACK, FlowerCLI, SuperLinkTLS, free_port, https_ready, process_env, tool,
+                                wait_until, write_cli_config, write_toml)
 from fedchat.processes import Service, Supervisor, become_subreaper, survivors
 from shared.certs import DEFAULT_HOSTS, write_certs
 from shared.config import AGGREGATIONS, NodeConfig, RunConfig
@@ -219,8 +219,12 @@ class Runner:
         tls = SuperLinkTLS(certs.server_cert, certs.server_key, certs.ca_cert)
         for attempt in range(3):
             port = free_port(LOOPBACK)
-            argv = superlink_command(host=LOOPBACK, port=port, tls=tls, node_auth=True,
-                                     database=self.out / "superlink" / "state.db")
+            config = write_toml(self.out / "superlink" / "coordinator.toml", {"superlink": {
+                "host": LOOPBACK, "port": port, "certfile": str(tls.certfile), "keyfile": str(tls.keyfile),
+                "ca-certfile": str(tls.ca_certfile), "database": str(self.out / "superlink" / "state.db"),
+                "supernode-auth": True}})
+            # The command a coordinator host, its container and its systemd unit run.
+            argv = [tool("fedchat"), "coordinator", "start", str(config)]
             service = self._start("superlink", argv, cwd=self.out / "superlink",
                                   FLWR_HOME=str(self.out / "superlink" / "flwr-home"))
             try:
@@ -249,11 +253,13 @@ class Runner:
         for i in range(1, fed.nodes + 1):
             name = fed.node_name(i)
             state = self.out / "nodes" / name
-            config = write_toml(state / "node-config.toml", fed.node_config(i))
             for attempt in range(3):
-                argv = supernode_command(superlink=self.address, root_certificates=self.certs.ca_cert,
-                                         auth_key=self.certs.node_key(name), node_config=config,
-                                         runtime_port=free_port(LOOPBACK), max_wait_time=fed.startup_timeout)
+                config = write_toml(state / "node.toml", {"node": fed.node_config(i), "connection": {
+                    "superlink": self.address, "root-certificates": str(self.certs.ca_cert),
+                    "auth-private-key": str(self.certs.node_key(name)), "runtime-port": free_port(LOOPBACK),
+                    "max-wait-time": fed.startup_timeout}})
+                # The command a node host, its container and its systemd unit run.
+                argv = [tool("fedchat"), "node", "start", str(config)]
                 service = self._start(name, argv, cwd=state, FLWR_HOME=str(state / "flwr-home"))
                 time.sleep(0.5)
                 if service.exited() is not None and _bind_failed(service) and attempt < 2:

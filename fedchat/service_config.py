@@ -1,0 +1,329 @@
+"""The TOML files a node and a coordinator are started from, their checks, and their commands.
+
+A node operator keeps one file (`fedchat node check-config FILE`, `fedchat node start FILE`)::
+
+    [node]                    # the node config (docs/configuration.md, "Node config")
+    node-name = "hospital-a"
+    data-path = "data/dialogues.jsonl"
+    state-dir = "state"
+    target-epsilon = 8.0
+    target-delta = 1e-5
+    device = "auto"
+    dtype = "auto"
+
+    [connection]
+    superlink = "coordinator.example.org:9093"
+    root-certificates = "certs/ca.pem"
+    auth-private-key = "keys/nodes/hospital-a"
+    runtime-port = 9094        # local port of the node's ClientApp processes (127.0.0.1)
+    max-wait-time = 0          # seconds to keep trying to reach the SuperLink; 0 = forever
+
+and the coordinator one (`fedchat coordinator check-config|start FILE`)::
+
+    [superlink]
+    host = "0.0.0.0"
+    port = 9093
+    certfile = "certs/superlink.pem"
+    keyfile = "certs/superlink.key"
+    ca-certfile = "certs/ca.pem"
+    database = "state/superlink.db"
+    supernode-auth = true
+
+Relative paths are relative to the file's folder. `start` runs exactly the command that
+`deploy/local-federation.sh`, the containers and the systemd units run.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+
+from shared.config import NodeConfig
+from shared.errors import ConfigError, FedchatError
+
+NODE_SECTIONS = {"node": None, "connection": {"superlink", "root-certificates", "auth-private-key", "runtime-port",
+                                              "max-wait-time", "insecure"}}
+COORDINATOR_SECTIONS = {"superlink": {"host", "port", "certfile", "keyfile", "ca-certfile", "database",
+                                      "supernode-auth", "insecure"}}
+_ADDRESS = re.compile(r"^(\[[0-9a-fA-F:]+\]|[A-Za-z0-9.\-]+):(\d{1,5})$")
+
+
+class ConfigFileError(ConfigError):
+    """A deployment config file has problems; the message lists every one."""
+
+    def __init__(self, path: Path, problems: list[str]) -> None:
+        self.problems = problems
+        listed = "\n".join(f"  - {p}" for p in problems)
+        super().__init__(f"{path}: {len(problems)} problem(s):\n{listed}")
+
+
+def _read(path: str | Path, sections: dict) -> tuple[Path, dict, list[str]]:
+    path = Path(path)
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigError(f"cannot read {path}: {exc.strerror}.") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path} is not valid TOML: {exc}.") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path} is not UTF-8 text.") from None
+    problems = []
+    for name, value in data.items():
+        if name not in sections:
+            close = difflib.get_close_matches(name, list(sections), n=1)
+            problems.append(f"unknown section [{name}]" + (f": did you mean [{close[0]}]?" if close else
+                                                          f" (sections: {', '.join(f'[{s}]' for s in sections)})"))
+        elif not isinstance(value, dict):
+            problems.append(f"'{name}' must be a section ([{name}]), not a value")
+        elif sections[name] is not None:
+            for key in value:
+                if key not in sections[name]:
+                    close = difflib.get_close_matches(key, list(sections[name]), n=1)
+                    problems.append(f"[{name}] unknown key '{key}'" + (f": did you mean '{close[0]}'?" if close else
+                                    f" (keys: {', '.join(sorted(sections[name]))})"))
+    return path, data, problems
+
+
+def _resolve(base: Path, value: object) -> Path:
+    return (base / str(value)).resolve() if not Path(str(value)).is_absolute() else Path(str(value))
+
+
+def _address_problem(key: str, value: object) -> str | None:
+    match = _ADDRESS.match(str(value))
+    if not match or not 0 < int(match.group(2)) < 65536:
+        return f"{key} must be HOST:PORT (e.g. 'coordinator.example.org:9093'), got {value!r}"
+    return None
+
+
+# ------------------------------------------------------------------ node
+
+
+@dataclass(frozen=True)
+class NodeFile:
+    path: Path
+    node: NodeConfig
+    superlink: str
+    root_certificates: Path | None
+    auth_private_key: Path | None
+    runtime_port: int
+    max_wait_time: float | None  # None: keep trying forever
+
+    @property
+    def node_config_file(self) -> Path:
+        """Where `start` writes the [node] section for flower-supernode's --node-config."""
+        return Path(self.node.state_dir) / "node-config.toml"
+
+
+def read_node_file(path: str | Path) -> NodeFile:
+    """Parse and validate the file's structure and values (not what the paths point at)."""
+    path, data, problems = _read(path, NODE_SECTIONS)
+    base = path.parent.resolve()
+    node_values = dict(data.get("node", {})) if isinstance(data.get("node"), dict) else {}
+    for key in ("data-path", "state-dir", "ledger-key"):
+        if node_values.get(key):
+            node_values[key] = str(_resolve(base, node_values[key]))
+    node = None
+    try:
+        node = NodeConfig.from_flower(node_values)
+        for key in ("data-path", "state-dir"):
+            if not node_values.get(key):
+                problems.append(f"[node] '{key}' is required")
+    except ConfigError as exc:
+        problems.append(f"[node] {exc}")
+    conn = data.get("connection") if isinstance(data.get("connection"), dict) else {}
+    insecure = conn.get("insecure", False) is True
+    superlink = conn.get("superlink")
+    if superlink is None:
+        problems.append("[connection] 'superlink' is required: the coordinator's HOST:PORT")
+    elif problem := _address_problem("[connection] 'superlink'", superlink):
+        problems.append(problem)
+    ca = conn.get("root-certificates")
+    if ca is None and not insecure:
+        problems.append("[connection] 'root-certificates' is required: the CA certificate (ca.pem) the coordinator "
+                        "gave you (only a test set-up may use insecure = true)")
+    key = conn.get("auth-private-key")
+    if key is None and not insecure:
+        problems.append("[connection] 'auth-private-key' is required: this node's key from "
+                        "`fedchat certs --node NAME --no-superlink`, whose .pub the coordinator registered")
+    port = conn.get("runtime-port", 9094)
+    if not isinstance(port, int) or isinstance(port, bool) or not 0 < port < 65536:
+        problems.append(f"[connection] 'runtime-port' must be a port number, got {port!r}")
+    wait = conn.get("max-wait-time", 0)
+    if not isinstance(wait, (int, float)) or isinstance(wait, bool) or wait < 0:
+        problems.append(f"[connection] 'max-wait-time' must be seconds >= 0 (0 = forever), got {wait!r}")
+    if problems:
+        raise ConfigFileError(path, problems)
+    return NodeFile(path, node, str(superlink), _resolve(base, ca) if ca else None,
+                    _resolve(base, key) if key else None, int(port), float(wait) or None)
+
+
+def check_node_file(nf: NodeFile) -> list[str]:
+    """Check what the file points at, as the node will use it; return what was found.
+
+    Raises ConfigFileError listing every problem: unreadable or invalid data (every bad line),
+    a delta not below 1/n, a state folder that cannot be written or a ledger that does not
+    verify, certificates and keys that do not load, a device this machine lacks.
+    """
+    from client.privacy import check_delta
+    from shared import ledger
+    from shared.certs import load_cert, load_node_key
+    from shared.crypto import load_or_create_signing_key, public_pem
+    from shared.dialogue import read_dialogues
+    from shared.model import select_device
+
+    node, problems, found = nf.node, [], []
+    try:
+        dialogues = read_dialogues(node.data_path, skip_bad_lines=node.skip_bad_lines)
+        n_train = len(dialogues.conversations) - int(len(dialogues.conversations) * node.validation_fraction)
+        found.append(f"data: {len(dialogues.conversations)} conversations in {node.data_path} ({n_train} for "
+                     f"training{f', {len(dialogues.skipped)} bad lines skipped' if dialogues.skipped else ''})")
+        check_delta(node.target_delta, max(n_train, 1))
+    except FedchatError as exc:
+        problems.append(str(exc))
+    state = Path(node.state_dir)
+    try:
+        state.mkdir(parents=True, exist_ok=True)
+        probe = state / ".fedchat-write-test"
+        probe.write_text("ok")
+        probe.unlink()
+        ledger_key = Path(node.ledger_key) if node.ledger_key else state / "ledger-key.pem"
+        key = load_or_create_signing_key(ledger_key)
+        entries = ledger.read_entries(state / "ledger.jsonl")
+        if entries:
+            from shared.audit import audit_ledger
+
+            pub = state / ".ledger-key-check.pub"
+            pub.write_bytes(public_pem(key))
+            audit = audit_ledger(state / "ledger.jsonl", pub, recompute=False)
+            pub.unlink()
+            problems += [f"ledger {state / 'ledger.jsonl'}: {p}" for p in audit.problems]
+            found.append(f"ledger: {len(entries)} rounds trained, epsilon {entries[-1]['epsilon']:.3f} of "
+                         f"{node.target_epsilon:g} spent")
+        else:
+            found.append(f"ledger: none yet ({state / 'ledger.jsonl'} is created at the first round)")
+        found.append(f"ledger key: {ledger_key} (public key {ledger_key.with_suffix('.pub')} is for auditors)")
+    except OSError as exc:
+        problems.append(f"state-dir {state} is not writable: {exc.strerror}")
+    except FedchatError as exc:
+        problems.append(str(exc))
+    if nf.root_certificates is not None:
+        try:
+            cert = load_cert(nf.root_certificates)
+            found.append(f"CA: {cert.subject.rfc4514_string()}, valid until {cert.not_valid_after_utc:%Y-%m-%d}")
+        except FedchatError as exc:
+            problems.append(str(exc))
+    if nf.auth_private_key is not None:
+        try:
+            load_node_key(nf.auth_private_key)
+            mode = nf.auth_private_key.stat().st_mode & 0o077
+            found.append(f"auth key: {nf.auth_private_key}" + (" (readable by others: chmod 600 it)" if mode else ""))
+        except FedchatError as exc:
+            problems.append(str(exc))
+    try:
+        found.append(f"device: {select_device(node.device)}")
+    except FedchatError as exc:
+        problems.append(str(exc))
+    if problems:
+        raise ConfigFileError(nf.path, problems)
+    return found
+
+
+def node_command(nf: NodeFile) -> list[str]:
+    from fedchat.deployment import supernode_command
+
+    return supernode_command(superlink=nf.superlink, root_certificates=nf.root_certificates,
+                             auth_key=nf.auth_private_key, node_config=nf.node_config_file,
+                             runtime_port=nf.runtime_port, max_wait_time=nf.max_wait_time)
+
+
+def write_node_config(nf: NodeFile) -> Path:
+    """The [node] section as flower-supernode's --node-config file (absolute paths)."""
+    from fedchat.deployment import write_toml
+
+    values = {k: v for k, v in nf.node.to_flower().items() if v not in ("", None)}
+    return write_toml(nf.node_config_file, values)
+
+
+# ------------------------------------------------------------------ coordinator
+
+
+@dataclass(frozen=True)
+class CoordinatorFile:
+    path: Path
+    host: str
+    port: int
+    certfile: Path | None
+    keyfile: Path | None
+    ca_certfile: Path | None
+    database: Path | None
+    supernode_auth: bool
+
+
+def read_coordinator_file(path: str | Path) -> CoordinatorFile:
+    path, data, problems = _read(path, COORDINATOR_SECTIONS)
+    base = path.parent.resolve()
+    s = data.get("superlink") if isinstance(data.get("superlink"), dict) else {}
+    if "superlink" not in data:
+        problems.append("section [superlink] is required")
+    host, port = s.get("host", "0.0.0.0"), s.get("port", 9093)
+    if not isinstance(host, str) or not host:
+        problems.append(f"[superlink] 'host' must be an address to listen on, got {host!r}")
+    if not isinstance(port, int) or isinstance(port, bool) or not 0 < port < 65536:
+        problems.append(f"[superlink] 'port' must be a port number, got {port!r}")
+    insecure = s.get("insecure", False) is True
+    auth = s.get("supernode-auth", True)
+    if not isinstance(auth, bool):
+        problems.append(f"[superlink] 'supernode-auth' must be true or false, got {auth!r}")
+    tls = {k: s.get(k) for k in ("certfile", "keyfile", "ca-certfile")}
+    if not insecure:
+        problems += [f"[superlink] '{k}' is required (from `fedchat certs --out DIR --hosts ...`)"
+                     for k, v in tls.items() if not v]
+    elif auth is True:
+        problems.append("[superlink] supernode-auth needs TLS: remove insecure = true")
+    if problems:
+        raise ConfigFileError(path, problems)
+    paths = {k: _resolve(base, v) if v and not insecure else None for k, v in tls.items()}
+    database = _resolve(base, s["database"]) if s.get("database") else None
+    return CoordinatorFile(path, host, port, paths["certfile"], paths["keyfile"], paths["ca-certfile"], database,
+                           bool(auth))
+
+
+def check_coordinator_file(cf: CoordinatorFile) -> list[str]:
+    from shared.certs import cert_hosts, check_server_cert, load_cert
+
+    problems, found = [], []
+    if cf.certfile is not None:
+        try:
+            check_server_cert(cf.certfile, cf.keyfile, cf.ca_certfile)
+            found.append(f"TLS certificate {cf.certfile} for {', '.join(sorted(cert_hosts(load_cert(cf.certfile))))}")
+            if "127.0.0.1" not in cert_hosts(load_cert(cf.certfile)):
+                problems.append(f"{cf.certfile} does not cover 127.0.0.1, where the SuperLink's own ServerApp "
+                                "processes reach it: reissue with `fedchat certs --hosts ... 127.0.0.1`")
+        except FedchatError as exc:
+            problems.append(str(exc))
+    if cf.database is not None:
+        try:
+            cf.database.parent.mkdir(parents=True, exist_ok=True)
+            if not os.access(cf.database.parent, os.W_OK):
+                raise PermissionError
+            found.append(f"database: {cf.database}" + (" (exists: registrations and runs are kept)"
+                                                         if cf.database.exists() else ""))
+        except OSError:
+            problems.append(f"cannot write the database folder {cf.database.parent}")
+    else:
+        found.append("database: none (registrations are lost when the SuperLink restarts)")
+    found.append(f"listening on {cf.host}:{cf.port}, SuperNode authentication {'on' if cf.supernode_auth else 'OFF'}")
+    if problems:
+        raise ConfigFileError(cf.path, problems)
+    return found
+
+
+def coordinator_command(cf: CoordinatorFile) -> list[str]:
+    from fedchat.deployment import SuperLinkTLS, superlink_command
+
+    tls = SuperLinkTLS(cf.certfile, cf.keyfile, cf.ca_certfile) if cf.certfile else None
+    return superlink_command(host=cf.host, port=cf.port, tls=tls, node_auth=cf.supernode_auth, database=cf.database)
