@@ -32,6 +32,7 @@ from shared.errors import ConfigError, PrivacyError
 from shared.logs import setup_logging
 from shared.model import heldout_loss, load_model, load_tokenizer, resolve_base_model, select_device, select_dtype
 from shared.protocol import META_FROZEN_A, META_ROUND, META_RUN, split_fit_config
+from shared.seeds import derive_seed
 
 log = logging.getLogger("fedchat.node")
 SIM_KEYS = ("partition-id", "num-partitions")  # what Flower's simulation puts in node_config
@@ -166,7 +167,7 @@ class FedChatClient(NumPyClient):
                 metrics.update(self._ledger_head())
                 return [np.zeros_like(p) for p in parameters], 0, metrics
 
-        seed = secure_seed() if cfg.dp else _train_seed(cfg.seed, node.node_name, rnd)
+        seed = secure_seed() if cfg.dp else derive_seed(cfg.seed, node.node_name, rnd)
         result = train_round(loaded.model, loaded.names, data.train, cfg, pad_id=loaded.tokenizer.pad_token_id,
                              seed=seed, noise_multiplier=plan.noise_multiplier if plan else None)
         update = result.delta
@@ -199,12 +200,6 @@ class FedChatClient(NumPyClient):
     def _ledger_head(self) -> dict:
         digest, count = ledger.head(self.ledger_path)
         return {"ledger-head": digest, "ledger-entries": count}
-
-
-def _train_seed(seed: int, node_name: str, rnd: int) -> int:
-    import hashlib
-
-    return int.from_bytes(hashlib.sha256(f"{seed}:{node_name}:{rnd}".encode()).digest()[:8], "little") >> 1
 
 
 def make_client_app(sim_nodes: dict[int, dict] | None = None) -> ClientApp:

@@ -21,6 +21,7 @@ from shared.adapter import get_arrays
 from shared.config import RunConfig
 from shared.dialogue import Encoded, collate
 from shared.model import conversation_losses
+from shared.seeds import derive_seed
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +105,9 @@ def train_round(model, names: list[str], data: list[Encoded], cfg: RunConfig, *,
         from opacus.optimizers import DPOptimizer
 
         gsm = forward = GradSampleModule(model, batch_first=True, loss_reduction="mean")
-        noise_gen = torch.Generator(device=device).manual_seed(seed)
+        # Noise from its own stream: the same seed for the batch sample and the noise would make
+        # the noise a function of which conversations were drawn.
+        noise_gen = torch.Generator(device=device).manual_seed(derive_seed(seed, "noise"))
         optimizer = DPOptimizer(
             optimizer, noise_multiplier=noise_multiplier, max_grad_norm=cfg.dp_max_grad_norm,
             expected_batch_size=cfg.batch_size, loss_reduction="mean", generator=noise_gen,

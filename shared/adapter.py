@@ -18,13 +18,9 @@ import torch
 
 from shared.config import RunConfig
 from shared.errors import ModelError
+from shared.seeds import derive_seed
 
 ADAPTER_META = "fedchat-adapter.json"
-
-
-def _module_seed(seed: int, name: str) -> int:
-    digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
 
 
 def _canonical(name: str) -> str:
@@ -51,7 +47,7 @@ def attach_adapter(model, cfg: RunConfig):
         for name, param in lora_parameters(peft_model).items():
             if ".lora_A." in name:
                 fan_in = param.shape[1]
-                gen = torch.Generator().manual_seed(_module_seed(cfg.seed, _canonical(name)))
+                gen = torch.Generator().manual_seed(derive_seed(cfg.seed, _canonical(name)))
                 bound = 1.0 / math.sqrt(fan_in)  # kaiming_uniform(a=sqrt(5)), peft's default
                 value = (torch.rand(param.shape, generator=gen, dtype=torch.float32) * 2 - 1) * bound
                 param.copy_(value.to(param.device, param.dtype))
