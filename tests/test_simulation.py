@@ -13,6 +13,7 @@ import torch
 
 from fedchat.demo_data import write_demo_data
 from fedchat.simulation import simulate
+from shared.audit import audit_ledger, check_against_report
 from shared.config import RunConfig
 from shared.model import load_model
 
@@ -60,10 +61,18 @@ def test_secure_dp_ffa_run_keeps_budgets_and_ledgers(tmp_path):
         assert row["status"] == "ok" and row["secagg"]["nodes"] == 3
         for c in row["clients"]:
             assert 0 < c["epsilon"] <= 3.0 and c["target_epsilon"] == 3.0
+    audits = []
     for i in range(3):
-        lines = (tmp_path / "nodes" / f"org-{i + 1}" / "ledger.jsonl").read_text().splitlines()
+        state = tmp_path / "nodes" / f"org-{i + 1}"
+        lines = (state / "ledger.jsonl").read_text().splitlines()
         assert len(lines) == 2
         assert [json.loads(line)["round"] for line in lines] == [1, 2]
+        audits.append(audit_ledger(state / "ledger.jsonl", state / "ledger-key.pub"))
+    check_against_report(audits, tmp_path / "run" / "report.json")
+    reported = {c["node"]: c["epsilon"] for c in report["rounds"][-1]["clients"]}
+    for audit in audits:  # what the nodes wrote verifies independently, and matches what they reported
+        assert audit.ok, audit.problems
+        assert audit.epsilon_recomputed == pytest.approx(reported[audit.node], rel=0.01)
 
 
 def _demo(out: Path, rounds: int, **popen):
