@@ -497,7 +497,8 @@ class Terminal:
         service = self.sup.start(f"{self.name}-{block.runbook}-{block.section}-{self.count}", ["bash", str(script)],
                                  env=self.initial, cwd=Path(self.initial["HOME"]))
         deadline = time.monotonic() + timeout
-        while block.ready not in service.log_path.read_text(errors="replace"):
+        # (the log's first line is the Supervisor's "$ bash SCRIPT": only what the block printed counts)
+        while block.ready not in service.log_path.read_text(errors="replace").partition("\n")[2]:
             assert service.exited() is None, f"{block.runbook} section {block.section} exited:\n{service.log_tail(40)}"
             assert time.monotonic() < deadline, (f"{block.runbook} section {block.section} did not print "
                                                  f"{block.ready!r} within {timeout} s:\n{service.log_tail(40)}")
@@ -558,6 +559,7 @@ def test_following_the_runbooks_on_one_machine_gives_a_finished_run(tmp_path):
     home.mkdir()
     scripts = tmp_path / "terminals"
     scripts.mkdir()
+    (tmp_path / "logs").mkdir()
     sup = Supervisor(tmp_path / "logs", record=tmp_path / "processes.json")
     base = {"HOME": str(home), "PATH": _clean_path(), "LANG": "C.UTF-8", "TERM": "dumb",
             "TMPDIR": os.environ.get("TMPDIR", "/tmp"), "BASE_MODEL": "tiny"}
@@ -626,9 +628,14 @@ def test_following_the_runbooks_on_one_machine_gives_a_finished_run(tmp_path):
         assert '"status":"ok"' in used and '"round":2' in used and '"object":"chat.completion"' in used
         assert "invalid_api_key" not in used
 
-        # Ctrl-C in each service's terminal (node-operator section 10, coordinator 12, serving 4).
+        # Ctrl-C in each service's terminal (node-operator section 10, coordinator 12, serving 4): each stops
+        # with everything it started (the supervisor finds nothing left to kill).
         for service in (server, *node_services, superlink):
             _ctrl_c(service)
+        deadline = time.monotonic() + 20
+        while (left := sup.marked()) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert left == [], [p.cmdline()[:3] for p in left]
     finally:
         sup.stop(grace=15)
         for t in terminals:
