@@ -35,7 +35,8 @@ def md_table(headers: list[str], rows: list[list]) -> str:
 
 
 def simulate_demo(out: Path, clients: int, *, target_epsilon: float = 8.0, **run: object) -> dict:
-    """A simulated federation on the demo data: `clients` organisations, run-config overrides."""
+    """A simulated federation on the demo data: `clients` organisations, run-config overrides
+    (held-out evaluation on the demo's eval.jsonl unless eval_data="" turns it off)."""
     import shutil
 
     from fedchat.demo_data import write_demo_data
@@ -45,6 +46,7 @@ def simulate_demo(out: Path, clients: int, *, target_epsilon: float = 8.0, **run
     shutil.rmtree(out, ignore_errors=True)
     manifest = write_demo_data(out / "data", clients)
     cfg = RunConfig.from_flower({"min-nodes": clients, "out-dir": str(out / "run"), "merge": False,
+                                 "eval-data": str(out / "data" / "eval.jsonl"),
                                  **{k.replace("_", "-"): v for k, v in run.items()}})
     nodes = {i: {"data-path": str(out / "data" / c["file"]), "state-dir": str(out / "nodes" / c["node"]),
                  "node-name": c["node"], "target-epsilon": target_epsilon, "require-dp": cfg.dp,

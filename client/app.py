@@ -131,6 +131,7 @@ class FedChatClient(NumPyClient):
         self.partition = partition
 
     def fit(self, parameters, config):
+        started = time.perf_counter()
         cfg, meta = split_fit_config(config)
         node = for_partition(self.node, self.partition, cfg) if self.partition is not None else _with_name(self.node)
         self.ledger_path = Path(node.state_dir) / "ledger.jsonl"
@@ -192,6 +193,7 @@ class FedChatClient(NumPyClient):
         if data.validation:
             val = heldout_loss(loaded.model, data.validation[:50], loaded.tokenizer.pad_token_id)
             log.info("node %s round %d: local validation loss %.4f (kept on the node)", node.node_name, rnd, val)
+        metrics["fit-seconds"] = time.perf_counter() - started  # training plus data, validation and ledger
         log.info("node %s round %d: trained %d steps in %.1fs, train loss %.4f%s", node.node_name, rnd,
                  result.steps, result.seconds, result.train_loss,
                  f", epsilon {plan.epsilon_after:.3f}/{node.target_epsilon:g}" if plan else "")

@@ -107,7 +107,7 @@ class FedChatStrategy(Strategy):
                       "train_loss": m.get("train-loss"), "epsilon": m.get("epsilon"),
                       "target_epsilon": m.get("target-epsilon"), "ledger_head": m.get("ledger-head"),
                       "ledger_entries": m.get("ledger-entries"), "clipped_values": m.get("clipped-values"),
-                      "train_seconds": m.get("seconds")}
+                      "train_seconds": m.get("seconds"), "fit_seconds": m.get("fit-seconds")}
             if client["status"] == "budget-exhausted":
                 self.exhausted.add(proxy.node_id)
                 log.warning("round %d: node %s has exhausted its privacy budget (epsilon %.3f of %.3f); it is left "
