@@ -14,7 +14,6 @@ compose-spec, schema/compose-spec.json at 170098b, Apache-2.0).
 
 from __future__ import annotations
 
-import argparse
 import configparser
 import json
 import os
@@ -32,11 +31,10 @@ import pytest
 import yaml
 
 from fedchat.cli import build_parser
-from fedchat.deployment import LOOPBACK, SuperLinkTLS, free_port, https_ready
+from fedchat.deployment import LOOPBACK, SuperLinkTLS, free_port, write_toml
 from fedchat.local_federation import LocalFederation, service_command
 from fedchat.processes import Service, Supervisor, survivors
 from fedchat.service_config import coordinator_command, node_command, read_coordinator_file, read_node_file
-from shared.certs import write_certs
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
@@ -174,7 +172,8 @@ def test_compose_has_tls_node_authentication_and_the_volumes():
     cf = read_coordinator_file(DEPLOY / coord[CONFIG["coordinator"]][0])
     assert cf.supernode_auth and cf.certfile and cf.keyfile and cf.ca_certfile
     assert coord["/var/lib/fedchat/certs"] == ("coordinator-certs", True)
-    assert cf.certfile.parent == Path("/var/lib/fedchat/certs") and cf.database.parent == Path("/var/lib/fedchat/superlink")
+    assert cf.certfile.parent == Path("/var/lib/fedchat/certs")
+    assert cf.database.parent == Path("/var/lib/fedchat/superlink")
     assert coord["/var/lib/fedchat/superlink"][0] == "coordinator-state"
     assert coord["/var/lib/fedchat/run"] == ("coordinator-run", False)  # checkpoints, report, merged model
     assert "coordinator" in services["coordinator-init"]["command"][2]  # the certificate covers the service name
@@ -308,8 +307,6 @@ def test_example_configs_start_services_with_the_local_federations_flags(tmp_pat
     """`fedchat node|coordinator start FILE --print` of the examples vs what the local federation writes."""
     fed = LocalFederation(nodes=2, rounds=1, base_model="tiny", out=tmp_path / "fed", app=ROOT)
     tls = SuperLinkTLS(tmp_path / "s.pem", tmp_path / "s.key", tmp_path / "ca.pem")
-    from fedchat.deployment import write_toml
-
     local_coord = coordinator_command(read_coordinator_file(write_toml(
         tmp_path / "coordinator.toml", fed.coordinator_file(9093, tls, tmp_path / "state.db"))))
     local_node = node_command(read_node_file(write_toml(
@@ -361,7 +358,8 @@ def test_the_local_federation_starts_its_services_with_those_commands(tmp_path):
         runner.register_nodes()
         runner.start_nodes()  # returns once both nodes are online
         started = {s.name: s.argv for s in runner.sup.services}
-        assert started["superlink"] == service_command("coordinator", fed.out.resolve() / "superlink" / "coordinator.toml")
+        superlink_config = fed.out.resolve() / "superlink" / "coordinator.toml"
+        assert started["superlink"] == service_command("coordinator", superlink_config)
         for n in ("org-1", "org-2"):
             config = fed.out.resolve() / "nodes" / n / "node.toml"
             assert started[n] == service_command("node", config)
