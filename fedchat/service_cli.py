@@ -17,6 +17,7 @@ def _exec(cmd: list[str], flwr_home: str, print_only: bool) -> int:
     if print_only:
         print(shlex.join(cmd))
         return 0
+    print(f"starting: {shlex.join(cmd)}", file=sys.stderr, flush=True)  # what runs, in the service's log
     env = process_env()  # this venv first on PATH (Flower starts its helpers from there), no phoning home
     env.setdefault("FLWR_HOME", flwr_home)
     os.execvpe(cmd[0], cmd, env)

@@ -298,9 +298,13 @@ def test_local_federation_completes_two_rounds_and_leaves_no_process(tmp_path, t
     assert server_log.count("Secure aggregation completed") == 2
     superlink_log = (out / "logs" / "superlink.log").read_text()
     assert "--enable-supernode-auth" in superlink_log and "Uvicorn running on https://127.0.0.1" in superlink_log
+    assert "starting: " in superlink_log and "flower-superlink" in superlink_log  # fedchat coordinator start's exec
+    for node in ("org-1", "org-2"):
+        node_log = (out / "logs" / f"{node}.log").read_text()
+        assert "starting: " in node_log and "flower-supernode" in node_log and "--auth-supernode-private-key" in node_log
     commands = (out / "commands.sh").read_text()
-    assert "flower-superlink" in commands and commands.count(" supernode register ") == 2
-    assert commands.count("flower-supernode ") == 2 and commands.count(" run ") == 1
+    assert commands.count(" coordinator start ") == 1 and commands.count(" supernode register ") == 2
+    assert commands.count(" node start ") == 2 and commands.count(" run ") == 1
     _assert_nothing_left(out, at_least=7)  # superlink, 2 supernodes, their superexecs, the serverapp...
     assert not (tmp_path / "home" / ".flwr").exists()  # Flower's files went under DIR, not the user's home
 
