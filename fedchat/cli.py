@@ -10,6 +10,7 @@ import sys
 from fedchat.certs_cli import add_certs_command
 from fedchat.service_cli import add_service_commands
 from server.serve_cli import add_serving_commands
+from shared.config import parse_overrides
 from shared.errors import FedchatError
 from shared.logs import setup_logging
 
@@ -68,7 +69,7 @@ def cmd_demo(args) -> int:
     report = run_demo(out=args.out, clients=args.clients, rounds=args.rounds, local_steps=args.local_steps,
                       base_model=args.base_model, aggregation=args.aggregation, dp=not args.no_dp,
                       secagg=not args.no_secagg, target_epsilon=args.target_epsilon, fresh=args.fresh,
-                      extra=_run_config_overrides(args.run_config))
+                      extra=parse_overrides(args.run_config))
     return 0 if report["final_eval_loss"] is not None else 1
 
 
@@ -115,19 +116,6 @@ def cmd_audit(args) -> int:
             print(f"plot: {args.plot}")
     return 0 if all(a.ok for a in audits) else 1
 
-
-def _run_config_overrides(items: list[str] | None) -> dict:
-    """--run-config key=value pairs (values parsed as JSON where they parse, else strings)."""
-    out = {}
-    for item in items or []:
-        if "=" not in item:
-            raise FedchatError(f"--run-config expects key=value, got {item!r}")
-        key, value = item.split("=", 1)
-        try:
-            out[key.strip()] = json.loads(value)
-        except ValueError:
-            out[key.strip()] = value
-    return out
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -38,7 +38,7 @@ from fedchat.deployment import (LOOPBACK, FlowerCLI, SuperLinkTLS, free_port, ht
                                 wait_until, write_cli_config, write_toml)
 from fedchat.processes import Service, Supervisor, become_subreaper, survivors
 from shared.certs import DEFAULT_HOSTS, write_certs
-from shared.config import AGGREGATIONS, NodeConfig, RunConfig
+from shared.config import AGGREGATIONS, NodeConfig, RunConfig, parse_overrides
 from shared.errors import ConfigError, FedchatError, FederationError
 from shared.files import atomic_write_text
 from shared.logs import FORMAT
@@ -440,18 +440,6 @@ def _read_json(path: Path) -> dict | None:
 
 # ------------------------------------------------------------------ command line
 
-def _parse_run_config(items: list[str] | None) -> dict:
-    out = {}
-    for item in items or []:
-        if "=" not in item:
-            raise ConfigError(f"--run-config expects key=value, got {item!r}.")
-        key, value = item.split("=", 1)
-        try:
-            out[key.strip()] = json.loads(value)
-        except ValueError:
-            out[key.strip()] = value
-    return out
-
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
@@ -496,7 +484,7 @@ def main(argv: list[str] | None = None) -> int:
                               local_steps=args.local_steps, batch_size=args.batch_size, aggregation=args.aggregation,
                               dp=args.dp, secagg=args.secagg, target_epsilon=args.target_epsilon, timeout=args.timeout,
                               startup_timeout=args.startup_timeout, app=args.app.resolve() if args.app else find_app(),
-                              run_config=_parse_run_config(args.run_config))
+                              run_config=parse_overrides(args.run_config))
         if args.fresh and fed.out.exists() and any(fed.out.iterdir()):
             if not (fed.out / "commands.sh").exists():
                 raise ConfigError(f"--fresh deletes only an earlier local federation's folder, and {fed.out} is not "

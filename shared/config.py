@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar
@@ -212,6 +213,20 @@ class NodeConfig(_FlowerConfig):
             self._fail("dtype", f"must be one of {', '.join(DTYPES)}")
         if not 0 <= self.validation_fraction < 1:
             self._fail("validation-fraction", "must be in [0, 1)")
+
+
+def parse_overrides(items: list[str] | None) -> dict[str, Any]:
+    """`--run-config key=value` pairs; a value is parsed as JSON where it parses, else kept as a string."""
+    out: dict[str, Any] = {}
+    for item in items or []:
+        if "=" not in item:
+            raise ConfigError(f"--run-config expects key=value, got {item!r}.")
+        key, value = item.split("=", 1)
+        try:
+            out[key.strip()] = json.loads(value)
+        except ValueError:
+            out[key.strip()] = value
+    return out
 
 
 def markdown_reference() -> str:
