@@ -172,19 +172,7 @@ class Supervisor:
 
     def marked(self) -> list[psutil.Process]:
         """Live processes carrying this supervisor's token (the supervisor itself excluded)."""
-        found = []
-        me = os.getpid()
-        for proc in psutil.process_iter():
-            if proc.pid == me:
-                continue
-            try:
-                if proc.status() == psutil.STATUS_ZOMBIE:
-                    continue
-                if proc.environ().get(TOKEN_ENV) == self.token:
-                    found.append(proc)
-            except psutil.Error:
-                continue
-        return found
+        return _carrying(TOKEN_ENV, self.token)
 
     def tree(self) -> list[psutil.Process]:
         """Every process of every service, and every marked one."""
@@ -243,7 +231,8 @@ class Supervisor:
         deadline = time.monotonic() + grace
         while time.monotonic() < deadline and any(s.exited() is None for s in self.services):
             time.sleep(0.1)
-        left = [p for p in procs if _alive(p)] + [p for p in self.marked() if p.pid not in {q.pid for q in procs}]
+        known = {p.pid for p in procs}
+        left = [p for p in procs if _alive(p)] + [p for p in self.marked() if p.pid not in known]
         for proc in left:
             self._see(proc)
         self._signal(left, signal.SIGTERM)
@@ -273,6 +262,20 @@ def _alive(proc: psutil.Process) -> bool:
         return False
 
 
+def _carrying(token_env: str, token: str) -> list[psutil.Process]:
+    """Live processes whose environment has token_env=token (this process excluded)."""
+    found = []
+    for proc in psutil.process_iter():
+        if proc.pid == os.getpid():
+            continue
+        try:
+            if proc.status() != psutil.STATUS_ZOMBIE and proc.environ().get(token_env) == token:
+                found.append(proc)
+        except psutil.Error:
+            continue
+    return found
+
+
 def _reap_orphans() -> None:
     """Collect exit codes of re-parented descendants (when this process is a subreaper)."""
     while _subreaper:
@@ -295,10 +298,9 @@ def survivors(record: str | Path) -> list[str]:
                 alive[proc.pid] = " ".join(p["cmdline"][:3])
         except psutil.Error:
             continue
-    for proc in psutil.process_iter():
+    for proc in _carrying(data["token_env"], data["token"]):
         try:
-            if proc.pid != os.getpid() and _alive(proc) and proc.environ().get(data["token_env"]) == data["token"]:
-                alive.setdefault(proc.pid, " ".join(proc.cmdline()[:3]))
+            alive.setdefault(proc.pid, " ".join(proc.cmdline()[:3]))
         except psutil.Error:
             continue
     return [f"{pid} ({cmd})" for pid, cmd in sorted(alive.items())]
