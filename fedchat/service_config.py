@@ -99,6 +99,16 @@ def _address_problem(key: str, value: object) -> str | None:
     return None
 
 
+def _is_port(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 < value < 65536
+
+
+def _section(data: dict, name: str) -> dict:
+    """A [name] table of the file ({} when missing or not a table: _read reports that)."""
+    value = data.get(name)
+    return value if isinstance(value, dict) else {}
+
+
 # ------------------------------------------------------------------ node
 
 
@@ -122,7 +132,7 @@ def read_node_file(path: str | Path) -> NodeFile:
     """Parse and validate the file's structure and values (not what the paths point at)."""
     path, data, problems = _read(path, NODE_SECTIONS)
     base = path.parent.resolve()
-    node_values = dict(data.get("node", {})) if isinstance(data.get("node"), dict) else {}
+    node_values = dict(_section(data, "node"))
     for key in ("data-path", "state-dir", "ledger-key"):
         if node_values.get(key):
             node_values[key] = str(_resolve(base, node_values[key]))
@@ -134,7 +144,7 @@ def read_node_file(path: str | Path) -> NodeFile:
                 problems.append(f"[node] '{key}' is required")
     except ConfigError as exc:
         problems.append(f"[node] {exc}")
-    conn = data.get("connection") if isinstance(data.get("connection"), dict) else {}
+    conn = _section(data, "connection")
     insecure = conn.get("insecure", False) is True
     superlink = conn.get("superlink")
     if superlink is None:
@@ -150,7 +160,7 @@ def read_node_file(path: str | Path) -> NodeFile:
         problems.append("[connection] 'auth-private-key' is required: this node's key from "
                         "`fedchat certs --node NAME --no-superlink`, whose .pub the coordinator registered")
     port = conn.get("runtime-port", 9094)
-    if not isinstance(port, int) or isinstance(port, bool) or not 0 < port < 65536:
+    if not _is_port(port):
         problems.append(f"[connection] 'runtime-port' must be a port number, got {port!r}")
     wait = conn.get("max-wait-time", 0)
     if not isinstance(wait, (int, float)) or isinstance(wait, bool) or wait < 0:
@@ -171,7 +181,7 @@ def check_node_file(nf: NodeFile) -> list[str]:
     from client.privacy import check_delta
     from shared import ledger
     from shared.certs import load_cert, load_node_key
-    from shared.crypto import load_or_create_signing_key, public_pem
+    from shared.crypto import load_or_create_signing_key
     from shared.dialogue import read_dialogues
     from shared.model import select_device
 
@@ -191,15 +201,13 @@ def check_node_file(nf: NodeFile) -> list[str]:
         probe.write_text("ok")
         probe.unlink()
         ledger_key = Path(node.ledger_key) if node.ledger_key else state / "ledger-key.pem"
-        key = load_or_create_signing_key(ledger_key)
+        load_or_create_signing_key(ledger_key)
         entries = ledger.read_entries(state / "ledger.jsonl")
         if entries:
             from shared.audit import audit_ledger
 
-            pub = state / ".ledger-key-check.pub"
-            pub.write_bytes(public_pem(key))
-            audit = audit_ledger(state / "ledger.jsonl", pub, recompute=False)
-            pub.unlink()
+            # the private key also tells the public key the entries must verify against
+            audit = audit_ledger(state / "ledger.jsonl", ledger_key, recompute=False)
             problems += [f"ledger {state / 'ledger.jsonl'}: {p}" for p in audit.problems]
             found.append(f"ledger: {len(entries)} rounds trained, epsilon {entries[-1]['epsilon']:.3f} of "
                          f"{node.target_epsilon:g} spent")
@@ -266,13 +274,13 @@ class CoordinatorFile:
 def read_coordinator_file(path: str | Path) -> CoordinatorFile:
     path, data, problems = _read(path, COORDINATOR_SECTIONS)
     base = path.parent.resolve()
-    s = data.get("superlink") if isinstance(data.get("superlink"), dict) else {}
+    s = _section(data, "superlink")
     if "superlink" not in data:
         problems.append("section [superlink] is required")
     host, port = s.get("host", "0.0.0.0"), s.get("port", 9093)
     if not isinstance(host, str) or not host:
         problems.append(f"[superlink] 'host' must be an address to listen on, got {host!r}")
-    if not isinstance(port, int) or isinstance(port, bool) or not 0 < port < 65536:
+    if not _is_port(port):
         problems.append(f"[superlink] 'port' must be a port number, got {port!r}")
     insecure = s.get("insecure", False) is True
     auth = s.get("supernode-auth", True)
@@ -299,8 +307,9 @@ def check_coordinator_file(cf: CoordinatorFile) -> list[str]:
     if cf.certfile is not None:
         try:
             check_server_cert(cf.certfile, cf.keyfile, cf.ca_certfile)
-            found.append(f"TLS certificate {cf.certfile} for {', '.join(sorted(cert_hosts(load_cert(cf.certfile))))}")
-            if "127.0.0.1" not in cert_hosts(load_cert(cf.certfile)):
+            hosts = cert_hosts(load_cert(cf.certfile))
+            found.append(f"TLS certificate {cf.certfile} for {', '.join(sorted(hosts))}")
+            if "127.0.0.1" not in hosts:
                 problems.append(f"{cf.certfile} does not cover 127.0.0.1, where the SuperLink's own ServerApp "
                                 "processes reach it: reissue with `fedchat certs --hosts ... 127.0.0.1`")
         except FedchatError as exc:

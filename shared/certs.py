@@ -202,11 +202,12 @@ def check_server_cert(cert_path: str | Path, key_path: str | Path, ca_path: str 
     if not cert.not_valid_before_utc <= now <= cert.not_valid_after_utc:
         raise CertError(f"{cert_path} is not valid now (valid {cert.not_valid_before_utc:%Y-%m-%d} to "
                         f"{cert.not_valid_after_utc:%Y-%m-%d}): regenerate it with `fedchat certs --force`.")
-    missing = [h for h in hosts if h not in cert_hosts(cert)]
+    covered = cert_hosts(cert)
+    missing = [h for h in hosts if h not in covered]
     if missing:
         raise CertError(f"{cert_path} does not cover {', '.join(missing)} (it covers "
-                        f"{', '.join(sorted(cert_hosts(cert))) or 'nothing'}): regenerate it with "
-                        f"`fedchat certs --hosts {' '.join(sorted(cert_hosts(cert) | set(missing)))} --force`.")
+                        f"{', '.join(sorted(covered)) or 'nothing'}): regenerate it with "
+                        f"`fedchat certs --hosts {' '.join(sorted(covered | set(missing)))} --force`.")
 
 
 # ------------------------------------------------------------------ a certificate folder
