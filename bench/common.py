@@ -39,7 +39,7 @@ def simulate_demo(out: Path, clients: int, *, target_epsilon: float = 8.0, **run
     (held-out evaluation on the demo's eval.jsonl unless eval_data="" turns it off)."""
     import shutil
 
-    from fedchat.demo_data import write_demo_data
+    from fedchat.demo_data import demo_node_config, write_demo_data
     from fedchat.simulation import simulate
     from shared.config import RunConfig
 
@@ -48,7 +48,6 @@ def simulate_demo(out: Path, clients: int, *, target_epsilon: float = 8.0, **run
     cfg = RunConfig.from_flower({"min-nodes": clients, "out-dir": str(out / "run"), "merge": False,
                                  "eval-data": str(out / "data" / "eval.jsonl"),
                                  **{k.replace("_", "-"): v for k, v in run.items()}})
-    nodes = {i: {"data-path": str(out / "data" / c["file"]), "state-dir": str(out / "nodes" / c["node"]),
-                 "node-name": c["node"], "target-epsilon": target_epsilon, "require-dp": cfg.dp,
-                 "require-secagg": cfg.secagg} for i, c in enumerate(manifest["clients"])}
+    nodes = {i: demo_node_config(out, c["node"], target_epsilon=target_epsilon, dp=cfg.dp, secagg=cfg.secagg)
+             for i, c in enumerate(manifest["clients"])}
     return simulate(cfg, nodes)

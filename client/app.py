@@ -25,8 +25,8 @@ from client.data import LocalData, load_local_data
 from client.privacy import fits_budget, plan_round, secure_seed
 from client.train import train_round
 from shared import ledger
-from shared.adapter import attach_adapter, exchanged_names, fingerprint, frozen_a_fingerprint, get_arrays, set_arrays
-from shared.config import NodeConfig, RunConfig
+from shared.adapter import attach_adapter, exchanged_names, fingerprint, frozen_a_fingerprint, set_arrays
+from shared.config import NodeConfig, RunConfig, org_name
 from shared.crypto import load_or_create_signing_key
 from shared.errors import ConfigError, PrivacyError
 from shared.logs import setup_logging
@@ -69,7 +69,7 @@ def for_partition(node: NodeConfig, partition: int, cfg: RunConfig) -> NodeConfi
         if not cfg.sim_data_dir:
             raise ConfigError("a simulated node has no data-path: set the run config 'sim-data-dir' to a folder "
                               "of org-1.jsonl, org-2.jsonl, ... (`fedchat data demo --out DIR` writes one).")
-        name = f"org-{partition + 1}"
+        name = org_name(partition + 1)
         node = node.replace(data_path=str(Path(cfg.sim_data_dir) / f"{name}.jsonl"),
                             state_dir=node.state_dir or str(Path(cfg.out_dir).absolute() / "nodes" / name),
                             node_name=node.node_name or name)

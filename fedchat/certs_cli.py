@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from shared.certs import DEFAULT_HOSTS, cert_hosts, load_cert, write_certs
+from shared.config import org_name
 from shared.errors import ConfigError
 
 
@@ -13,7 +14,7 @@ def cmd_certs(args) -> int:
     if args.nodes is not None:
         if args.nodes < 0:
             raise ConfigError("--nodes must be 0 or more.")
-        names += [f"org-{i}" for i in range(1, args.nodes + 1) if f"org-{i}" not in names]
+        names += [org_name(i) for i in range(1, args.nodes + 1) if org_name(i) not in names]
     if args.no_superlink and not names:
         raise ConfigError("nothing to do: with --no-superlink give --node NAME (or --nodes N) for node key pairs.")
     certs = write_certs(args.out, hosts=args.hosts, nodes=names, superlink=not args.no_superlink, force=args.force,

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from fedchat.demo_data import write_demo_data
+from fedchat.demo_data import demo_node_config, write_demo_data
 from fedchat.simulation import simulate
 from server.report import write_report
 from shared.config import RunConfig
@@ -76,9 +76,7 @@ def run_demo(*, out: str, clients: int, rounds: int, local_steps: int, base_mode
            "eval-data": str(out_dir / "data" / "eval.jsonl"), "out-dir": str(out_dir), "dp": dp, "secagg": secagg,
            "min-nodes": clients},
         **(extra or {})})
-    nodes = {i: {"data-path": str(out_dir / "data" / c["file"]), "state-dir": str(out_dir / "nodes" / c["node"]),
-                 "node-name": c["node"], "target-epsilon": target_epsilon, "require-dp": dp,
-                 "require-secagg": secagg}
+    nodes = {i: demo_node_config(out_dir, c["node"], target_epsilon=target_epsilon, dp=dp, secagg=secagg)
              for i, c in enumerate(manifest["clients"])}
     _step(3, n, f"federated fine-tuning in Flower's simulation engine: {clients} nodes x {rounds} rounds x "
                 f"{local_steps} steps ({aggregation}{', DP-SGD' if dp else ', no DP'}"

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import yaml
 
+from shared.config import org_name
 from shared.dialogue import write_dialogues
 from shared.errors import DataError
 
@@ -44,6 +45,13 @@ def load_topics() -> dict[str, list[list[dict[str, str]]]]:
     return topics
 
 
+def demo_node_config(out: Path, name: str, *, target_epsilon: float, dp: bool, secagg: bool) -> dict:
+    """Node `name`'s --node-config in a run laid out under OUT: its data in OUT/data (as
+    write_demo_data(OUT / "data", ...) writes it), its state and ledger in OUT/nodes/NAME."""
+    return {"data-path": str(out / "data" / f"{name}.jsonl"), "state-dir": str(out / "nodes" / name),
+            "node-name": name, "target-epsilon": float(target_epsilon), "require-dp": dp, "require-secagg": secagg}
+
+
 def write_demo_data(out: str | Path, clients: int, *, eval_fraction: float = 0.1, seed: int = 0) -> dict:
     """Write OUT/org-1.jsonl .. OUT/org-N.jsonl, OUT/eval.jsonl and OUT/manifest.json."""
     out = Path(out)
@@ -69,8 +77,9 @@ def write_demo_data(out: str | Path, clients: int, *, eval_fraction: float = 0.1
     for i, names in enumerate(shares):
         conversations = [c for t in sorted(names) for c in train_topics[t]]
         rng.shuffle(conversations)
-        write_dialogues(out / f"org-{i + 1}.jsonl", conversations)
-        manifest["clients"].append({"node": f"org-{i + 1}", "file": f"org-{i + 1}.jsonl",
+        name = org_name(i + 1)
+        write_dialogues(out / f"{name}.jsonl", conversations)
+        manifest["clients"].append({"node": name, "file": f"{name}.jsonl",
                                     "topics": sorted(names), "conversations": len(conversations)})
     rng.shuffle(held_out)
     write_dialogues(out / "eval.jsonl", held_out)

@@ -13,7 +13,7 @@ import uuid
 from datetime import datetime, timezone
 from pathlib import Path
 
-from flwr.app import ArrayRecord, ConfigRecord, Context
+from flwr.app import ConfigRecord, Context
 from flwr.server import ServerConfig
 from flwr.server.compat.app_utils import start_update_client_manager_thread
 from flwr.server.compat.legacy_context import LegacyContext

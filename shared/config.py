@@ -215,6 +215,12 @@ class NodeConfig(_FlowerConfig):
             self._fail("validation-fraction", "must be in [0, 1)")
 
 
+def org_name(i: int) -> str:
+    """Node i's name (1-based) in the demo data, the local federation and simulated partitions;
+    its dialogues are org-i.jsonl."""
+    return f"org-{i}"
+
+
 def parse_overrides(items: list[str] | None) -> dict[str, Any]:
     """`--run-config key=value` pairs; a value is parsed as JSON where it parses, else kept as a string."""
     out: dict[str, Any] = {}
