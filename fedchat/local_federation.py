@@ -30,15 +30,17 @@ import shutil
 import signal
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib.metadata import version
 from pathlib import Path
 
+from fedchat.demo_data import demo_node_config, write_demo_data
 from fedchat.deployment import (LOOPBACK, FlowerCLI, SuperLinkTLS, free_port, https_ready, process_env, tool,
                                 wait_until, write_cli_config, write_toml)
 from fedchat.processes import Service, Supervisor, become_subreaper, survivors
 from shared.certs import DEFAULT_HOSTS, write_certs
-from shared.config import AGGREGATIONS, NodeConfig, RunConfig, parse_overrides
+from shared.config import AGGREGATIONS, NodeConfig, RunConfig, org_name, parse_overrides
 from shared.errors import ConfigError, FedchatError, FederationError
 from shared.files import atomic_write_text
 from shared.logs import FORMAT
@@ -85,9 +87,6 @@ class LocalFederation:
         self.coordinator_config()  # RunConfig checks the rest (rounds, steps, ...) and names the key
         self.node_config(1)
 
-    def node_name(self, i: int) -> str:
-        return f"org-{i}"
-
     def coordinator_config(self) -> dict:
         """The run-config overrides `flwr run` submits (validated as a RunConfig)."""
         out = self.out.resolve()
@@ -103,11 +102,8 @@ class LocalFederation:
 
     def node_config(self, i: int) -> dict:
         """Node i's --node-config (validated as a NodeConfig)."""
-        out = self.out.resolve()
-        name = self.node_name(i)
-        values = {"data-path": str(out / "data" / f"{name}.jsonl"), "state-dir": str(out / "nodes" / name),
-                  "node-name": name, "target-epsilon": float(self.target_epsilon), "require-dp": self.dp,
-                  "require-secagg": self.secagg}
+        values = demo_node_config(self.out.resolve(), org_name(i), target_epsilon=self.target_epsilon, dp=self.dp,
+                                  secagg=self.secagg)
         NodeConfig.from_flower(values)
         return values
 
@@ -154,7 +150,7 @@ class Runner:
         self.logs = self.out / "logs"
         self.sup = Supervisor(self.logs, record=self.out / "processes.json")
         self.env = self._base_env()
-        self.cli = FlowerCLI(self.out / "flwr", self._run, timeout=120.0, record=self._record)
+        self.cli = FlowerCLI(self.out / "flwr", self._exec, timeout=120.0, record=self._record)
         self.superlink: Service | None = None
         self.address = ""
         self.node_ids: dict[str, str] = {}
@@ -184,15 +180,40 @@ class Runner:
         with open(self.out / "commands.sh", "a", encoding="utf-8") as f:
             f.write(line + "\n")
 
-    def _run(self, name: str, argv: list[str], *, env: dict[str, str] | None = None, timeout: float, cwd=None):
-        if name != "flwr-cli":  # FlowerCLI records its own state-changing commands
-            self._record(argv, None, cwd)
+    def _exec(self, name: str, argv: list[str], *, env: dict[str, str] | None = None, timeout: float, cwd=None):
+        """Run a command to its end under the supervisor (not recorded: FlowerCLI records its own)."""
         return self.sup.run(name, argv, env=self._env(**(env or {})), timeout=timeout, cwd=cwd)
+
+    def _run(self, name: str, argv: list[str], *, env: dict[str, str] | None = None, timeout: float, cwd=None):
+        self._record(argv, None, cwd)
+        return self._exec(name, argv, env=env, timeout=timeout, cwd=cwd)
 
     def _start(self, name: str, argv: list[str], *, cwd: Path, **env: str) -> Service:
         self._record(argv, env, cwd)
         cwd.mkdir(parents=True, exist_ok=True)
         return self.sup.start(name, argv, env=self._env(**env), cwd=cwd)
+
+    def _start_service(self, name: str, role: str, config_path: Path, values: Callable[[int], dict], cwd: Path, *,
+                       ready: Callable[[Service, int], None]) -> tuple[Service, int]:
+        """Start a SuperLink or SuperNode from its config file on a free port; `ready(service, port)`
+        waits for it. Another process can take the port between choosing and binding it: then
+        (and only then) try again on a new one, up to 3 times."""
+        for attempt in range(3):
+            port = free_port(LOOPBACK)
+            config = write_toml(config_path, values(port))
+            service = self._start(name, service_command(role, config), cwd=cwd, FLWR_HOME=str(cwd / "flwr-home"))
+            failure = None
+            try:
+                ready(service, port)
+            except FederationError as exc:
+                failure = exc
+            lost_port = service.exited() is not None and _bind_failed(service)
+            if not lost_port or attempt == 2:
+                break
+            self.sup.forget(service)
+        if failure is not None:
+            raise failure
+        return service, port
 
     def step(self, text: str) -> None:
         self.step_no += 1
@@ -215,15 +236,13 @@ class Runner:
                           "in order (FLWR_HOME: where each process keeps Flower's files).\n")
 
         self.step(f"certificates: a CA, the SuperLink's for {', '.join(DEFAULT_HOSTS)}, a key pair per node")
-        names = [fed.node_name(i) for i in range(1, fed.nodes + 1)]
+        names = [org_name(i) for i in range(1, fed.nodes + 1)]
         certs = write_certs(self.out / "certs", hosts=DEFAULT_HOSTS, nodes=names)
         self.certs = certs
         self._record(["fedchat", "certs", "--out", str(certs.root), "--hosts", *DEFAULT_HOSTS,
                       "--nodes", str(fed.nodes)])
 
         self.step(f"demo data for {fed.nodes} organisations")
-        from fedchat.demo_data import write_demo_data
-
         manifest = write_demo_data(self.out / "data", fed.nodes)
         self._record(["fedchat", "data", "demo", "--clients", str(fed.nodes), "--out", str(self.out / "data")])
         for c in manifest["clients"]:
@@ -240,30 +259,21 @@ class Runner:
         self.step("SuperLink with TLS and SuperNode authentication")
         certs = self.certs
         tls = SuperLinkTLS(certs.server_cert, certs.server_key, certs.ca_cert)
-        for attempt in range(3):
-            port = free_port(LOOPBACK)
-            config = write_toml(self.out / "superlink" / "coordinator.toml",
-                                self.fed.coordinator_file(port, tls, self.out / "superlink" / "state.db"))
-            argv = service_command("coordinator", config)
-            service = self._start("superlink", argv, cwd=self.out / "superlink",
-                                  FLWR_HOME=str(self.out / "superlink" / "flwr-home"))
-            try:
-                wait_until(lambda: https_ready(LOOPBACK, port, certs.ca_cert), timeout=self.fed.startup_timeout,
-                           what="the SuperLink did not answer over TLS", alive=self._check_services)
-            except FederationError:
-                if service.exited() is not None and _bind_failed(service) and attempt < 2:
-                    self.sup.services.remove(service)
-                    continue
-                raise
-            self.superlink, self.address = service, f"{LOOPBACK}:{port}"
-            break
+        folder = self.out / "superlink"
+        self.superlink, port = self._start_service(
+            "superlink", "coordinator", folder / "coordinator.toml",
+            lambda port: self.fed.coordinator_file(port, tls, folder / "state.db"), folder,
+            ready=lambda service, port: wait_until(lambda: https_ready(LOOPBACK, port, certs.ca_cert),
+                                                   timeout=self.fed.startup_timeout, alive=self._check_services,
+                                                   what="the SuperLink did not answer over TLS"))
+        self.address = f"{LOOPBACK}:{port}"
         write_cli_config(self.out / "flwr", self.address, certs.ca_cert)
-        log.info("    https://%s (Fleet, Control and Runtime APIs), log %s", self.address, service.log_path)
+        log.info("    https://%s (Fleet, Control and Runtime APIs), log %s", self.address, self.superlink.log_path)
 
     def register_nodes(self) -> None:
         self.step(f"registering {self.fed.nodes} node public keys")
         for i in range(1, self.fed.nodes + 1):
-            name = self.fed.node_name(i)
+            name = org_name(i)
             self.node_ids[name] = self.cli.register(self.certs.node_public_key(name), name)
             log.info("    %s: node id %s", name, self.node_ids[name])
 
@@ -271,18 +281,12 @@ class Runner:
         fed = self.fed
         self.step(f"{fed.nodes} SuperNodes, each with its own data, state, key and ledger")
         for i in range(1, fed.nodes + 1):
-            name = fed.node_name(i)
+            name = org_name(i)
             state = self.out / "nodes" / name
-            for attempt in range(3):
-                config = write_toml(state / "node.toml", fed.node_file(i, self.address, self.certs.ca_cert,
-                                                                       self.certs.node_key(name), free_port(LOOPBACK)))
-                argv = service_command("node", config)
-                service = self._start(name, argv, cwd=state, FLWR_HOME=str(state / "flwr-home"))
-                time.sleep(0.5)
-                if service.exited() is not None and _bind_failed(service) and attempt < 2:
-                    self.sup.services.remove(service)
-                    continue
-                break
+            self._start_service(name, "node", state / "node.toml",
+                                lambda port: fed.node_file(i, self.address, self.certs.ca_cert,
+                                                           self.certs.node_key(name), port),
+                                state, ready=lambda service, port: time.sleep(0.5))
 
         wanted = set(self.node_ids.values())
 
@@ -358,7 +362,7 @@ class Runner:
         ledgers.mkdir(exist_ok=True)
         nodes, copied = [], []
         for i in range(1, fed.nodes + 1):
-            name = fed.node_name(i)
+            name = org_name(i)
             state = self.out / "nodes" / name
             entry = {"name": name, "node_id": self.node_ids.get(name),
                      "auth_public_key": str(self.certs.node_public_key(name)), "log": str(self.logs / f"{name}.log")}

@@ -170,6 +170,10 @@ class Supervisor:
         except psutil.Error:
             pass
 
+    def forget(self, service: Service) -> None:
+        """Stop watching a service that has exited (one started again in its place)."""
+        self.services.remove(service)
+
     def marked(self) -> list[psutil.Process]:
         """Live processes carrying this supervisor's token (the supervisor itself excluded)."""
         return _carrying(TOKEN_ENV, self.token)
