@@ -28,9 +28,7 @@ import argparse
 import json
 import os
 import platform
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -43,6 +41,8 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench.common import RESULTS  # noqa: E402
+from fedchat.serve_process import ServeProcess  # noqa: E402
 from server.checkpoint import RunState, round_dir, save_checkpoint  # noqa: E402
 from server.merge import merge_adapter  # noqa: E402
 from shared.adapter import attach_adapter, exchanged_names, get_arrays, set_arrays  # noqa: E402
@@ -50,7 +50,6 @@ from shared.config import RunConfig  # noqa: E402
 from shared.logs import quiet_library_warnings  # noqa: E402
 from shared.model import load_model, load_tokenizer, resolve_base_model  # noqa: E402
 
-RESULTS = REPO / "bench" / "results"
 BASE = "smollm2-135m"
 PROMPTS = [
     "Write a short story about a lighthouse keeper who finds a message in a bottle.",
@@ -82,46 +81,14 @@ def build_merged(work: Path) -> Path:
     return merge_adapter(round_dir(work, 1), work / "models" / "merged-round-0001")
 
 
-class Server:
+class Server(ServeProcess):
     def __init__(self, model_dir: Path, log: Path) -> None:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = open(log, "wb")
-        self.proc = subprocess.Popen([sys.executable, "-m", "fedchat", "serve", "--model", str(model_dir),
-                                      "--port", str(self.port), "--device", "cpu"],
-                                     cwd=REPO, stdout=self.log, stderr=subprocess.STDOUT)
-        import httpx
-
-        deadline = time.monotonic() + 180
-        while True:
-            if self.proc.poll() is not None:
-                raise SystemExit(f"the server exited with {self.proc.returncode}; see {log}")
-            try:
-                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                self.stop()
-                raise SystemExit(f"the server did not start within 180 s; see {log}")
-            time.sleep(0.3)
+        super().__init__(["--model", str(model_dir), "--device", "cpu"], log, timeout=180)
 
     def client(self):
         from openai import OpenAI
 
         return OpenAI(base_url=f"{self.url}/v1", api_key="bench", max_retries=0, timeout=600)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.log.close()
 
 
 def messages(prompt: str) -> list[dict]:

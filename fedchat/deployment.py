@@ -146,10 +146,18 @@ def write_cli_config(flwr_home: str | Path, address: str, root_certificates: str
 
 # ------------------------------------------------------------------ readiness
 
+def http_ready(host: str, port: int) -> bool:
+    """The server answers GET /health (plain HTTP: `fedchat serve`)."""
+    return _answers_health(http.client.HTTPConnection(host, port, timeout=3))
+
+
 def https_ready(host: str, port: int, ca: str | Path) -> bool:
     """The SuperLink answers GET /health over TLS, with a certificate the CA vouches for."""
     context = ssl.create_default_context(cafile=str(ca))
-    conn = http.client.HTTPSConnection(host, port, timeout=3, context=context)
+    return _answers_health(http.client.HTTPSConnection(host, port, timeout=3, context=context))
+
+
+def _answers_health(conn: http.client.HTTPConnection) -> bool:
     try:
         conn.request("GET", "/health")
         return conn.getresponse().status == 200
@@ -200,16 +208,16 @@ class FlowerCLI:
             self.record(argv, {"FLWR_HOME": str(self.flwr_home)})
         env = {**NO_PHONING_HOME, "FLWR_HOME": str(self.flwr_home), "COLUMNS": "200", "NO_COLOR": "1"}
         done = self.runner("flwr-cli", argv, env=env, timeout=timeout or self.timeout)
+        failed = FederationError(f"`flwr {' '.join(args)}` failed (exit {done.returncode}): "
+                                 f"{(done.stderr or done.stdout).strip()[-800:]}")
         if not expect_json:
             if done.returncode != 0:
-                raise FederationError(f"`flwr {' '.join(args)}` failed (exit {done.returncode}): "
-                                      f"{(done.stderr or done.stdout).strip()[-800:]}")
+                raise failed
             return done.stdout
         try:
             payload = json.loads(done.stdout[done.stdout.index("{"):])
         except ValueError:
-            raise FederationError(f"`flwr {' '.join(args)}` failed (exit {done.returncode}): "
-                                  f"{(done.stderr or done.stdout).strip()[-800:]}") from None
+            raise failed from None
         if not payload.get("success", False):
             raise FederationError(f"`flwr {' '.join(args)}` failed: {payload.get('error-message', payload)}")
         return payload

@@ -8,7 +8,6 @@ The expected answers come from Hugging Face's own `model.generate` on the merged
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -22,6 +21,7 @@ import pytest
 import torch
 from openai import OpenAI
 
+from fedchat.serve_process import ServeProcess
 from server.checkpoint import RunState, publish_link, round_dir, save_checkpoint
 from server.merge import merge_adapter
 from server.serve_config import ModelSource, ServeConfig
@@ -89,51 +89,14 @@ def oracles(run_dir, tokenizer) -> dict[int, Oracle]:
     return {rnd: Oracle(merged(run_dir, rnd), tokenizer) for rnd in (1, 2)}
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class LiveServer:
-    """`python -m fedchat serve ...` as a child process on a free port; stopped by its PID."""
-
-    def __init__(self, args: list[str], log: Path, env: dict | None = None) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = log
-        with open(log, "wb") as f:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "fedchat", "serve", *args, "--host", "127.0.0.1", "--port", str(self.port)],
-                cwd=REPO, stdout=f, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
-        deadline = time.monotonic() + 90
-        while True:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"the server exited with {self.proc.returncode}:\n{log.read_text()}")
-            try:
-                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                self.stop()
-                raise AssertionError(f"the server did not answer /health within 90 s:\n{log.read_text()}")
-            time.sleep(0.2)
+class LiveServer(ServeProcess):
+    """`fedchat serve ...` on 127.0.0.1 (fedchat/serve_process.py), with the test's clients."""
 
     def health(self) -> dict:
         return httpx.get(f"{self.url}/health", timeout=5).json()
 
     def client(self, key: str | None = KEY, **kw) -> OpenAI:
         return OpenAI(base_url=f"{self.url}/v1", api_key=key, max_retries=0, timeout=60, **kw)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=15)
 
 
 @pytest.fixture(scope="module")
