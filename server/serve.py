@@ -37,9 +37,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from server.serve_config import API_KEY_ENV, ModelSource, ServeConfig
 from server.serve_engine import Engine, Generation, GenerationParams, Job, QueueFullError
-from server.serve_model import ModelWatcher, ServedModel, load_served
+from server.serve_model import ModelWatcher, ServedModel, model_loader
 from shared.errors import ConfigError, FedchatError
-from shared.model import select_device, select_dtype
 
 log = logging.getLogger("fedchat.serve")
 
@@ -415,14 +414,9 @@ def run_server(cfg: ServeConfig) -> None:
     """Load the model, start the generation worker (and the watcher), serve until interrupted."""
     import uvicorn
 
-    device = select_device(cfg.device)
-    dtype = select_dtype(cfg.dtype, device)
+    load = model_loader(cfg.device, cfg.dtype)
     source = cfg.source()
     link = cfg.watch_link()
-
-    def load(src: ModelSource) -> ServedModel:
-        return load_served(src, device, dtype)
-
     watcher = None
     engine: Engine | None = None
     if link is not None:  # made before the first load: a round published while it loads is not missed
@@ -438,7 +432,8 @@ def run_server(cfg: ServeConfig) -> None:
                         "(set --api-key or %s)", cfg.host, API_KEY_ENV)
         host, port = sock.getsockname()[:2]
         log.info("serving %s as '%s' (round %s, %s, %s, context %d) on http://%s:%d/v1%s", source.describe(),
-                 cfg.model_name, served.round, device, str(dtype).replace("torch.", ""), served.context_length,
+                 cfg.model_name, served.round, served.device, str(served.model.dtype).replace("torch.", ""),
+                 served.context_length,
                  host, port, f"; watching {link}" if link else "")
         if watcher is not None:
             watcher.start()

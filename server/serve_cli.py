@@ -82,11 +82,9 @@ def cmd_chat(args) -> int:
         raise ConfigError("nothing to chat with: give --model DIR (a merged model folder), --adapter DIR, "
                           "or --url URL (a running `fedchat serve`).")
     else:
-        from server.serve_model import load_served
-        from shared.model import select_device, select_dtype
+        from server.serve_model import model_loader
 
         cfg = ServeConfig(model=args.model, base=args.base, adapter=args.adapter, device=args.device,
                           dtype=args.dtype)
-        device = select_device(cfg.device)
-        backend = LocalChat(load_served(cfg.source(), device, select_dtype(cfg.dtype, device)))
+        backend = LocalChat(model_loader(cfg.device, cfg.dtype)(cfg.source()))
     return chat_loop(backend, params, system=args.system)

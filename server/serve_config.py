@@ -15,7 +15,6 @@ With ``watch`` the server follows ``WATCH/merged`` (serving merged models) or
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -88,9 +87,6 @@ class ServeConfig:
         if values.get("api_key") is None and os.environ.get(API_KEY_ENV):
             values["api_key"] = os.environ[API_KEY_ENV]
         return cls(**values)
-
-    def replace(self, **changes) -> ServeConfig:
-        return dataclasses.replace(self, **changes)
 
     def source(self) -> ModelSource:
         """The model to load at start."""

@@ -256,7 +256,7 @@ class Engine:
                 with self._lock:
                     self.stats.running = 0
                     self.stats.completion_tokens += gen.completion_tokens
-                    if gen.finish_reason == "cancelled" or (gen.cancelled and gen.finish_reason is None):
+                    if gen.finish_reason == "cancelled":
                         self.stats.cancelled += 1
                     elif gen.finish_reason is not None:
                         self.stats.completed += 1

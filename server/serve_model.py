@@ -14,11 +14,11 @@ from pathlib import Path
 
 import torch
 
-from server.merge import MERGED_META
+from server.merge import MERGED_META, merged_in_memory
 from server.serve_config import ModelSource
-from shared.adapter import ADAPTER_META, load_adapter, read_adapter_meta
+from shared.adapter import ADAPTER_META
 from shared.errors import ModelError
-from shared.model import load_model, load_tokenizer, resolve_base_model
+from shared.model import load_model, load_tokenizer, select_device, select_dtype
 
 log = logging.getLogger("fedchat.serve")
 
@@ -30,7 +30,6 @@ class ServedModel:
     model: object
     tokenizer: object
     path: Path  # the folder it was loaded from (symlinks resolved)
-    kind: str  # "merged" | "adapter"
     round: int | None
     run_id: str | None
     base_model: str | None
@@ -61,6 +60,13 @@ class ServedModel:
             return self.tokenizer.decode(ids, skip_special_tokens=True)  # type: ignore[attr-defined]
 
 
+def model_loader(device: str, dtype: str) -> Callable[[ModelSource], ServedModel]:
+    """load_served on the device and dtype named by the --device and --dtype options."""
+    dev = select_device(device)
+    dt = select_dtype(dtype, dev)
+    return lambda source: load_served(source, dev, dt)
+
+
 def load_served(source: ModelSource, device: torch.device, dtype: torch.dtype) -> ServedModel:
     """Load a merged model folder, or a base model with an adapter merged into it in memory."""
     path = Path(os.path.realpath(source.path))
@@ -73,19 +79,10 @@ def load_served(source: ModelSource, device: torch.device, dtype: torch.dtype) -
         model = load_model(path, device, dtype)
         base = meta.get("base_model")
     else:
-        meta = read_adapter_meta(path)
-        base = source.base
-        if base is None:  # the recorded path may be another machine's: then the recorded name
-            recorded = meta.get("base_model_path")
-            base = recorded if recorded and Path(recorded).is_dir() else meta.get("base_model")
-        if not base:
-            raise ModelError(f"{source.path} does not say which base model it adapts: pass --base.")
-        base_dir = resolve_base_model(str(base))
+        model, base_dir, base, meta = merged_in_memory(path, device, dtype, source.base, flag="--base")
         tokenizer = load_tokenizer(base_dir)
-        model = load_adapter(load_model(base_dir, device, dtype), path).merge_and_unload()
-        model.eval()
     return ServedModel(
-        model=model, tokenizer=tokenizer, path=path, kind=source.kind, round=meta.get("round"),
+        model=model, tokenizer=tokenizer, path=path, round=meta.get("round"),
         run_id=meta.get("run_id"), base_model=None if base is None else str(base),
         context_length=_context_length(model), eos_ids=_eos_ids(model, tokenizer))
 
