@@ -38,7 +38,8 @@ log = logging.getLogger("fedchat.node")
 SIM_KEYS = ("partition-id", "num-partitions")  # what Flower's simulation puts in node_config
 
 
-def resolve_node_config(context: Context, sim_nodes: dict[int, dict] | None) -> NodeConfig:
+def resolve_node_config(context: Context, sim_nodes: dict[int, dict] | None,
+                        partition: int | None) -> NodeConfig:
     """Node settings: Flower's node_config, over the simulation's per-partition defaults.
 
     A virtual node of `flwr run .` (simulation) has only a partition id; it gets its data
@@ -46,9 +47,8 @@ def resolve_node_config(context: Context, sim_nodes: dict[int, dict] | None) -> 
     """
     given = {k: v for k, v in context.node_config.items() if k not in SIM_KEYS}
     defaults: dict = {}
-    partition = context.node_config.get("partition-id")
     if sim_nodes is not None and partition is not None:
-        defaults = sim_nodes.get(int(partition), {})
+        defaults = sim_nodes.get(partition, {})
     node = NodeConfig.from_flower({**defaults, **given})
     if partition is None or node.data_path:
         _require_paths(node)
@@ -63,9 +63,10 @@ def _require_paths(node: NodeConfig) -> None:
         raise ConfigError("node config 'state-dir' is required: where the node keeps its privacy ledger and key.")
 
 
-def for_partition(node: NodeConfig, partition: int, cfg: RunConfig) -> NodeConfig:
-    """Settings of a virtual node that has only a partition id (`flwr run .` simulation)."""
-    if not node.data_path:
+def for_partition(node: NodeConfig, partition: int | None, cfg: RunConfig) -> NodeConfig:
+    """Settings of a virtual node that has only a partition id (`flwr run .` simulation); a
+    node with its own data-path (every deployed node) keeps its settings."""
+    if not node.data_path:  # resolve_node_config requires it where there is no partition id
         if not cfg.sim_data_dir:
             raise ConfigError("a simulated node has no data-path: set the run config 'sim-data-dir' to a folder "
                               "of org-1.jsonl, org-2.jsonl, ... (`fedchat data demo --out DIR` writes one).")
@@ -133,8 +134,8 @@ class FedChatClient(NumPyClient):
     def fit(self, parameters, config):
         started = time.perf_counter()
         cfg, meta = split_fit_config(config)
-        node = for_partition(self.node, self.partition, cfg) if self.partition is not None else _with_name(self.node)
-        self.ledger_path = Path(node.state_dir) / "ledger.jsonl"
+        node = for_partition(self.node, self.partition, cfg)
+        ledger_path = Path(node.state_dir) / "ledger.jsonl"
         rnd, run = int(meta[META_ROUND]), str(meta[META_RUN])
         if node.require_dp and not cfg.dp:
             raise PrivacyError(f"node {node.node_name} requires DP (require-dp=true); the coordinator asked "
@@ -153,7 +154,7 @@ class FedChatClient(NumPyClient):
 
         plan = None
         if cfg.dp:
-            entries = ledger.read_entries(self.ledger_path)
+            entries = ledger.read_entries(ledger_path)
             plan = plan_round(entries, run, target_epsilon=node.target_epsilon, delta=node.target_delta,
                               num_conversations=n, batch_size=cfg.batch_size, local_steps=cfg.local_steps,
                               rounds_left=cfg.num_rounds - rnd + 1, accountant=cfg.dp_accountant)
@@ -165,7 +166,7 @@ class FedChatClient(NumPyClient):
                             "inf" if math.isinf(plan.epsilon_after) else f"{plan.epsilon_after:.3f}",
                             node.target_epsilon)
                 metrics["status"] = "budget-exhausted"
-                metrics.update(self._ledger_head())
+                metrics.update(_ledger_head(ledger_path))
                 return [np.zeros_like(p) for p in parameters], 0, metrics
 
         seed = secure_seed() if cfg.dp else derive_seed(cfg.seed, node.node_name, rnd)
@@ -179,7 +180,7 @@ class FedChatClient(NumPyClient):
             update = [np.clip(u, -bound, bound).astype(np.float64) for u in update]
         weight = min(n, cfg.secagg_max_weight)
         if plan is not None:
-            entry = ledger.append(self.ledger_path, {
+            entry = ledger.append(ledger_path, {
                 "node": node.node_name, "run": run, "round": rnd,
                 "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                 "num_examples": n, "sample_rate": plan.sample_rate, "noise_multiplier": plan.noise_multiplier,
@@ -188,7 +189,7 @@ class FedChatClient(NumPyClient):
                 "target_epsilon": node.target_epsilon, "update_sha256": fingerprint(update),
             }, load_or_create_signing_key(node.ledger_key or Path(node.state_dir) / "ledger-key.pem"))
             metrics.update({"epsilon": entry["epsilon"], "noise-multiplier": plan.noise_multiplier})
-        metrics.update(self._ledger_head())
+        metrics.update(_ledger_head(ledger_path))
         metrics.update({"train-loss": result.train_loss, "seconds": result.seconds})
         if data.validation:
             val = heldout_loss(loaded.model, data.validation[:50], loaded.tokenizer.pad_token_id)
@@ -199,9 +200,10 @@ class FedChatClient(NumPyClient):
                  f", epsilon {plan.epsilon_after:.3f}/{node.target_epsilon:g}" if plan else "")
         return update, weight, metrics
 
-    def _ledger_head(self) -> dict:
-        digest, count = ledger.head(self.ledger_path)
-        return {"ledger-head": digest, "ledger-entries": count}
+
+def _ledger_head(ledger_path: Path) -> dict:
+    digest, count = ledger.head(ledger_path)
+    return {"ledger-head": digest, "ledger-entries": count}
 
 
 def make_client_app(sim_nodes: dict[int, dict] | None = None) -> ClientApp:
@@ -210,10 +212,11 @@ def make_client_app(sim_nodes: dict[int, dict] | None = None) -> ClientApp:
 
     def client_fn(context: Context):
         setup_logging(quiet_flower=True)
-        node = resolve_node_config(context, sim_nodes)
+        given = context.node_config.get("partition-id")
+        partition = None if given is None else int(given)
+        node = resolve_node_config(context, sim_nodes, partition)
         secagg_active = bool(context.state.config_records.get("fedchat.secagg", {}).get("active", False))
-        partition = context.node_config.get("partition-id")
-        return FedChatClient(node, secagg_active, None if partition is None else int(partition)).to_client()
+        return FedChatClient(node, secagg_active, partition).to_client()
 
     def secagg_when_asked(msg, context, call_next):
         """Run SecAgg+ when the coordinator runs it; remember whether it did for fit()."""

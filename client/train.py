@@ -88,6 +88,18 @@ def backward_batch(forward, data: list[Encoded], idx: list[int], *, pad_id: int,
     return loss_sum, tokens
 
 
+def make_private(model, optimizer, cfg: RunConfig, noise_multiplier: float, generator=None):
+    """Opacus DP-SGD around a model and its optimizer: per-sample gradients, each clipped to
+    dp-max-grad-norm, Gaussian noise; returns (GradSampleModule, DPOptimizer)."""
+    from opacus import GradSampleModule
+    from opacus.optimizers import DPOptimizer
+
+    gsm = GradSampleModule(model, batch_first=True, loss_reduction="mean")
+    return gsm, DPOptimizer(optimizer, noise_multiplier=noise_multiplier, max_grad_norm=cfg.dp_max_grad_norm,
+                            expected_batch_size=cfg.batch_size, loss_reduction="mean", generator=generator,
+                            secure_mode=True)  # noise robust to floating-point attacks
+
+
 def train_round(model, names: list[str], data: list[Encoded], cfg: RunConfig, *, pad_id: int,
                 seed: int, noise_multiplier: float | None = None,
                 on_step: Callable[[int, float], None] | None = None) -> TrainResult:
@@ -101,18 +113,11 @@ def train_round(model, names: list[str], data: list[Encoded], cfg: RunConfig, *,
     dp = noise_multiplier is not None
     forward, gsm = model, None
     if dp:
-        from opacus import GradSampleModule
-        from opacus.optimizers import DPOptimizer
-
-        gsm = forward = GradSampleModule(model, batch_first=True, loss_reduction="mean")
         # Noise from its own stream: the same seed for the batch sample and the noise would make
         # the noise a function of which conversations were drawn.
         noise_gen = torch.Generator(device=device).manual_seed(derive_seed(seed, "noise"))
-        optimizer = DPOptimizer(
-            optimizer, noise_multiplier=noise_multiplier, max_grad_norm=cfg.dp_max_grad_norm,
-            expected_batch_size=cfg.batch_size, loss_reduction="mean", generator=noise_gen,
-            secure_mode=True,  # noise robust to floating-point attacks
-        )
+        gsm, optimizer = make_private(model, optimizer, cfg, noise_multiplier, noise_gen)
+        forward = gsm
         batches = _poisson_batches(len(data), min(1.0, cfg.batch_size / len(data)), cfg.local_steps, gen)
     else:
         batches = _uniform_batches(len(data), cfg.batch_size, cfg.local_steps, gen)

@@ -73,8 +73,8 @@ class FedChatStrategy(Strategy):
 
     def sample(self, rnd: int, client_manager: ClientManager) -> list[ClientProxy]:
         """This round's nodes (seeded, stable within the round), never an exhausted one."""
-        if self._sample and self._sample[0] == rnd:
-            return self._sample[1]
+        if (sampled := self._sampled(rnd)) is not None:
+            return sampled
         self.wait_for_nodes(client_manager)
         available = sorted((c for c in client_manager.all().values() if c.node_id not in self.exhausted),
                            key=lambda c: c.node_id)
@@ -82,6 +82,9 @@ class FedChatStrategy(Strategy):
         chosen = random.Random(f"{self.cfg.seed}:{rnd}").sample(available, k)
         self._sample = (rnd, chosen)
         return chosen
+
+    def _sampled(self, rnd: int) -> list[ClientProxy] | None:
+        return self._sample[1] if self._sample and self._sample[0] == rnd else None
 
     # ------------------------------------------------------------ Strategy API
     def initialize_parameters(self, client_manager: ClientManager) -> Parameters | None:
@@ -125,9 +128,8 @@ class FedChatStrategy(Strategy):
                     if client["train_loss"] is not None:
                         losses.append((res.num_examples, client["train_loss"]))
             outcome.clients.append({k: v for k, v in client.items() if v is not None})
-        sampled = self._sample[1] if self._sample and self._sample[0] == server_round else []
         replied = {proxy.node_id for proxy, _ in results}
-        outcome.dropped = len([p for p in sampled if p.node_id not in replied])
+        outcome.dropped = sum(p.node_id not in replied for p in self._sampled(server_round) or [])
         for text in dict.fromkeys(_failure_text(f) for f in failures):  # SecAgg+ lists some errors twice
             outcome.failures.append(text)
             log.error("round %d: a node failed: %s", server_round, text)

@@ -57,7 +57,7 @@ def _type_problem(entry: dict) -> str | None:
 
 
 def audit_ledger(path: str | Path, key_path: str | Path, recompute: bool = True) -> NodeAudit:
-    from client.privacy import compute_epsilon
+    from client.privacy import compute_epsilon, ledger_history
 
     path, key_path = Path(path), Path(key_path)
     result = NodeAudit(str(path), str(key_path))
@@ -96,7 +96,7 @@ def audit_ledger(path: str | Path, key_path: str | Path, recompute: bool = True)
             result.problems.append(f"{where}: signature does not verify with {key_path.name}: an edited field, or "
                                    "signed with another key")
         nodes.add(entry["node"])
-        history.append((entry["noise_multiplier"], entry["sample_rate"], entry["steps"]))
+        history += ledger_history([entry])
         claimed = float(entry["epsilon"])
         recomputed = compute_epsilon(history, float(entry["delta"]), entry["accountant"]) if recompute else claimed
         if not math.isclose(recomputed, claimed, rel_tol=TOLERANCE):
@@ -122,13 +122,16 @@ def check_against_report(audits: list[NodeAudit], report_path: str | Path) -> No
     """The ledger must hold every entry the node had committed to in its replies to the coordinator."""
     report = json.loads(Path(report_path).read_text())
     by_node = {a.node: a for a in audits}
+    lines_of: dict[str, list[bytes]] = {}  # each ledger read once, when the report names its node
     for row in report.get("rounds", []):
         for c in row.get("clients", []):
             audit = by_node.get(c.get("node"))
             count, head = c.get("ledger_entries"), c.get("ledger_head")
             if audit is None or count is None or not head:
                 continue
-            lines = Path(audit.ledger).read_bytes().split(b"\n")[:-1]
+            if audit.node not in lines_of:
+                lines_of[audit.node] = Path(audit.ledger).read_bytes().split(b"\n")[:-1]
+            lines = lines_of[audit.node]
             if len(lines) < count:
                 audit.problems.append(f"the coordinator recorded {count} entries after round {row['round']}, the "
                                       f"ledger has {len(lines)}: entries were removed")
