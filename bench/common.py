@@ -34,6 +34,11 @@ def md_table(headers: list[str], rows: list[list]) -> str:
     return "\n".join(lines)
 
 
+def warm_rounds(report: dict) -> list[dict]:
+    """The rounds after the first (whose time includes loading the model), or all if only one."""
+    return report["rounds"][1:] or report["rounds"]
+
+
 def simulate_demo(out: Path, clients: int, *, target_epsilon: float = 8.0, **run: object) -> dict:
     """A simulated federation on the demo data: `clients` organisations, run-config overrides
     (held-out evaluation on the demo's eval.jsonl unless eval_data="" turns it off)."""

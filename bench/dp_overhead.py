@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from bench.common import md_table, write_results  # noqa: E402
-from client.train import backward_batch  # noqa: E402
+from client.train import backward_batch, make_private  # noqa: E402
 from fedchat.demo_data import write_demo_data  # noqa: E402
 from shared.adapter import attach_adapter  # noqa: E402
 from shared.config import RunConfig  # noqa: E402
@@ -39,9 +39,6 @@ def main() -> None:
     parser.add_argument("--base-model", default="smollm2-135m")
     args = parser.parse_args()
     quiet_library_warnings()
-    from opacus import GradSampleModule
-    from opacus.optimizers import DPOptimizer
-
     cfg = RunConfig(base_model=args.base_model, batch_size=args.batch_size)
     base_dir = resolve_base_model(cfg.base_model)
     tokenizer = load_tokenizer(base_dir)
@@ -57,11 +54,8 @@ def main() -> None:
     dp_model = attach_adapter(load_model(base_dir, torch.device("cpu"), torch.float32), cfg)
     trainable = [p for p in plain_model.parameters() if p.requires_grad]
     plain_opt = torch.optim.AdamW(trainable, lr=cfg.learning_rate)
-    gsm = GradSampleModule(dp_model, batch_first=True, loss_reduction="mean")
-    dp_opt = DPOptimizer(torch.optim.AdamW([p for p in dp_model.parameters() if p.requires_grad],
-                                           lr=cfg.learning_rate), noise_multiplier=1.0,
-                         max_grad_norm=cfg.dp_max_grad_norm, expected_batch_size=cfg.batch_size,
-                         secure_mode=True)
+    gsm, dp_opt = make_private(dp_model, torch.optim.AdamW([p for p in dp_model.parameters() if p.requires_grad],
+                                                           lr=cfg.learning_rate), cfg, noise_multiplier=1.0)
     plain_model.train()
     dp_model.train()
 

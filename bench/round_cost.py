@@ -19,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import md_table, simulate_demo, write_results  # noqa: E402
+from bench.common import md_table, simulate_demo, warm_rounds, write_results  # noqa: E402
 from shared.logs import setup_logging  # noqa: E402
 
 
@@ -40,7 +40,7 @@ def main() -> None:
                                        base_model=args.base_model, num_rounds=args.rounds,
                                        local_steps=args.local_steps, aggregation=aggregation, secagg=secagg,
                                        eval_data="")
-                warm = report["rounds"][1:] or report["rounds"]
+                warm = warm_rounds(report)
                 clients = [c for r in warm for c in r["clients"]]
                 step_s = statistics.mean(c["train_seconds"] / args.local_steps for c in clients)
                 up = statistics.mean(c["bytes_up"] for c in clients)

@@ -22,12 +22,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import md_table, simulate_demo, write_results  # noqa: E402
+from bench.common import md_table, simulate_demo, warm_rounds, write_results  # noqa: E402
 from shared.logs import setup_logging  # noqa: E402
-
-
-def _warm(report: dict) -> list[dict]:
-    return report["rounds"][1:] or report["rounds"]
 
 
 def main() -> None:
@@ -46,9 +42,9 @@ def main() -> None:
             print(f"== {args.nodes} nodes, {'SecAgg+' if secagg else 'plaintext'}", flush=True)
             reports[secagg] = simulate_demo(Path(tmp) / f"ratio-{secagg}", args.nodes, num_rounds=args.rounds,
                                             local_steps=args.local_steps, secagg=secagg, **common)
-        seconds = {s: statistics.mean(r["seconds"] for r in _warm(reports[s])) for s in reports}
-        up = {s: statistics.mean(c["bytes_up"] for r in _warm(reports[s]) for c in r["clients"]) for s in reports}
-        down = {s: statistics.mean(c["bytes_down"] for r in _warm(reports[s]) for c in r["clients"]) for s in reports}
+        seconds = {s: statistics.mean(r["seconds"] for r in warm_rounds(reports[s])) for s in reports}
+        up = {s: statistics.mean(c["bytes_up"] for r in warm_rounds(reports[s]) for c in r["clients"]) for s in reports}
+        down = {s: statistics.mean(c["bytes_down"] for r in warm_rounds(reports[s]) for c in r["clients"]) for s in reports}
         stages = []
         for n in args.scale:
             print(f"== protocol stages at {n} nodes", flush=True)
