@@ -9,6 +9,7 @@ from fedchat.cli import main
 from shared import ledger
 from shared.audit import audit_ledger, check_against_report
 from shared.crypto import load_or_create_signing_key, new_signing_key, public_pem, sign
+from shared.errors import LedgerError
 
 
 def _write_ledger(tmp_path, rounds=4, accountant="prv", target=8.0, name="org-1"):
@@ -137,6 +138,18 @@ def test_audit_cli_table_json_plot_and_exit_status(tmp_path, capsys):
 
 def test_append_is_atomic_and_refuses_a_corrupt_ledger(tmp_path):
     path, _ = _write_ledger(tmp_path, rounds=1)
-    path.write_bytes(path.read_bytes()[:-10])
-    with pytest.raises(Exception, match="incomplete"):
+    key = load_or_create_signing_key(tmp_path / "org-1-key.pem")
+    entry = json.loads(path.read_text().splitlines()[0])
+    intact = path.read_bytes()
+    with pytest.raises(LedgerError, match="lacks"):  # a failed append leaves the ledger as it was
+        ledger.append(path, {k: v for k, v in entry.items() if k != "epsilon"}, key)
+    assert path.read_bytes() == intact
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary file left behind
+
+    cut = intact[:-10]
+    path.write_bytes(cut)
+    with pytest.raises(LedgerError, match="incomplete"):
         ledger.read_entries(path)
+    with pytest.raises(LedgerError, match="incomplete"):  # nothing is chained onto a cut ledger
+        ledger.append(path, {**entry, "round": 2}, key)
+    assert path.read_bytes() == cut

@@ -1,6 +1,5 @@
 """Checkpoints (PEFT-loadable, resumable, guarded) and merge equality."""
 
-import json
 
 import numpy as np
 import pytest
@@ -9,7 +8,7 @@ from peft import PeftModel
 
 from server.checkpoint import RunState, check_resumable, latest_checkpoint, load_state, save_checkpoint
 from server.merge import merge_adapter
-from shared.adapter import attach_adapter, exchanged_names, get_arrays, set_arrays
+from shared.adapter import attach_adapter, exchanged_names, get_arrays, save_adapter, set_arrays
 from shared.config import RunConfig
 from shared.errors import CheckpointError, ModelError
 from shared.model import load_model
@@ -59,8 +58,7 @@ def test_merged_logits_equal_base_plus_adapter(tmp_path, tiny_dir):
     cfg = RunConfig(base_model="tiny")
     model, _ = _trained_adapter(tiny_dir, cfg)
     adapter = tmp_path / "adapter"
-    model.save_pretrained(adapter)
-    (adapter / "fedchat-adapter.json").write_text(json.dumps({"base_model": "tiny"}))
+    save_adapter(model, adapter, {"base_model": "tiny"})
     merged_dir = merge_adapter(adapter, tmp_path / "merged")
     assert (merged_dir / "model.safetensors").is_file() and (merged_dir / "tokenizer.json").is_file()
     assert (merged_dir / "chat_template.jinja").is_file() or "chat_template" in (
@@ -78,8 +76,7 @@ def test_merged_logits_equal_base_plus_adapter(tmp_path, tiny_dir):
 def test_merge_refuses_to_overwrite(tmp_path, tiny_dir):
     cfg = RunConfig(base_model="tiny")
     model, _ = _trained_adapter(tiny_dir, cfg)
-    model.save_pretrained(tmp_path / "adapter")
-    (tmp_path / "adapter" / "fedchat-adapter.json").write_text(json.dumps({"base_model": "tiny"}))
+    save_adapter(model, tmp_path / "adapter", {"base_model": "tiny"})
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "keep.txt").write_text("mine")
     with pytest.raises(ModelError, match="not empty"):

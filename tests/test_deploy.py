@@ -30,6 +30,7 @@ from fedchat.deployment import (LOOPBACK, FlowerCLI, SuperLinkTLS, free_port, ht
 from fedchat.processes import Supervisor, survivors
 from shared.certs import CertError, cert_hosts, load_cert, write_certs
 from shared.errors import FederationError
+from tests.conftest import Child
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "deploy" / "local-federation.sh"
@@ -240,27 +241,12 @@ def test_unregistered_nodes_are_refused_and_the_registered_one_joins(superlink):
 
 # ------------------------------------------------------------------ the local federation script (slow)
 
-def _script(out: Path, *extra: str) -> subprocess.Popen:
+def _script(out: Path, *extra: str) -> Child:
     """The script as a user runs it, with a HOME of its own (to see that it leaves ~/.flwr alone)."""
     args = [str(SCRIPT), "--nodes", "2", "--base-model", "tiny", "--out", str(out), "--local-steps", "2",
             "--batch-size", "4", "--startup-timeout", "120", *extra, "--run-config", "eval-max-conversations=16"]
     env = {**os.environ, "HOME": str(out.parent / "home")}  # FEDCHAT_CACHE (conftest) keeps the prepared model
-    return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-                            start_new_session=True)
-
-
-def _finish(proc: subprocess.Popen, timeout: float) -> str:
-    try:
-        out, _ = proc.communicate(timeout=timeout)
-        return out
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGINT)  # let it clean up, then make sure
-        try:
-            out, _ = proc.communicate(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            out, _ = proc.communicate()
-        pytest.fail(f"the script did not end within {timeout} s:\n{out[-4000:]}")
+    return Child.start(args, out.parent / "script.log", env=env)
 
 
 def _assert_nothing_left(out: Path, at_least: int) -> None:
@@ -272,9 +258,9 @@ def _assert_nothing_left(out: Path, at_least: int) -> None:
 @pytest.mark.slow
 def test_local_federation_completes_two_rounds_and_leaves_no_process(tmp_path, tiny_dir):
     out = tmp_path / "fed"
-    proc = _script(out, "--rounds", "2", "--timeout", "420")
-    log = _finish(proc, timeout=540)
-    assert proc.returncode == 0, log[-5000:]
+    script = _script(out, "--rounds", "2", "--timeout", "420")
+    log = script.finish(timeout=540)
+    assert script.proc.returncode == 0, log[-5000:]
 
     report = json.loads((out / "report.json").read_text())
     assert report["status"] == "finished" and report["completed_rounds"] == 2 and report["num_rounds"] == 2
@@ -312,16 +298,20 @@ def test_local_federation_completes_two_rounds_and_leaves_no_process(tmp_path, t
 @pytest.mark.slow
 def test_ctrl_c_stops_every_process_of_a_running_federation(tmp_path, tiny_dir):
     out = tmp_path / "fed"
-    proc = _script(out, "--rounds", "3", "--timeout", "600")
+    script = _script(out, "--rounds", "3", "--timeout", "600")
     deadline = time.monotonic() + 240
-    while not (out / "run" / "checkpoints").exists():  # round 0 checkpointed: the ServerApp runs round 1
-        assert proc.poll() is None, proc.communicate()[0][-4000:]
-        assert time.monotonic() < deadline, "the run did not start"
-        time.sleep(1)
+    try:
+        while not (out / "run" / "checkpoints").exists():  # round 0 checkpointed: the ServerApp runs round 1
+            assert script.proc.poll() is None, script.output()[-4000:]
+            assert time.monotonic() < deadline, "the run did not start"
+            time.sleep(1)
+    except BaseException:
+        script.stop()
+        raise
     time.sleep(5)  # the nodes' ClientApps are at work
-    os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does: the whole foreground group
-    log = _finish(proc, timeout=90)
-    assert proc.returncode == 130, log[-4000:]
+    os.killpg(script.pid, signal.SIGINT)  # what Ctrl-C in a terminal does: the whole foreground group
+    log = script.finish(timeout=90)
+    assert script.proc.returncode == 130, log[-4000:]
     assert "interrupted" in log and "stopping every process" in log
     _assert_nothing_left(out, at_least=7)
 
@@ -329,9 +319,9 @@ def test_ctrl_c_stops_every_process_of_a_running_federation(tmp_path, tiny_dir):
 @pytest.mark.slow
 def test_a_failed_run_exits_non_zero_says_why_and_leaves_no_process(tmp_path, tiny_dir):
     out = tmp_path / "fed"
-    proc = _script(out, "--rounds", "3", "--timeout", "2")  # three rounds cannot finish in 2 s
-    log = _finish(proc, timeout=300)
-    assert proc.returncode == 1, log[-4000:]
+    script = _script(out, "--rounds", "3", "--timeout", "2")  # three rounds cannot finish in 2 s
+    log = script.finish(timeout=300)
+    assert script.proc.returncode == 1, log[-4000:]
     assert "did not finish within 2 s (--timeout); it was stopped" in log
     assert "local-federation: failed; logs in" in log
     assert not (out / "report.json").exists()

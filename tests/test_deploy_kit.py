@@ -252,8 +252,8 @@ def test_systemd_units_parse_and_run_as_a_hardened_unprivileged_service(name):
                        "PrivateTmp": "yes", "CapabilityBoundingSet": "", "RestrictSUIDSGID": "yes"}.items():
         assert service[key] == value, key
     assert "/var/cache/fedchat" in service["ReadWritePaths"].split()
-    environment = dict(line.split("=", 1) for line in (SYSTEMD / name).read_text().splitlines()
-                       if line.startswith("Environment=") for line in [line.removeprefix("Environment=")])
+    environment = dict(line.removeprefix("Environment=").split("=", 1)
+                       for line in (SYSTEMD / name).read_text().splitlines() if line.startswith("Environment="))
     assert environment["FEDCHAT_CACHE"] == "/var/cache/fedchat"
     if UNITS[name]:  # the Flower services
         assert "/var/lib/fedchat" in service["ReadWritePaths"].split()
@@ -612,8 +612,9 @@ def test_following_the_runbooks_on_one_machine_gives_a_finished_run(tmp_path):
         for node in nodes:
             node.follow(N["8"])
             node.follow(N["9"])
-        for s in sorted(runbook("auditor"), key=int):
-            auditor.follow(runbook("auditor")[s])
+        A = runbook("auditor")
+        for s in sorted(A, key=int):
+            auditor.follow(A[s])
         audit = json.loads((home / "fedchat-audit" / "audit.json").read_text())
         assert [(a["node"], a["verdict"]) for a in audit] == [("org-1", "OK"), ("org-2", "OK")]
         assert all(2 <= a["rounds"] and a["epsilon_recomputed"] <= a["target_epsilon"] for a in audit)

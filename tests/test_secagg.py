@@ -54,6 +54,24 @@ def _run(tmp_path, data, name, n, secagg, broken=(), **extra):
     return cfg, report, adapter
 
 
+@pytest.fixture(scope="module")
+def plain3(tmp_path_factory, data) -> dict:
+    """Three nodes aggregated in plaintext, run once for the tests that compare with it: the
+    adapter before and after, and each node's update as the coordinator received it."""
+    folder = tmp_path_factory.mktemp("runs")
+    with pytest.MonkeyPatch.context() as patch:
+        RecordingMeter.received = []
+        patch.setattr(server.app, "TrafficMeter", RecordingMeter)
+        _, _, adapter = _run(folder, data, "plain", 3, secagg=False)
+    updates = {}
+    for content in RecordingMeter.received:
+        if content.array_records:
+            res = recorddict_to_fitres(content, keep_input=True)
+            updates[res.metrics["node"]] = parameters_to_ndarrays(res.parameters)
+    initial = load_file(str(folder / "plain" / "checkpoints" / "round-0000" / "adapter_model.safetensors"))
+    return {"adapter": adapter, "initial": initial, "updates": updates}
+
+
 def _max_diff(a: dict, b: dict) -> float:
     return max(float(np.abs(a[k] - b[k]).max()) for k in a)
 
@@ -63,23 +81,17 @@ def _float32_ulp(adapter: dict) -> float:
     return float(np.spacing(np.float32(max(float(np.abs(v).max()) for v in adapter.values()))))
 
 
-def test_secure_aggregate_equals_plaintext_average_and_reveals_no_update(tmp_path, data, record):
-    cfg, plain, plain_adapter = _run(tmp_path, data, "plain", 3, secagg=False)
-    plaintext_updates = {}
-    for content in record.received:
-        if content.array_records:
-            res = recorddict_to_fitres(content, keep_input=True)
-            plaintext_updates[res.metrics["node"]] = parameters_to_ndarrays(res.parameters)
+def test_secure_aggregate_equals_plaintext_average_and_reveals_no_update(tmp_path, data, plain3, record):
+    plain_adapter, plaintext_updates = plain3["adapter"], plain3["updates"]
     assert len(plaintext_updates) == 3  # without SecAgg+ the coordinator does see each update
 
-    record.received = []
     cfg, secure, secure_adapter = _run(tmp_path, data, "secure", 3, secagg=True)
     weights = [c["num_examples"] for c in secure["rounds"][0]["clients"]]
     bound = quantisation_error_bound(cfg, weights) + _float32_ulp(plain_adapter)
     error = _max_diff(plain_adapter, secure_adapter)
     print(f"SecAgg+ vs plaintext weighted mean: max |error| {error:.3g}, documented bound {bound:.3g}")
     assert error <= bound
-    assert _max_diff(plain_adapter, load_file(str(tmp_path / "plain/checkpoints/round-0000/adapter_model.safetensors"))) > 100 * bound
+    assert _max_diff(plain_adapter, plain3["initial"]) > 100 * bound
 
     # What the coordinator received: no array payload, masked integers only, nothing of any plaintext update.
     masked = []
@@ -105,8 +117,8 @@ def test_secure_aggregate_equals_plaintext_average_and_reveals_no_update(tmp_pat
     assert modulus["quantization_range"] == 2**29
 
 
-def test_dropout_after_key_sharing_leaves_a_correct_result(tmp_path, data, record):
-    _, plain, plain_adapter = _run(tmp_path, data, "plain3", 3, secagg=False)
+def test_dropout_after_key_sharing_leaves_a_correct_result(tmp_path, data, plain3):
+    plain_adapter = plain3["adapter"]
     cfg, report, adapter = _run(tmp_path, data, "drop", 4, secagg=True, broken=(3,))
     row = report["rounds"][0]
     assert row["status"] == "ok"
@@ -122,8 +134,8 @@ def test_dropout_after_key_sharing_leaves_a_correct_result(tmp_path, data, recor
     assert error <= bound
 
 
-def test_too_many_dropouts_fail_the_round_with_a_clear_error(tmp_path, data, caplog):
-    cfg, report, adapter = _run(tmp_path, data, "halt", 3, secagg=True, broken=(1, 2))
+def test_too_many_dropouts_fail_the_round_with_a_clear_error(tmp_path, data):
+    _, report, adapter = _run(tmp_path, data, "halt", 3, secagg=True, broken=(1, 2))
     row = report["rounds"][0]
     assert row["status"] == "failed"
     assert "halted at stage 'collect_masked_vectors': 1 of the 3 sampled nodes remained, 2 are needed" in row["error"]

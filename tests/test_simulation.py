@@ -3,7 +3,6 @@
 import json
 import os
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -16,6 +15,7 @@ from fedchat.simulation import simulate
 from shared.audit import audit_ledger, check_against_report
 from shared.config import RunConfig
 from shared.model import load_model
+from tests.conftest import Child
 
 pytestmark = pytest.mark.slow
 
@@ -75,29 +75,28 @@ def test_secure_dp_ffa_run_keeps_budgets_and_ledgers(tmp_path):
         assert audit.epsilon_recomputed == pytest.approx(reported[audit.node], rel=0.01)
 
 
-def _demo(out: Path, rounds: int, **popen):
+def _demo(out: Path, rounds: int, log: Path) -> Child:
     cmd = [sys.executable, "-m", "fedchat", "demo", "--base-model", "tiny", "--clients", "2", "--rounds", str(rounds),
            "--local-steps", "2", "--no-dp", "--no-secagg", "--out", str(out), "--run-config", "eval-max-conversations=10"]
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True, **popen)
+    return Child.start(cmd, log)
 
 
 def test_coordinator_resumes_after_being_killed(tmp_path):
     out = tmp_path / "run"
-    proc = _demo(out, 3)
+    first_run = _demo(out, 3, tmp_path / "first.log")
     deadline = time.monotonic() + 240
     try:
         while not (out / "checkpoints" / "round-0001" / "state.json").exists():
-            assert proc.poll() is None, proc.stdout.read()
+            assert first_run.proc.poll() is None, first_run.output()
             assert time.monotonic() < deadline, "no checkpoint of round 1 within 240 s"
             time.sleep(0.5)
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)  # a crash: no cleanup, no final report
-        proc.wait(timeout=30)
+        os.killpg(first_run.pid, signal.SIGKILL)  # a crash: no cleanup, no final report
+        first_run.proc.wait(timeout=30)
     first = json.loads((out / "checkpoints" / "round-0001" / "state.json").read_text())
-    resumed = _demo(out, 3)
-    output, _ = resumed.communicate(timeout=400)
-    assert resumed.returncode == 0, output
+    resumed = _demo(out, 3, tmp_path / "resumed.log")
+    output = resumed.finish(timeout=400)
+    assert resumed.proc.returncode == 0, output
     assert "resuming run" in output
     report = json.loads((out / "report.json").read_text())
     assert report["run_id"] == first["run_id"]
