@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from bench.common import md_table, write_results  # noqa: E402
-from client.train import backward_batch, make_private  # noqa: E402
+from client.train import backward_batch, dp_streams, make_private, secure_seed  # noqa: E402
 from fedchat.demo_data import write_demo_data  # noqa: E402
 from shared.adapter import attach_adapter  # noqa: E402
 from shared.config import RunConfig  # noqa: E402
@@ -55,7 +55,8 @@ def main() -> None:
     trainable = [p for p in plain_model.parameters() if p.requires_grad]
     plain_opt = torch.optim.AdamW(trainable, lr=cfg.learning_rate)
     gsm, dp_opt = make_private(dp_model, torch.optim.AdamW([p for p in dp_model.parameters() if p.requires_grad],
-                                                           lr=cfg.learning_rate), cfg, noise_multiplier=1.0)
+                                                           lr=cfg.learning_rate), cfg, noise_multiplier=1.0,
+                               noise_rng=dp_streams(secure_seed())[1])
     plain_model.train()
     dp_model.train()
 
@@ -63,12 +64,12 @@ def main() -> None:
         started = time.perf_counter()
         if private:
             backward_batch(gsm, data, idx, pad_id=tokenizer.pad_token_id, device=torch.device("cpu"),
-                           max_tokens=cfg.micro_batch_tokens, dp=True)
+                           max_tokens=cfg.micro_batch_tokens, dp_optimizer=dp_opt)
             dp_opt.step()
             dp_opt.zero_grad(set_to_none=True)
         else:
             backward_batch(plain_model, data, idx, pad_id=tokenizer.pad_token_id, device=torch.device("cpu"),
-                           max_tokens=cfg.micro_batch_tokens, dp=False)
+                           max_tokens=cfg.micro_batch_tokens)
             plain_opt.step()
             plain_opt.zero_grad(set_to_none=True)
         return time.perf_counter() - started

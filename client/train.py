@@ -3,25 +3,36 @@
 Under DP every step draws a Poisson sample of the node's conversations (each one
 independently with probability q = batch-size / n), clips each conversation's
 gradient to max-grad-norm, adds Gaussian noise of std noise_multiplier * max-grad-norm
-and divides by the expected batch size. One conversation is the unit of privacy.
-The sampling and the noise come from a fresh OS-random seed, never from the run seed.
+and divides by the expected batch size B. One conversation is the unit of privacy.
+
+The released step is exactly (sum of clipped per-conversation gradients + noise) / B,
+however the sample is split into length micro-batches: each micro-batch's per-sample
+gradients are clipped and summed as soon as it is done (memory stays flat), and the
+noise and the division by B happen once per step (`ExactDPOptimizer`). Opacus' own
+optimizer would divide by B times the number of backward passes, a number that
+depends on the lengths of the conversations drawn.
+
+The Poisson sample and the noise come from two independent PCG64DXSM streams (128-bit
+state) seeded with 256 bits from the OS, never from torch's CPU generator (which keeps
+32 bits of a seed) and never from the run seed.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+from opacus.optimizers import DPOptimizer
 
 from shared.adapter import get_arrays
 from shared.config import RunConfig
 from shared.dialogue import Encoded, collate
 from shared.model import conversation_losses
-from shared.seeds import derive_seed
 
 log = logging.getLogger(__name__)
 
@@ -45,10 +56,23 @@ def _uniform_batches(n: int, batch_size: int, steps: int, gen: torch.Generator):
         order = order[batch_size:]
 
 
-def _poisson_batches(n: int, sample_rate: float, steps: int, gen: torch.Generator):
+def secure_seed() -> int:
+    """256 bits from the OS for one round's DP randomness, unknown to anyone else."""
+    return int.from_bytes(os.urandom(32), "little")
+
+
+def dp_streams(seed: int) -> tuple[np.random.Generator, np.random.Generator]:
+    """(sampling, noise): independent 128-bit-state streams from every bit of `seed`.
+
+    Independent so the noise is not a function of which conversations were drawn."""
+    sampling, noise = np.random.SeedSequence(seed).spawn(2)
+    return np.random.Generator(np.random.PCG64DXSM(sampling)), np.random.Generator(np.random.PCG64DXSM(noise))
+
+
+def poisson_batches(n: int, sample_rate: float, steps: int, rng: np.random.Generator):
     """DP: each conversation joins each step's batch independently with prob. sample_rate."""
     for _ in range(steps):
-        yield torch.nonzero(torch.rand(n, generator=gen) < sample_rate).flatten().tolist()
+        yield np.flatnonzero(rng.random(n) < sample_rate).tolist()
 
 
 def length_chunks(idx: list[int], data: list[Encoded], max_tokens: int) -> list[list[int]]:
@@ -70,34 +94,78 @@ def length_chunks(idx: list[int], data: list[Encoded], max_tokens: int) -> list[
 
 
 def backward_batch(forward, data: list[Encoded], idx: list[int], *, pad_id: int, device, max_tokens: int,
-                   dp: bool) -> tuple[float, int]:
+                   dp_optimizer: ExactDPOptimizer | None = None) -> tuple[float, int]:
     """Forward and backward one (possibly empty) batch in length micro-batches.
 
-    Plain training accumulates the gradient of the batch's mean loss in .grad; under
-    DP Opacus accumulates per-conversation gradients in .grad_sample (it rescales each
-    micro-batch mean and later divides by the expected batch size itself).
+    Plain training accumulates the gradient of the batch's mean loss in .grad. Under DP
+    (`forward` is the GradSampleModule) each micro-batch's per-conversation gradients are
+    clipped and summed into the optimizer at once, before the next micro-batch.
     Returns (token-weighted loss sum, labelled tokens).
     """
     loss_sum, tokens = 0.0, 0
     for chunk in length_chunks(idx, data, max_tokens):
         batch = collate([data[i] for i in chunk], pad_id, device)
         losses, counts = conversation_losses(forward, **batch)
-        (losses.mean() if dp else losses.sum() / len(idx)).backward()
+        # Under DP Opacus undoes the mean: each grad_sample row is that conversation's own gradient.
+        (losses.mean() if dp_optimizer else losses.sum() / len(idx)).backward()
+        if dp_optimizer:
+            dp_optimizer.clip_micro_batch()
         loss_sum += float((losses.detach() * counts).sum())
         tokens += int(counts.sum())
     return loss_sum, tokens
 
 
-def make_private(model, optimizer, cfg: RunConfig, noise_multiplier: float, generator=None):
+class ExactDPOptimizer(DPOptimizer):
+    """Opacus' DPOptimizer with a step that is (sum of clipped per-sample gradients + noise) / B
+    whatever the micro-batching, and noise from a numpy stream of 128-bit state.
+
+    `clip_micro_batch` after each backward pass clips and sums that pass's per-sample
+    gradients (Opacus' own `clip_and_accumulate`, the per-sample norm taken over every
+    trainable tensor) and drops them; `pre_step` adds the noise once and divides by the
+    expected batch size once.
+    """
+
+    def __init__(self, optimizer, *, noise_multiplier: float, max_grad_norm: float, expected_batch_size: int,
+                 noise_rng: np.random.Generator) -> None:
+        super().__init__(optimizer, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
+                         expected_batch_size=expected_batch_size, loss_reduction="mean")
+        self.noise_rng = noise_rng
+
+    def clip_micro_batch(self) -> None:
+        self.clip_and_accumulate()
+        for p in self.params:
+            p.grad_sample = None
+
+    def add_noise(self) -> None:
+        std = self.noise_multiplier * self.max_grad_norm
+        for p in self.params:
+            # Opacus' secure mode (Holohan et al., arXiv 2107.10138): the sum of 4 draws / 2 has the
+            # same std and resists floating-point attacks; drawn in float64, then cast.
+            noise = self.noise_rng.standard_normal((4, *p.summed_grad.shape)).sum(0) * (std / 2)
+            p.grad = (p.summed_grad + torch.from_numpy(noise).to(p.summed_grad)).view_as(p)
+
+    def pre_step(self, closure=None) -> bool:
+        if any(getattr(p, "grad_sample", None) is not None for p in self.params):
+            self.clip_micro_batch()  # a pass not yet clipped (the caller skipped clip_micro_batch)
+        for p in self.params:
+            if p.summed_grad is None:  # an empty Poisson sample still takes a (pure-noise) step
+                p.summed_grad = torch.zeros_like(p)
+        self.add_noise()
+        for p in self.params:
+            p.grad /= self.expected_batch_size
+            p.summed_grad = None
+        self._is_last_step_skipped = False
+        return True
+
+
+def make_private(model, optimizer, cfg: RunConfig, noise_multiplier: float, noise_rng: np.random.Generator):
     """Opacus DP-SGD around a model and its optimizer: per-sample gradients, each clipped to
-    dp-max-grad-norm, Gaussian noise; returns (GradSampleModule, DPOptimizer)."""
+    dp-max-grad-norm, Gaussian noise; returns (GradSampleModule, ExactDPOptimizer)."""
     from opacus import GradSampleModule
-    from opacus.optimizers import DPOptimizer
 
     gsm = GradSampleModule(model, batch_first=True, loss_reduction="mean")
-    return gsm, DPOptimizer(optimizer, noise_multiplier=noise_multiplier, max_grad_norm=cfg.dp_max_grad_norm,
-                            expected_batch_size=cfg.batch_size, loss_reduction="mean", generator=generator,
-                            secure_mode=True)  # noise robust to floating-point attacks
+    return gsm, ExactDPOptimizer(optimizer, noise_multiplier=noise_multiplier, max_grad_norm=cfg.dp_max_grad_norm,
+                                 expected_batch_size=cfg.batch_size, noise_rng=noise_rng)
 
 
 def train_round(model, names: list[str], data: list[Encoded], cfg: RunConfig, *, pad_id: int,
@@ -109,30 +177,22 @@ def train_round(model, names: list[str], data: list[Encoded], cfg: RunConfig, *,
     received = get_arrays(model, names)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=cfg.learning_rate, weight_decay=0.0)
-    gen = torch.Generator().manual_seed(seed)
-    dp = noise_multiplier is not None
-    forward, gsm = model, None
-    if dp:
-        # Noise from its own stream: the same seed for the batch sample and the noise would make
-        # the noise a function of which conversations were drawn.
-        noise_gen = torch.Generator(device=device).manual_seed(derive_seed(seed, "noise"))
-        gsm, optimizer = make_private(model, optimizer, cfg, noise_multiplier, noise_gen)
-        forward = gsm
-        batches = _poisson_batches(len(data), min(1.0, cfg.batch_size / len(data)), cfg.local_steps, gen)
-    else:
-        batches = _uniform_batches(len(data), cfg.batch_size, cfg.local_steps, gen)
+    forward, gsm, dp_optimizer = model, None, None
+    if noise_multiplier is not None:
+        sampling, noise = dp_streams(seed)
+        gsm, optimizer = make_private(model, optimizer, cfg, noise_multiplier, noise)
+        forward, dp_optimizer = gsm, optimizer
+        batches = poisson_batches(len(data), min(1.0, cfg.batch_size / len(data)), cfg.local_steps, sampling)
+    else:  # reproducible from the run seed: nothing private is at stake
+        batches = _uniform_batches(len(data), cfg.batch_size, cfg.local_steps, torch.Generator().manual_seed(seed))
 
     loss_sum, tokens, drawn = 0.0, 0, 0
     model.train()
     try:
         for step, idx in enumerate(batches, 1):
             step_loss, step_tokens = backward_batch(forward, data, idx, pad_id=pad_id, device=device,
-                                                    max_tokens=cfg.micro_batch_tokens, dp=dp)
+                                                    max_tokens=cfg.micro_batch_tokens, dp_optimizer=dp_optimizer)
             loss_sum, tokens, drawn = loss_sum + step_loss, tokens + step_tokens, drawn + len(idx)
-            if not idx:
-                # an empty Poisson sample still takes a (pure-noise) step
-                for p in trainable:
-                    p.grad_sample = torch.zeros((0, *p.shape), device=p.device, dtype=p.dtype)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             if on_step:

@@ -1,9 +1,10 @@
-"""Local training: micro-batching by length changes nothing but speed; DP steps are correct."""
+"""Local training: micro-batching by length changes nothing but speed; DP steps are exact."""
 
 import numpy as np
+import pytest
 import torch
 
-from client.train import backward_batch, length_chunks, train_round
+from client.train import backward_batch, dp_streams, length_chunks, make_private, poisson_batches, train_round
 from shared.adapter import attach_adapter, exchanged_names
 from shared.config import RunConfig
 from shared.dialogue import encode_conversation
@@ -35,47 +36,90 @@ def _model(tiny_dir):
     return attach_adapter(load_model(tiny_dir, torch.device("cpu"), torch.float32), cfg)
 
 
-def _grads(model, data, idx, max_tokens, dp):
-    from opacus import GradSampleModule
-
+def _grads(model, data, idx, max_tokens):
     trainable = [p for p in model.parameters() if p.requires_grad]
-    forward = GradSampleModule(model, batch_first=True, loss_reduction="mean") if dp else model
     try:
-        loss, tokens = backward_batch(forward, data, idx, pad_id=0, device=torch.device("cpu"),
-                                      max_tokens=max_tokens, dp=dp)
-        if dp:
-            grads = [torch.cat(p.grad_sample) if isinstance(p.grad_sample, list) else p.grad_sample
-                     for p in trainable]
-        else:
-            grads = [p.grad.clone() for p in trainable]
+        loss, tokens = backward_batch(model, data, idx, pad_id=0, device=torch.device("cpu"), max_tokens=max_tokens)
+        grads = [p.grad.clone() for p in trainable]
     finally:
-        if dp:
-            forward._close()
         for p in trainable:
             p.grad = None
     return grads, loss / tokens
+
+
+def _dp_step_gradient(model, data, idx, cfg, max_tokens, noise_multiplier, noise_seed):
+    """The gradient one DP step hands to AdamW: Opacus per-sample gradients through fedchat's optimizer."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    gsm, opt = make_private(model, torch.optim.SGD(trainable, lr=0.0), cfg, noise_multiplier,
+                            dp_streams(noise_seed)[1])
+    try:
+        backward_batch(gsm, data, idx, pad_id=0, device=torch.device("cpu"), max_tokens=max_tokens,
+                       dp_optimizer=opt)
+        opt.pre_step()
+        return [p.grad.clone() for p in trainable]
+    finally:
+        opt.zero_grad(set_to_none=True)
+        gsm._close()
 
 
 def test_micro_batching_gives_the_same_gradients(tiny_dir, tokenizer):
     data = _data(tokenizer)
     model = _model(tiny_dir)
     idx = [3, 7, 0, 12, 19, 5, 22, 9]
-    whole, loss_whole = _grads(model, data, idx, 100_000, dp=False)
-    split, loss_split = _grads(model, data, idx, 40, dp=False)
+    whole, loss_whole = _grads(model, data, idx, 100_000)
+    split, loss_split = _grads(model, data, idx, 40)
     assert len(length_chunks(idx, data, 40)) > 2
     for a, b in zip(whole, split):
         torch.testing.assert_close(a, b, atol=1e-7, rtol=1e-4)
     assert abs(loss_whole - loss_split) < 1e-6
-    # DP: one per-conversation gradient per conversation, whichever micro-batch it was in.
-    per_sample, _ = _grads(model, data, idx, 40, dp=True)
-    order = [i for c in length_chunks(idx, data, 40) for i in c]
-    for k, i in enumerate(order[:3]):
-        alone, _ = _grads(model, data, [i], 100_000, dp=False)
-        for g_sample, g_alone in zip(per_sample, alone):
-            torch.testing.assert_close(g_sample[k], g_alone, atol=1e-6, rtol=1e-4)
-    # ... and their mean is the plain batch gradient.
-    for g_sample, g_mean in zip(per_sample, whole):
-        torch.testing.assert_close(g_sample.mean(0), g_mean, atol=1e-7, rtol=1e-4)
+
+
+def _max_tokens_for_chunks(data, idx, k):
+    for max_tokens in range(10, 4000):
+        if len(length_chunks(idx, data, max_tokens)) == k:
+            return max_tokens
+    raise AssertionError(f"no micro-batch size splits the batch into {k} chunks")
+
+
+@pytest.mark.parametrize("chunks", [1, 2, 3])
+def test_a_dp_step_does_not_depend_on_the_micro_batching(tiny_dir, tokenizer, chunks):
+    """Threat: the released step was (clipped sum + noise) / (B * k) with k, the number of backward
+    passes, a function of the lengths of the conversations drawn. It must be (clipped sum + noise) / B."""
+    data = _data(tokenizer)
+    idx = [3, 7, 0, 12, 19, 5]
+    cfg = RunConfig(base_model="tiny", batch_size=4, dp_max_grad_norm=0.05)
+    max_tokens = _max_tokens_for_chunks(data, idx, chunks)
+    model = _model(tiny_dir)
+    got = _dp_step_gradient(model, data, idx, cfg, max_tokens, noise_multiplier=0.5, noise_seed=11)
+
+    # By hand: each conversation's own gradient (no Opacus), clipped jointly over all tensors to C.
+    summed = None
+    for i in idx:
+        alone, _ = _grads(model, data, [i], 100_000)
+        norm = torch.sqrt(sum((g ** 2).sum() for g in alone))
+        factor = min(1.0, cfg.dp_max_grad_norm / (float(norm) + 1e-6))
+        assert factor < 1.0  # the clipping is exercised
+        summed = [g * factor for g in alone] if summed is None else [s + g * factor for s, g in zip(summed, alone)]
+    rng, std = dp_streams(11)[1], 0.5 * cfg.dp_max_grad_norm
+    noise = [torch.from_numpy(rng.standard_normal((4, *s.shape)).sum(0) * (std / 2)).float() for s in summed]
+    want = [(s + n) / cfg.batch_size for s, n in zip(summed, noise)]
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, atol=1e-6, rtol=1e-4)
+
+
+def test_dp_randomness_keeps_every_bit_of_its_seed():
+    """Threat: torch's CPU generator keeps 32 bits of a seed, so whoever sees one update could search all
+    seeds for the noise. Seeds that differ only above bit 32 must give other samples and other noise."""
+    seed = 0x1234_5678_9ABC
+    other = seed + (1 << 40)
+    a_sample, a_noise = dp_streams(seed)
+    b_sample, b_noise = dp_streams(other)
+    assert list(poisson_batches(1000, 0.1, 3, a_sample)) != list(poisson_batches(1000, 0.1, 3, b_sample))
+    assert not np.allclose(a_noise.standard_normal(64), b_noise.standard_normal(64))
+    assert a_noise.bit_generator.state["bit_generator"] == "PCG64DXSM"  # 128-bit state
+    # the same seed gives the same streams (the node draws a fresh 256-bit OS seed every round)
+    c_sample, c_noise = dp_streams(seed)
+    np.testing.assert_array_equal(dp_streams(seed)[0].random(8), c_sample.random(8))
 
 
 def _delta(tiny_dir, data, cfg, noise):
