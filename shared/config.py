@@ -203,6 +203,12 @@ class NodeConfig(_FlowerConfig):
     require_secagg: bool = field(default=True, metadata=_doc("refuse to send an update outside SecAgg+, whatever the coordinator asks"))
     validation_fraction: float = field(default=0.1, metadata=_doc("share of local conversations held out for local validation"))
     ledger_key: str = field(default="", metadata=_doc("Ed25519 private key (PEM) that signs the ledger; default STATE_DIR/ledger-key.pem"))
+    allowed_base_models: str = field(default="smollm2-135m,tiny", metadata=_doc("comma-separated base models (names or folders) this node agrees to load; any other run is refused"))
+    max_local_steps: int = field(default=1000, metadata=_doc("cap on local-steps a run may ask of this node per round"))
+    max_batch_size: int = field(default=4096, metadata=_doc("cap on the (expected) batch size a run may ask"))
+    max_seq_len: int = field(default=2048, metadata=_doc("cap on max-seq-len a run may ask (memory)"))
+    max_micro_batch_tokens: int = field(default=65536, metadata=_doc("cap on micro-batch-tokens a run may ask (memory)"))
+    max_lora_r: int = field(default=64, metadata=_doc("cap on the LoRA rank a run may ask"))
 
     def __post_init__(self) -> None:
         if not self.target_epsilon > 0:
@@ -213,6 +219,15 @@ class NodeConfig(_FlowerConfig):
             self._fail("dtype", f"must be one of {', '.join(DTYPES)}")
         if not 0 <= self.validation_fraction < 1:
             self._fail("validation-fraction", "must be in [0, 1)")
+        if not self.allowed_models:
+            self._fail("allowed-base-models", "must name at least one base model, e.g. 'smollm2-135m'")
+        for name in ("max_local_steps", "max_batch_size", "max_seq_len", "max_micro_batch_tokens", "max_lora_r"):
+            if getattr(self, name) <= 0:
+                self._fail(name.replace("_", "-"), "must be a positive integer")
+
+    @property
+    def allowed_models(self) -> list[str]:
+        return [m.strip() for m in self.allowed_base_models.split(",") if m.strip()]
 
 
 def org_name(i: int) -> str:
