@@ -86,6 +86,10 @@ def read_dialogues(path: str | Path, *, skip_bad_lines: bool = False) -> Dialogu
         except json.JSONDecodeError as exc:
             problems.append((number, f"not valid JSON ({exc.msg} at column {exc.colno}): each line must be one JSON object"))
             continue
+        except RecursionError:  # json's decoder recurses once per level of nesting
+            problems.append((number, "JSON nested too deeply to read: a line must be one flat object "
+                                     "{\"messages\": [{\"role\": ..., \"content\": \"...\"}, ...]}"))
+            continue
         problem = _problem(record)
         if problem:
             problems.append((number, problem))

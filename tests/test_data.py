@@ -1,6 +1,9 @@
 """Dialogue files: every error is reported with its line and a fix; encoding and split."""
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -9,6 +12,8 @@ from fedchat.cli import main
 from shared.dialogue import IGNORE, encode_conversation, read_dialogues
 from shared.errors import DataError
 from tests.conftest import conversation, write_jsonl
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize("line,problem", [
@@ -110,3 +115,29 @@ def test_data_check_cli_exits_2_with_the_listing(tmp_path, capsys, tiny_dir):
     path = write_jsonl(tmp_path / "d.jsonl", [conversation(), "{oops"])
     assert main(["data", "check", str(path), "--base-model", "tiny"]) == 2
     assert "line 2: not valid JSON" in capsys.readouterr().err
+
+
+DEEP = "[" * 100_000 + "]" * 100_000  # json's decoder recurses once per level: RecursionError today
+
+
+def test_deeply_nested_json_is_a_clear_error(tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", [conversation(), DEEP, '{"messages": ' + DEEP + "}", conversation()])
+    with pytest.raises(DataError) as err:
+        read_dialogues(path)
+    text = str(err.value)
+    assert "2 bad line(s), 2 good" in text
+    assert "line 2: JSON nested too deeply" in text and "line 3: JSON nested too deeply" in text
+    kept = read_dialogues(path, skip_bad_lines=True)
+    assert kept.line_numbers == [1, 4]
+    assert [n for n, _ in kept.skipped] == [2, 3] and all("nested too deeply" in p for _, p in kept.skipped)
+
+
+def test_deeply_nested_json_in_data_check_is_a_bad_line_not_a_crash(tmp_path, tiny_dir):
+    path = write_jsonl(tmp_path / "d.jsonl", [conversation(), DEEP])
+    check = [sys.executable, "-m", "fedchat", "data", "check", str(path), "--base-model", "tiny"]
+    refused = subprocess.run(check, capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert refused.returncode == 2, refused.stderr
+    assert "line 2: JSON nested too deeply" in refused.stderr and "Traceback" not in refused.stderr
+    skipped = subprocess.run([*check, "--skip-bad-lines"], capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert skipped.returncode == 0, skipped.stderr
+    assert "conversations        1" in skipped.stdout and "skipped line 2: JSON nested too deeply" in skipped.stdout
