@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fcntl
+import hashlib
 from pathlib import Path
 
 from cryptography.exceptions import InvalidSignature
@@ -71,6 +72,12 @@ def load_public_key(path: str | Path) -> Ed25519PublicKey:
     if not isinstance(key, Ed25519PublicKey):
         raise LedgerError(f"{path} is not an Ed25519 public key.")
     return key
+
+
+def key_fingerprint(key: Ed25519PublicKey | Ed25519PrivateKey) -> str:
+    """SHA-256 (hex) of the raw 32 bytes of an Ed25519 public key: how a ledger key is named in reports."""
+    pub = key.public_key() if isinstance(key, Ed25519PrivateKey) else key
+    return hashlib.sha256(pub.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)).hexdigest()
 
 
 def sign(key: Ed25519PrivateKey, data: bytes) -> str:
