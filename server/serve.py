@@ -4,11 +4,19 @@
                                 top_p, stop, seed, stream (+ stream_options.include_usage)
     GET  /v1/models             the served model, with the federated round it comes from
     GET  /v1/models/{id}
-    GET  /health                liveness, the round served, the queue (no API key needed)
+    GET  /health                liveness: status, model name and round to anyone; the queue and
+                                counters only with the API key (when the server has one)
 
 Errors have OpenAI's body, {"error": {"message", "type", "param", "code"}}, and status:
 401 missing or wrong API key, 400 malformed JSON or a bad parameter or a prompt that does
-not fit the context, 404 unknown model or route, 503 queue full, 500 generation failure.
+not fit the context, 404 unknown model or route, 413 a body over --max-body-bytes, 503 queue
+full, 500 an internal failure.
+
+What a client can learn is kept small: no response holds a file path, and a 500 says only
+that the server failed, with a request id; the exception and its traceback go to the log
+under that id. The body is read in chunks and refused at --max-body-bytes (a larger
+Content-Length is refused before reading any of it), and JSON parsing and the chat template
+run in a worker thread, so one large prompt never stalls the event loop.
 
 This module is the HTTP layer only: requests are checked and turned into generations
 here, and run by `server.serve_engine.Engine` (one worker, a queue); the model and its
@@ -44,15 +52,17 @@ log = logging.getLogger("fedchat.serve")
 
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 MAX_STOP = 4
+SEED_RANGE = (-(2**63), 2**63 - 1)  # OpenAI's: a signed 64-bit integer
 
 
 class APIError(FedchatError):
     """A request the API refuses, with OpenAI's error fields."""
 
     def __init__(self, status: int, message: str, *, type: str = "invalid_request_error",
-                 param: str | None = None, code: str | None = None) -> None:
+                 param: str | None = None, code: str | None = None, headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+        self.headers = headers or {}
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
@@ -60,6 +70,39 @@ class APIError(FedchatError):
 
 def _bad(message: str, param: str | None = None, code: str | None = "invalid_value") -> APIError:
     return APIError(400, message, param=param, code=code)
+
+
+def internal_error(request_id: str) -> APIError:
+    """What a client sees of a failure inside the server: the id under which it is logged, no more."""
+    return APIError(500, f"The server had an error while processing your request. Retry it; if the error "
+                         f"persists, give the server's operator the request id {request_id} (its log has "
+                         "the details).", type="server_error", code="internal_error",
+                    headers={"X-Request-Id": request_id})
+
+
+def _too_large(limit: int) -> APIError:
+    # the rest of the body is never read: the connection closes after the answer
+    return APIError(413, f"The request body is larger than this server accepts ({limit} bytes, "
+                         "--max-body-bytes). Send a shorter conversation.", param="messages",
+                    code="request_too_large", headers={"Connection": "close"})
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, refused with 413 once it passes `limit` bytes: a Content-Length over
+    the limit before anything is read, a chunked or lying body as soon as its count passes it."""
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        if not declared.strip().isdigit():
+            raise _bad(f"Content-Length {declared!r} is not a number of bytes.", None, "invalid_request")
+        if int(declared) > limit:
+            raise _too_large(limit)
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise _too_large(limit)
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 # ----------------------------------------------------------------- requests
@@ -80,6 +123,9 @@ def parse_chat_request(raw: bytes, model_name: str, default_max_tokens: int) -> 
         body = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
         raise APIError(400, f"We could not parse the JSON body of your request ({exc}). Send a JSON object "
+                            "with 'model' and 'messages'.", code="invalid_json") from None
+    except RecursionError:  # json's decoder recurses once per level of nesting
+        raise APIError(400, "The JSON body of your request is nested too deeply to read. Send a JSON object "
                             "with 'model' and 'messages'.", code="invalid_json") from None
     if not isinstance(body, dict):
         raise APIError(400, "The request body must be a JSON object with 'model' and 'messages'.",
@@ -103,8 +149,9 @@ def parse_chat_request(raw: bytes, model_name: str, default_max_tokens: int) -> 
     if top_p == 0:
         raise _bad("'top_p' must be greater than 0 and at most 1.", "top_p")
     seed = body.get("seed")
-    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
-        raise _bad(f"'seed' must be an integer, got {seed!r}.", "seed")
+    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)
+                             or not SEED_RANGE[0] <= seed <= SEED_RANGE[1]):
+        raise _bad(f"'seed' must be an integer from {SEED_RANGE[0]} to {SEED_RANGE[1]}, got {seed!r}.", "seed")
     stream = body.get("stream") or False
     if not isinstance(stream, bool):
         raise _bad(f"'stream' must be true or false, got {stream!r}.", "stream")
@@ -206,7 +253,7 @@ def create_app(engine: Engine, cfg: ServeConfig) -> FastAPI:
 
     @app.exception_handler(APIError)
     async def api_error(_: Request, exc: APIError):
-        return JSONResponse(exc.body(), status_code=exc.status)
+        return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException):
@@ -216,10 +263,19 @@ def create_app(engine: Engine, cfg: ServeConfig) -> FastAPI:
         return JSONResponse(APIError(exc.status_code, message, code=code).body(), status_code=exc.status_code)
 
     @app.exception_handler(Exception)
-    async def server_error(_: Request, exc: Exception):
-        log.exception("request failed")
-        return JSONResponse(APIError(500, f"The server failed to handle the request: {exc}",
-                                     type="server_error").body(), status_code=500)
+    async def server_error(request: Request, exc: Exception):
+        request_id = f"req-{secrets.token_hex(8)}"
+        log.error("%s: %s %s failed", request_id, request.method, request.url.path, exc_info=exc)
+        error = internal_error(request_id)
+        return JSONResponse(error.body(), status_code=500, headers=error.headers)
+
+    def authorized(request: Request) -> bool:
+        """The request carries the server's API key (always true on a server without one)."""
+        try:
+            authorize(request)
+        except APIError:
+            return False
+        return True
 
     def authorize(request: Request) -> None:
         if cfg.api_key is None:
@@ -234,16 +290,18 @@ def create_app(engine: Engine, cfg: ServeConfig) -> FastAPI:
             raise APIError(401, "Incorrect API key provided. Use the key the server was started with "
                                 f"(--api-key or {API_KEY_ENV}).", code="invalid_api_key")
 
-    def model_card(served: ServedModel) -> dict:
+    def model_card(served: ServedModel) -> dict:  # no path: the operator's log says which folder is served
         return {"id": cfg.model_name, "object": "model", "created": served.loaded_at, "owned_by": "fedchat",
-                "round": served.round, "run_id": served.run_id, "base_model": served.base_model,
-                "source": str(served.path), "context_length": served.context_length}
+                "round": served.round, "run_id": served.run_id, "base_model": _public_name(served.base_model),
+                "context_length": served.context_length}
 
     @app.get("/health")
-    async def health():
+    async def health(request: Request):
         served, stats = engine.served, engine.stats
-        return {"status": "ok", "model": cfg.model_name, "round": served.round, "source": str(served.path),
-                "queued": stats.queued, "running": stats.running, "completed": stats.completed,
+        public = {"status": "ok", "model": cfg.model_name, "round": served.round}
+        if not authorized(request):  # liveness only: how busy the server is is the key holders' business
+            return public
+        return {**public, "queued": stats.queued, "running": stats.running, "completed": stats.completed,
                 "cancelled": stats.cancelled, "failed": stats.failed, "completion_tokens": stats.completion_tokens}
 
     @app.get("/v1/models")
@@ -262,14 +320,15 @@ def create_app(engine: Engine, cfg: ServeConfig) -> FastAPI:
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         authorize(request)
-        chat = parse_chat_request(await request.body(), cfg.model_name, cfg.default_max_tokens)
+        raw = await read_body(request, cfg.max_body_bytes)
         served = engine.served  # the request runs on this model, whatever is published meanwhile
-        prompt_ids, params = fit_context(chat, served)
+        # JSON parsing and the chat template take time on a large prompt: not on the event loop
+        chat, prompt_ids, params = await asyncio.to_thread(_prepare, raw, cfg, served)
         gen = Generation(served, prompt_ids, params)
         reply = _Reply(cfg.model_name, served)
         if chat.stream:
             events: asyncio.Queue = asyncio.Queue()
-            _submit(engine, gen, _emitter(asyncio.get_running_loop(), events.put_nowait))
+            _submit(engine, gen, _emitter(asyncio.get_running_loop(), events.put_nowait), reply.id)
             # the background task also frees the worker if the client leaves before the stream starts
             return StreamingResponse(reply.sse(gen, events, chat.include_usage), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
@@ -285,7 +344,7 @@ def create_app(engine: Engine, cfg: ServeConfig) -> FastAPI:
             else:
                 finish(event)
 
-        _submit(engine, gen, emit)
+        _submit(engine, gen, emit, reply.id)
         gone = asyncio.ensure_future(_disconnected(request))
         try:
             await asyncio.wait({done, gone}, return_when=asyncio.FIRST_COMPLETED)
@@ -295,17 +354,31 @@ def create_app(engine: Engine, cfg: ServeConfig) -> FastAPI:
             gone.cancel()
         if gone.done() and not done.done():
             return JSONResponse(APIError(499, "client closed the request").body(), status_code=499)
-        kind, value = done.result()
-        if kind == "error":
-            raise APIError(500, value, type="server_error")
+        kind, _ = done.result()
+        if kind == "error":  # the worker logged the failure under reply.id
+            raise internal_error(reply.id)
         return reply.completion("".join(pieces), gen)
 
     return app
 
 
-def _submit(engine: Engine, gen: Generation, emit) -> None:
+def _prepare(raw: bytes, cfg: ServeConfig, served: ServedModel) -> tuple[ChatRequest, list[int], GenerationParams]:
+    """The checked request, its prompt's token ids and final parameters (run in a worker thread)."""
+    chat = parse_chat_request(raw, cfg.model_name, cfg.default_max_tokens)
+    prompt_ids, params = fit_context(chat, served)
+    return chat, prompt_ids, params
+
+
+def _public_name(base_model: str | None) -> str | None:
+    """A base model's name as a client may see it: a local folder is shown by its last part only."""
+    if base_model is None or ("/" not in base_model and "\\" not in base_model):
+        return base_model
+    return base_model.replace("\\", "/").rstrip("/").rsplit("/", 1)[-1]
+
+
+def _submit(engine: Engine, gen: Generation, emit, request_id: str) -> None:
     try:
-        engine.submit(Job(gen, emit))
+        engine.submit(Job(gen, emit, request_id=request_id))
     except QueueFullError as exc:
         raise APIError(503, f"The server is busy: {exc}", type="server_error", code="queue_full") from None
 
@@ -377,7 +450,7 @@ class _Reply:
                     self._log(gen)
                     break
                 else:  # the status line is sent already: report the failure in the stream, as OpenAI does
-                    yield f"data: {json.dumps(APIError(500, value, type='server_error').body())}\n\n"
+                    yield f"data: {json.dumps(internal_error(self.id).body())}\n\n"
                     break
             yield "data: [DONE]\n\n"
         finally:

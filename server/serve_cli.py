@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from server.serve_config import API_KEY_ENV, DTYPES, ServeConfig
+from server.serve_config import API_KEY_ENV, DTYPES, MAX_BODY_BYTES, ServeConfig
 
 
 def _model_options(p: argparse.ArgumentParser) -> None:
@@ -34,6 +34,8 @@ def add_serving_commands(sub) -> None:
     serve.add_argument("--max-queue", type=int, default=64, help="requests that may wait; more get 503")
     serve.add_argument("--default-max-tokens", type=int, default=512,
                        help="answer length when a request gives no max_tokens (capped by the context)")
+    serve.add_argument("--max-body-bytes", type=int, default=MAX_BODY_BYTES,
+                       help=f"largest request body accepted; larger ones get 413 (default {MAX_BODY_BYTES})")
     serve.set_defaults(func=cmd_serve)
 
     chat = sub.add_parser("chat", help="chat in the terminal with a model folder or a running server",
@@ -57,7 +59,8 @@ def cmd_serve(args) -> int:
     run_server(ServeConfig.from_env(
         model=args.model, base=args.base, adapter=args.adapter, watch=args.watch, watch_interval=args.watch_interval,
         host=args.host, port=args.port, api_key=args.api_key, model_name=args.model_name, device=args.device,
-        dtype=args.dtype, max_queue=args.max_queue, default_max_tokens=args.default_max_tokens))
+        dtype=args.dtype, max_queue=args.max_queue, default_max_tokens=args.default_max_tokens,
+        max_body_bytes=args.max_body_bytes))
     return 0
 
 

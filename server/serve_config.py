@@ -23,6 +23,7 @@ from shared.errors import ConfigError
 
 API_KEY_ENV = "FEDCHAT_API_KEY"
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+MAX_BODY_BYTES = 1 << 20  # 1 MiB: about 250,000 tokens of text, far more than any context served here
 
 
 @dataclass(frozen=True)
@@ -54,6 +55,7 @@ class ServeConfig:
     dtype: str = "auto"
     max_queue: int = 64
     default_max_tokens: int = 512
+    max_body_bytes: int = MAX_BODY_BYTES
 
     def __post_init__(self) -> None:
         if self.model and (self.adapter or self.base):
@@ -74,6 +76,9 @@ class ServeConfig:
             raise ConfigError(f"--max-queue must be at least 1 (got {self.max_queue}).")
         if self.default_max_tokens < 1:
             raise ConfigError(f"--default-max-tokens must be at least 1 (got {self.default_max_tokens}).")
+        if self.max_body_bytes < 1024:
+            raise ConfigError(f"--max-body-bytes must be at least 1024 (got {self.max_body_bytes}): a request "
+                              "body holds the whole conversation.")
         if self.dtype not in DTYPES:
             raise ConfigError(f"--dtype {self.dtype!r}: use one of {', '.join(DTYPES)}.")
         if not self.model_name or any(c.isspace() for c in self.model_name):

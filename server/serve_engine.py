@@ -159,7 +159,10 @@ def _pick(logits: torch.Tensor, params: GenerationParams, generator: torch.Gener
     logits = logits.float()
     if params.temperature == 0:
         return int(logits.argmax())
-    probs = torch.softmax(logits / params.temperature, dim=-1)
+    # shifted so the largest is 0: a tiny temperature then gives 0 and -inf (a NaN only where
+    # it underflows to 0 and 0/0 meets the largest, which is then weight 1), never inf - inf
+    scaled = torch.nan_to_num((logits - logits.max()) / params.temperature, nan=0.0)
+    probs = torch.softmax(scaled, dim=-1)
     if params.top_p < 1.0:
         sorted_probs, order = torch.sort(probs, descending=True)
         outside = torch.cumsum(sorted_probs, dim=-1) - sorted_probs > params.top_p  # keeps at least one
@@ -174,10 +177,12 @@ def _pick(logits: torch.Tensor, params: GenerationParams, generator: torch.Gener
 @dataclass
 class Job:
     """A generation waiting for, or running on, the worker. `emit` is called from the worker
-    thread with ("delta", text), then ("done", generation) or ("error", message)."""
+    thread with ("delta", text), then ("done", generation) or ("error", request_id); a failure's
+    exception and traceback are logged under `request_id`, never handed to the client."""
 
     generation: Generation
     emit: Callable[[tuple], None]
+    request_id: str = field(default_factory=lambda: f"gen-{secrets.token_hex(8)}")
     submitted: float = field(default_factory=time.perf_counter)
 
 
@@ -246,11 +251,11 @@ class Engine:
                 for piece in gen:
                     job.emit(("delta", piece))
                 job.emit(("done", gen))
-            except Exception as exc:  # one bad request must not stop the worker
-                log.exception("generation failed")
+            except Exception:  # one bad request must not stop the worker
+                log.exception("%s: generation failed", job.request_id)
                 with self._lock:
                     self.stats.failed += 1
-                job.emit(("error", f"generation failed: {exc}"))
+                job.emit(("error", job.request_id))
             finally:
                 self._current = None
                 with self._lock:

@@ -7,7 +7,12 @@ The expected answers come from Hugging Face's own `model.generate` on the merged
 
 from __future__ import annotations
 
+import json
 import os
+import random
+import select
+import socket
+import string
 import subprocess
 import sys
 import threading
@@ -24,7 +29,7 @@ from openai import OpenAI
 from fedchat.serve_process import ServeProcess
 from server.checkpoint import RunState, publish_link, round_dir, save_checkpoint
 from server.merge import merge_adapter
-from server.serve_config import ModelSource, ServeConfig
+from server.serve_config import MAX_BODY_BYTES, ModelSource, ServeConfig
 from server.serve_engine import Generation, GenerationParams, TextStream
 from server.serve_model import ModelWatcher, load_served
 from shared.adapter import attach_adapter, exchanged_names, get_arrays, set_arrays
@@ -93,7 +98,8 @@ class LiveServer(ServeProcess):
     """`fedchat serve ...` on 127.0.0.1 (fedchat/serve_process.py), with the test's clients."""
 
     def health(self) -> dict:
-        return httpx.get(f"{self.url}/health", timeout=5).json()
+        """/health with the key: the counters too."""
+        return httpx.get(f"{self.url}/health", headers={"Authorization": f"Bearer {KEY}"}, timeout=5).json()
 
     def client(self, key: str | None = KEY, **kw) -> OpenAI:
         return OpenAI(base_url=f"{self.url}/v1", api_key=key, max_retries=0, timeout=60, **kw)
@@ -327,6 +333,153 @@ def test_hot_reload_during_traffic(run_dir, oracles, tmp_path):
     finally:
         srv.stop()
         publish_link(run_dir / "merged", merged(run_dir, 1))
+
+
+# ----------------------------------------------------------------- what the server gives away, and to whom
+
+
+@pytest.mark.slow
+def test_health_without_a_key_reveals_no_paths(server, run_dir):
+    public = {"status": "ok", "model": "fedchat", "round": 1}
+    assert httpx.get(f"{server.url}/health").json() == public
+    assert httpx.get(f"{server.url}/health", headers={"Authorization": "Bearer not-the-key"}).json() == public
+    with_key = httpx.get(f"{server.url}/health", headers={"Authorization": f"Bearer {KEY}"})
+    assert with_key.json().items() >= public.items() and "failed" in with_key.json()
+    cards = server.client().models.list().model_dump_json()
+    for text in (with_key.text, cards):  # no path of this machine, even to key holders
+        assert str(run_dir) not in text and str(REPO) not in text and os.sep + "tmp" not in text
+
+
+@pytest.mark.slow
+def test_an_oversized_request_body_is_refused_with_413(server):
+    assert ServeConfig(model="m").max_body_bytes == MAX_BODY_BYTES == 1 << 20
+    with pytest.raises(openai.APIStatusError) as big:  # the official client, a body just over 1 MiB
+        ask(server.client(), "x" * MAX_BODY_BYTES)
+    assert big.value.status_code == 413 and error_of(big.value)["code"] == "request_too_large"
+    assert str(MAX_BODY_BYTES) in error_of(big.value)["message"]
+
+    head = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {KEY}\r\n"
+            "Content-Type: application/json\r\n")
+    # a Content-Length of 1 TB is refused before a byte of it is sent: the server does not wait for it
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        sock.sendall((head + f"Content-Length: {10**12}\r\n\r\n").encode())
+        answer = _http_response(sock)
+    assert answer.startswith(b"HTTP/1.1 413") and b"request_too_large" in answer
+
+    # a chunked body (no length given) is counted as it streams and refused once past the limit
+    chunk = b"x" * 65536
+    sent = 0
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        sock.sendall((head + "Transfer-Encoding: chunked\r\n\r\n").encode())
+        while sent < 8 * MAX_BODY_BYTES and not select.select([sock], [], [], 0)[0]:
+            try:
+                sock.sendall(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+            except OSError:  # the server closed the connection after answering
+                break
+            sent += len(chunk)
+        answer = _http_response(sock)
+    assert answer.startswith(b"HTTP/1.1 413") and b"request_too_large" in answer
+    assert sent < 4 * MAX_BODY_BYTES  # it answered soon after the limit, not at the end of the body
+    assert ask(server.client(), "Still there?", max_tokens=2).usage.completion_tokens >= 1
+
+
+def _http_response(sock: socket.socket) -> bytes:
+    data = b""
+    while b"\r\n\r\n" not in data or not data.rstrip().endswith(b"}"):
+        try:
+            part = sock.recv(65536)
+        except ConnectionResetError:
+            break
+        if not part:
+            break
+        data += part
+    return data
+
+
+@pytest.mark.slow
+def test_tokenization_runs_off_the_event_loop(server):
+    """/health answers at once while a ~900 kB prompt is tokenized (about a second here)."""
+    rng = random.Random(0)
+    text = " ".join("".join(rng.choices(string.ascii_lowercase, k=rng.randint(3, 9))) for _ in range(130_000))
+    assert len(text.encode()) < MAX_BODY_BYTES - 1000
+    outcome: dict = {}
+
+    def big() -> None:
+        started = time.monotonic()
+        try:
+            ask(server.client(), text, max_tokens=1)
+        except openai.BadRequestError as exc:  # it was tokenized: far too long for the context
+            outcome["error"] = error_of(exc)
+        outcome["seconds"] = time.monotonic() - started
+
+    latencies = []
+    with httpx.Client(base_url=server.url, timeout=30) as probe:
+        probe.get("/health")  # the connection is open before the big request starts
+        thread = threading.Thread(target=big)
+        thread.start()
+        while thread.is_alive():
+            started = time.monotonic()
+            assert probe.get("/health").status_code == 200
+            latencies.append(time.monotonic() - started)
+            time.sleep(0.01)
+        thread.join()
+    assert outcome["error"]["code"] == "context_length_exceeded"
+    assert outcome["seconds"] > 0.3, "the prompt tokenized too fast to tell: make it longer"
+    # on the event loop, a probe sent during tokenization waits for all of it
+    assert len(latencies) >= 5 and max(latencies) < outcome["seconds"] / 3, (latencies, outcome)
+
+
+@pytest.fixture(scope="module")
+def mismatched_model(tmp_path_factory, tiny_dir, tokenizer) -> Path:
+    """An operator's mistake: a model folder whose weights know 1,000 token ids and whose tokenizer
+    makes 49,152. It loads and starts; generating from most prompts fails inside torch."""
+    from transformers import AutoConfig, LlamaForCausalLM
+
+    out = tmp_path_factory.mktemp("mismatched")
+    config = AutoConfig.from_pretrained(tiny_dir)
+    config.vocab_size = 1000
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+@pytest.mark.slow
+def test_a_500_does_not_echo_exception_text(mismatched_model, tmp_path):
+    srv = LiveServer(["--model", str(mismatched_model)], tmp_path / "serve.log", env={"FEDCHAT_API_KEY": KEY})
+    try:
+        client = srv.client()
+        with pytest.raises(openai.InternalServerError) as failed:
+            ask(client, "Hello, who are you?")
+        err = error_of(failed.value)
+        request_id = failed.value.response.headers["x-request-id"]
+        assert (err["type"], err["code"]) == ("server_error", "internal_error") and request_id in err["message"]
+        with pytest.raises(openai.APIError) as in_stream:  # the status line was sent: the error is a chunk
+            streamed(client, "Hello, who are you?")
+        stream_id = in_stream.value.body["message"].split("request id ")[1].split(" ")[0]
+        log_text = srv.log.read_text()
+        for message in (err["message"], in_stream.value.body["message"]):
+            assert "index out of range" not in message and "Error" not in message and os.sep not in message
+        for rid in (request_id, stream_id):  # what the client got leads the operator to the traceback
+            logged = log_text[log_text.index(f"{rid}: generation failed"):]
+            assert "Traceback" in logged and "IndexError: index out of range" in logged
+        assert srv.health()["failed"] == 2
+    finally:
+        srv.stop()
+
+
+@pytest.mark.slow
+def test_requests_that_used_to_fail_inside_the_server_are_400s(server):
+    auth = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
+    deep = httpx.post(f"{server.url}/v1/chat/completions", headers=auth,
+                      content=b'{"model": "fedchat", "messages": ' + b"[" * 100_000 + b"]" * 100_000 + b"}")
+    assert deep.status_code == 400 and "nested too deeply" in deep.json()["error"]["message"]
+    with pytest.raises(openai.BadRequestError) as seed:
+        ask(server.client(), "hi", seed=2**64)  # torch's generator cannot take it
+    assert error_of(seed.value)["param"] == "seed"
+    before = server.health()["failed"]
+    reply = ask(server.client(), "hi", max_tokens=4, temperature=1e-45)  # logits / 1e-45 overflow
+    assert reply.usage.completion_tokens >= 1 and server.health()["failed"] == before
 
 
 # ----------------------------------------------------------------- fedchat chat
