@@ -19,10 +19,11 @@ import numpy as np
 from flwr.app import Context
 from flwr.client import NumPyClient
 from flwr.clientapp import ClientApp
-from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 
 from client.data import LocalData, load_local_data
+from client.policy import check_run, refusal
 from client.privacy import fits_budget, plan_round, secure_seed
+from client.secagg_guard import SECAGG_FLAG, secagg_guard
 from client.train import train_round
 from shared import ledger
 from shared.adapter import attach_adapter, exchanged_names, fingerprint, frozen_a_fingerprint, set_arrays
@@ -31,7 +32,7 @@ from shared.crypto import load_or_create_signing_key
 from shared.errors import ConfigError, PrivacyError
 from shared.logs import setup_logging
 from shared.model import heldout_loss, load_model, load_tokenizer, resolve_base_model, select_device, select_dtype
-from shared.protocol import META_FROZEN_A, META_ROUND, META_RUN, split_fit_config
+from shared.protocol import CAN_TRAIN, META_FROZEN_A, META_ROUND, META_RUN, split_fit_config
 from shared.seeds import derive_seed
 
 log = logging.getLogger("fedchat.node")
@@ -131,6 +132,16 @@ class FedChatClient(NumPyClient):
         self.secagg_active = secagg_active
         self.partition = partition
 
+    def get_properties(self, config):
+        """The coordinator's question before a round: can this node train it? One bit, from the node's
+        own budget guard (read-only); any other failure goes back as a RoundRefused, like fit()'s."""
+        try:
+            cfg, meta = split_fit_config(config)
+            node = for_partition(self.node, self.partition, cfg)
+            return {CAN_TRAIN: budget_allows_round(node, cfg, int(meta[META_ROUND]), str(meta[META_RUN]))}
+        except Exception as exc:
+            raise refusal(self.node.node_name or f"partition {self.partition}", exc) from None
+
     def fit(self, parameters, config):
         started = time.perf_counter()
         cfg, meta = split_fit_config(config)
@@ -206,31 +217,39 @@ def _ledger_head(ledger_path: Path) -> dict:
     return {"ledger-head": digest, "ledger-entries": count}
 
 
+def budget_allows_round(node: NodeConfig, cfg: RunConfig, rnd: int, run: str) -> bool:
+    """Whether the node's budget guard lets it train round `rnd` of `run`: fit()'s plan over the
+    node's ledger, read only (nothing is written or reserved; fit() decides again under the lock)."""
+    check_run(cfg, node)  # before the node opens any file the run names
+    if not cfg.dp:
+        return True
+    data = NodeCache.local_data(cfg, node, load_tokenizer(resolve_base_model(cfg.base_model)))
+    plan = plan_round(ledger.read_entries(Path(node.state_dir) / "ledger.jsonl"), run,
+                      target_epsilon=node.target_epsilon, delta=node.target_delta, num_conversations=len(data.train),
+                      batch_size=cfg.batch_size, local_steps=cfg.local_steps, rounds_left=cfg.num_rounds - rnd + 1,
+                      accountant=cfg.dp_accountant)
+    return fits_budget(plan, node.target_epsilon)
+
+
 def make_client_app(sim_nodes: dict[int, dict] | None = None) -> ClientApp:
-    """The ClientApp. `sim_nodes` gives per-partition node settings in simulation."""
-    from flwr.client.mod import secaggplus_mod
+    """The ClientApp. `sim_nodes` gives per-partition node settings in simulation.
+
+    Every training message passes `client.secagg_guard` first: SecAgg+ only with the node's own
+    minimum of nodes and a majority threshold, and (require-secagg) never a plaintext update.
+    """
+
+    def node_config(context: Context) -> tuple[NodeConfig, int | None]:
+        given = context.node_config.get("partition-id")
+        partition = None if given is None else int(given)
+        return resolve_node_config(context, sim_nodes, partition), partition
 
     def client_fn(context: Context):
         setup_logging(quiet_flower=True)
-        given = context.node_config.get("partition-id")
-        partition = None if given is None else int(given)
-        node = resolve_node_config(context, sim_nodes, partition)
-        secagg_active = bool(context.state.config_records.get("fedchat.secagg", {}).get("active", False))
+        node, partition = node_config(context)
+        secagg_active = bool(context.state.config_records.get(SECAGG_FLAG, {}).get("active", False))
         return FedChatClient(node, secagg_active, partition).to_client()
 
-    def secagg_when_asked(msg, context, call_next):
-        """Run SecAgg+ when the coordinator runs it; remember whether it did for fit()."""
-        from flwr.app import ConfigRecord
-        from flwr.app.message_type import MessageType
-
-        if msg.metadata.message_type == MessageType.TRAIN:
-            active = RECORD_KEY_CONFIGS in msg.content.config_records
-            context.state.config_records["fedchat.secagg"] = ConfigRecord({"active": active})
-            if active:
-                return secaggplus_mod(msg, context, call_next)
-        return call_next(msg, context)
-
-    return ClientApp(client_fn=client_fn, mods=[secagg_when_asked])
+    return ClientApp(client_fn=client_fn, mods=[secagg_guard(lambda context: node_config(context)[0])])
 
 
 app = make_client_app()

@@ -13,7 +13,7 @@ import torch
 from fedchat.demo_data import demo_node_config, write_demo_data
 from fedchat.simulation import simulate
 from server.report import write_report
-from shared.config import RunConfig
+from shared.config import SECAGG_MIN_NODES, RunConfig
 from shared.dialogue import read_dialogues
 from shared.errors import ConfigError
 from shared.model import load_model, load_tokenizer, resolve_base_model
@@ -53,6 +53,9 @@ def before_after(base_dir: Path, merged_dir: Path, eval_file: Path, questions: i
 def run_demo(*, out: str, clients: int, rounds: int, local_steps: int, base_model: str, aggregation: str,
              dp: bool, secagg: bool, target_epsilon: float, fresh: bool, extra: dict | None = None) -> dict:
     started = time.perf_counter()
+    if secagg and clients < SECAGG_MIN_NODES:
+        raise ConfigError(f"--clients must be at least {SECAGG_MIN_NODES} with SecAgg+ (with two, each node learns the "
+                          f"other's update from the sum); give --clients {SECAGG_MIN_NODES} or more, or --no-secagg.")
     out_dir = Path(out)
     if out_dir.exists() and any(out_dir.iterdir()):
         if fresh:

@@ -122,9 +122,9 @@ class Coordinator:
 def run_coordinator(grid: Grid, context: Context, cfg: RunConfig) -> dict:
     coordinator = Coordinator(cfg)
     state = coordinator.state
-    strategy = FedChatStrategy(cfg, state.run_id, coordinator.arrays, coordinator.frozen_a)
-    legacy = LegacyContext(context, config=ServerConfig(num_rounds=cfg.num_rounds), strategy=strategy)
     meter = TrafficMeter(grid)
+    strategy = FedChatStrategy(cfg, state.run_id, coordinator.arrays, coordinator.frozen_a, meter)
+    legacy = LegacyContext(context, config=ServerConfig(num_rounds=cfg.num_rounds), strategy=strategy)
     current = {"round": 0}
     secagg = FedchatSecAgg(cfg, lambda: len(strategy.sample(current["round"], legacy.client_manager))) \
         if cfg.secagg else None
@@ -177,11 +177,13 @@ def _round_row(rnd: int, strategy: FedChatStrategy, meter: TrafficMeter, secagg,
            "train_loss": outcome.train_loss if outcome else None, "seconds": round(seconds, 2),
            "bytes_up": sum(meter.up.values()), "bytes_down": sum(meter.down.values()),
            "clients": list(by_id.values()), "failures": outcome.failures if outcome else [],
-           "dropped": outcome.dropped if outcome else 0}
+           "dropped": outcome.dropped if outcome else 0, "left_out": outcome.left_out if outcome else []}
     if secagg is not None:
         row["secagg"] = dict(secagg.last_parameters)
     if row["status"] == "failed":
-        if secagg is not None and "halted_at" in secagg.last_parameters:
+        if outcome and outcome.error:  # not run: too few nodes could train
+            row["error"] = outcome.error
+        elif secagg is not None and "halted_at" in secagg.last_parameters:
             p = secagg.last_parameters
             stage = p["halted_at"]
             row["error"] = (f"secure aggregation halted at stage '{stage}': {p['active_after_stage'][stage]} of the "

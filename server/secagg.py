@@ -6,9 +6,16 @@ update so the coordinator only ever learns the sum. Each node sends
 
 Parameters, per round, for n sampled nodes (each can be set in the run config):
 
+* at least 3 contributing nodes (``SECAGG_MIN_NODES``): the sum of two updates is the
+  other node's update to each of them, and the coordinator learns it from the next
+  global model; a round with fewer nodes able to train fails before key sharing.
 * shares: every sampled node (n); reconstruction threshold: a strict majority,
-  n // 2 + 1 (at least 2), so no minority of colluding nodes with the coordinator can
-  unmask one node, and the round survives up to n - threshold dropouts.
+  n // 2 + 1, so no minority of colluding nodes with the coordinator can unmask one
+  node (an honest node gives the coordinator either the mask seed or the key of another
+  node, never both, and a majority is needed for each), and the round survives up to
+  n - threshold dropouts. Explicit ``secagg-num-shares`` / ``secagg-reconstruction-threshold``
+  never lower the threshold below that majority: a setting that would is refused.
+  Nodes check the same rules themselves (client/secagg_guard.py).
 * clipping range c: ``RunConfig.update_bound`` = 4 * learning-rate * local-steps, which
   AdamW updates never exceed; nodes clip to it and report what they clipped.
 * quantisation range Q: 2**(31 - ceil(log2 n)), the most levels for which the sum of n
@@ -27,15 +34,34 @@ import time
 
 from flwr.server.workflow import SecAggPlusWorkflow
 
-from shared.config import RunConfig
+from shared.config import SECAGG_MIN_NODES, RunConfig
+from shared.errors import ConfigError, FederationError
 
 MODULUS = 2**32
 
 
 def protocol_parameters(cfg: RunConfig, n: int) -> dict:
-    shares = cfg.secagg_num_shares or n
-    threshold = cfg.secagg_reconstruction_threshold or max(2, n // 2 + 1)
-    q_range = cfg.secagg_quantization_range or 2 ** (31 - math.ceil(math.log2(max(n, 2))))
+    """SecAgg+ settings for a round of `n` contributing nodes; refuses any that would expose one."""
+    if n < SECAGG_MIN_NODES:
+        raise FederationError(f"{n} node(s) can train this round; secure aggregation needs at least "
+                              f"{SECAGG_MIN_NODES} (the sum of fewer updates reveals them): the round is not run.")
+    majority = n // 2 + 1
+    threshold = cfg.secagg_reconstruction_threshold or majority
+    if threshold < majority:
+        raise ConfigError(f"secagg-reconstruction-threshold={threshold} is not a strict majority of the {n} nodes of "
+                          f"this round (at least {majority}): set it to 0 (automatic) or to {majority} or more.")
+    shares = min(cfg.secagg_num_shares or n, n)
+    if shares <= threshold and cfg.secagg_num_shares:
+        raise ConfigError(f"secagg-num-shares={cfg.secagg_num_shares} is too few for a round of {n} nodes: the "
+                          f"reconstruction threshold stays a strict majority ({threshold}) and needs more shares than "
+                          f"that; set secagg-num-shares to 0 (every sampled node) or to {threshold + 1} or more.")
+    if shares <= threshold:
+        raise ConfigError(f"secagg-reconstruction-threshold={threshold} needs more than {threshold} nodes and this "
+                          f"round has {n}: set it to 0 (automatic, {majority}) or run more nodes.")
+    if shares < n and shares % 2 == 0:
+        raise ConfigError(f"secagg-num-shares={shares} for a round of {n} nodes must be odd (each node shares with "
+                          f"as many neighbours on either side): set it to 0 or to {shares + 1}.")
+    q_range = cfg.secagg_quantization_range or 2 ** (31 - math.ceil(math.log2(n)))
     return {"num_shares": shares, "reconstruction_threshold": threshold,
             "clipping_range": cfg.update_bound, "quantization_range": q_range,
             "max_weight": float(cfg.secagg_max_weight)}
@@ -52,10 +78,9 @@ class FedchatSecAgg(SecAggPlusWorkflow):
     """SecAgg+ whose parameters are set each round from the number of sampled nodes."""
 
     def __init__(self, cfg: RunConfig, sample_size) -> None:
-        p = protocol_parameters(cfg, 3)
-        super().__init__(num_shares=p["num_shares"], reconstruction_threshold=p["reconstruction_threshold"],
-                         max_weight=p["max_weight"], clipping_range=p["clipping_range"],
-                         quantization_range=p["quantization_range"], modulus_range=MODULUS,
+        # Placeholders Flower accepts; every value is set from the round's sample in __call__.
+        super().__init__(num_shares=1.0, reconstruction_threshold=1.0, max_weight=float(cfg.secagg_max_weight),
+                         clipping_range=cfg.update_bound, quantization_range=MODULUS // 2, modulus_range=MODULUS,
                          timeout=cfg.secagg_timeout)
         self.cfg = cfg
         self.sample_size = sample_size  # () -> number of nodes the strategy samples this round
@@ -63,17 +88,14 @@ class FedchatSecAgg(SecAggPlusWorkflow):
 
     def __call__(self, grid, context) -> None:
         n = self.sample_size()
-        p = protocol_parameters(self.cfg, n)
-        # Flower takes an int share count > 2, or a float fraction of the sample.
-        self.num_shares = p["num_shares"] if p["num_shares"] > 2 else 1.0
-        self.reconstruction_threshold = p["reconstruction_threshold"]
-        if isinstance(self.num_shares, int) and self.reconstruction_threshold >= self.num_shares:
-            self.reconstruction_threshold = self.num_shares - 1
-        self.quantization_range = p["quantization_range"]
-        self.clipping_range = p["clipping_range"]
-        self.last_parameters = {**p, "num_shares": n if self.num_shares == 1.0 else self.num_shares,
-                                "reconstruction_threshold": self.reconstruction_threshold, "nodes": n,
-                                "stage_seconds": {}, "active_after_stage": {}}
+        self.last_parameters = {"nodes": n, "stage_seconds": {}, "active_after_stage": {}}
+        if n >= SECAGG_MIN_NODES:  # with fewer, the strategy's configure_fit refuses the round before setup
+            p = protocol_parameters(self.cfg, n)
+            # As ints, exactly as computed: Flower would read a float as a fraction of the sample.
+            self.num_shares, self.reconstruction_threshold = p["num_shares"], p["reconstruction_threshold"]
+            self.quantization_range = p["quantization_range"]
+            self.clipping_range = p["clipping_range"]
+            self.last_parameters.update(p)
         super().__call__(grid, context)
 
     def _timed(self, name: str, stage, grid, context, state) -> bool:

@@ -5,6 +5,11 @@ workflow hands ``aggregate_fit`` each node's update; the SecAgg+ workflow hands 
 unmasked weighted average in place of every update (it never has one node's). Either
 way the weighted average of what arrives is the round's update, because the average
 of identical vectors is that vector.
+
+Before a round, every candidate node is asked whether it can train it (its own budget
+guard answers one bit); only nodes that can are sampled, so a node with no budget left
+never joins key sharing and never adds a zero to a secure sum. A SecAgg+ round needs at
+least three such nodes; with fewer it is not run, and its row says why.
 """
 
 from __future__ import annotations
@@ -15,15 +20,18 @@ import time
 from dataclasses import dataclass, field
 
 import numpy as np
-from flwr.common import FitIns, FitRes, Parameters, ndarrays_to_parameters, parameters_to_ndarrays
+import flwr.compat.common.recorddict_compat as compat
+from flwr.app import Message
+from flwr.common import (FitIns, FitRes, GetPropertiesIns, MessageTypeLegacy, Parameters, ndarrays_to_parameters,
+                         parameters_to_ndarrays)
 from flwr.server.client_manager import ClientManager
 from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import Strategy
 
 from server.aggregate import apply_update, update_problem, weighted_average
-from shared.config import RunConfig
+from shared.config import SECAGG_MIN_NODES, RunConfig
 from shared.errors import FederationError
-from shared.protocol import fit_config
+from shared.protocol import CAN_TRAIN, fit_config
 
 log = logging.getLogger("fedchat.coordinator")
 
@@ -36,6 +44,8 @@ class RoundOutcome:
     failures: list[str] = field(default_factory=list)
     dropped: int = 0  # sampled nodes whose update never arrived
     train_loss: float | None = None
+    left_out: list[dict] = field(default_factory=list)  # candidates not sampled: node_id and why
+    error: str | None = None  # why the round was not run
 
 
 def _failure_text(failure) -> str:
@@ -51,15 +61,17 @@ def _failure_text(failure) -> str:
 
 
 class FedChatStrategy(Strategy):
-    def __init__(self, cfg: RunConfig, run_id: str, initial: list[np.ndarray], frozen_a: str) -> None:
+    def __init__(self, cfg: RunConfig, run_id: str, initial: list[np.ndarray], frozen_a: str, grid) -> None:
         self.cfg = cfg
         self.run_id = run_id
         self.current = initial
         self.shapes = [tuple(a.shape) for a in initial]
         self.frozen_a = frozen_a
-        self.exhausted: set[int] = set()  # node ids whose budget is spent
+        self.grid = grid  # to ask nodes, before a round, whether they can train it
+        self.exhausted: set[int] = set()  # node ids that said they cannot train (budget spent)
+        self.ledger_heads: dict[int, tuple[int, str]] = {}  # node id -> (entries, head) it last reported
         self.outcome: RoundOutcome | None = None
-        self._sample: tuple[int, list[ClientProxy]] | None = None
+        self._sample: tuple[int, list[ClientProxy], list[dict]] | None = None
 
     # ------------------------------------------------------------ sampling
     def wait_for_nodes(self, client_manager: ClientManager) -> None:
@@ -72,19 +84,47 @@ class FedChatStrategy(Strategy):
             time.sleep(1)
 
     def sample(self, rnd: int, client_manager: ClientManager) -> list[ClientProxy]:
-        """This round's nodes (seeded, stable within the round), never an exhausted one."""
+        """This round's nodes (seeded, stable within the round): only nodes that said they can train it."""
         if (sampled := self._sampled(rnd)) is not None:
             return sampled
         self.wait_for_nodes(client_manager)
-        available = sorted((c for c in client_manager.all().values() if c.node_id not in self.exhausted),
-                           key=lambda c: c.node_id)
-        k = min(self.cfg.nodes_per_round or len(available), len(available))
-        chosen = random.Random(f"{self.cfg.seed}:{rnd}").sample(available, k)
-        self._sample = (rnd, chosen)
+        candidates = sorted((c for c in client_manager.all().values() if c.node_id not in self.exhausted),
+                            key=lambda c: c.node_id)
+        able, left_out = self._able_to_train(rnd, candidates)
+        k = min(self.cfg.nodes_per_round or len(able), len(able))
+        chosen = random.Random(f"{self.cfg.seed}:{rnd}").sample(able, k)
+        self._sample = (rnd, chosen, left_out)
         return chosen
 
     def _sampled(self, rnd: int) -> list[ClientProxy] | None:
         return self._sample[1] if self._sample and self._sample[0] == rnd else None
+
+    def _able_to_train(self, rnd: int, candidates: list[ClientProxy]) -> tuple[list[ClientProxy], list[dict]]:
+        """Ask every candidate at once whether it can train round `rnd` (its budget guard answers
+        one bit, before any key is shared); a node that cannot is never asked again in this run."""
+        if not candidates:
+            return [], []
+        ins = GetPropertiesIns(fit_config(self.cfg, rnd, self.run_id, self.frozen_a))
+        queries = [Message(content=compat.getpropertiesins_to_recorddict(ins), dst_node_id=c.node_id,
+                           message_type=MessageTypeLegacy.GET_PROPERTIES, group_id=str(rnd)) for c in candidates]
+        replies = {m.metadata.src_node_id: m for m in
+                   self.grid.send_and_receive(queries, timeout=self.cfg.node_wait_timeout)}
+        able, left_out = [], []
+        for node in candidates:
+            reply = replies.get(node.node_id)
+            if reply is None:
+                why = f"no answer within {self.cfg.node_wait_timeout:.0f}s (node-wait-timeout)"
+            elif reply.has_error():
+                why = _failure_text(Exception(reply.error.reason))
+            elif compat.recorddict_to_getpropertiesres(reply.content).properties.get(CAN_TRAIN) is True:
+                able.append(node)
+                continue
+            else:
+                self.exhausted.add(node.node_id)
+                why = "cannot train: its privacy budget is spent; it is left out from now on"
+            log.warning("round %d: node %s is left out of this round: %s", rnd, node.node_id, why)
+            left_out.append({"node_id": node.node_id, "reason": why})
+        return able, left_out
 
     # ------------------------------------------------------------ Strategy API
     def initialize_parameters(self, client_manager: ClientManager) -> Parameters | None:
@@ -93,18 +133,27 @@ class FedChatStrategy(Strategy):
     def configure_fit(self, server_round: int, parameters: Parameters, client_manager: ClientManager):
         self.outcome = RoundOutcome(server_round)
         nodes = self.sample(server_round, client_manager)
-        if self.cfg.secagg and len(nodes) < 2:
-            log.error("round %d: %d node(s) with budget left; secure aggregation needs at least 2", server_round,
-                      len(nodes))
+        self.outcome.left_out = list(self._sample[2])
+        needed = SECAGG_MIN_NODES if self.cfg.secagg else 1
+        if len(nodes) < needed:
+            self.outcome.error = (f"{len(nodes)} node(s) can train this round" +
+                                  (f"; secure aggregation needs at least {SECAGG_MIN_NODES} (a sum of fewer updates "
+                                   "reveals them), so the round was not run" if self.cfg.secagg else "") +
+                                  f" ({len(self.outcome.left_out)} left out); the global adapter is unchanged")
+            log.error("round %d: %s", server_round, self.outcome.error)
             return []
-        ins = FitIns(parameters, fit_config(self.cfg, server_round, self.run_id, self.frozen_a))
-        return [(node, ins) for node in nodes]
+        # Each node gets the head of its own ledger as last recorded here, to check against its ledger.
+        return [(node, FitIns(parameters, fit_config(self.cfg, server_round, self.run_id, self.frozen_a,
+                                                     self.ledger_heads.get(node.node_id))))
+                for node in nodes]
 
     def aggregate_fit(self, server_round: int, results: list[tuple[ClientProxy, FitRes]], failures):
         outcome = self.outcome or RoundOutcome(server_round)
         updates, weights, losses = [], [], []
         for proxy, res in results:
             m = dict(res.metrics)
+            if "ledger-entries" in m and "ledger-head" in m:
+                self.ledger_heads[proxy.node_id] = (int(m["ledger-entries"]), str(m["ledger-head"]))
             client = {"node": m.get("node", str(proxy.node_id)), "node_id": proxy.node_id,
                       "num_examples": res.num_examples, "status": m.get("status", "ok"),
                       "train_loss": m.get("train-loss"), "epsilon": m.get("epsilon"),

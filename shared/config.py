@@ -27,6 +27,7 @@ from shared.errors import ConfigError
 AGGREGATIONS = ("fedavg", "ffa")
 ACCOUNTANTS = ("prv", "rdp")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+SECAGG_MIN_NODES = 3  # fewest contributors to a SecAgg+ sum, whatever a config says
 
 
 def _doc(text: str) -> dict[str, str]:
@@ -103,7 +104,7 @@ class RunConfig(_FlowerConfig):
     base_model: str = field(default="smollm2-135m", metadata=_doc("'smollm2-135m' (embedded), 'tiny' (tests) or a local HF model folder"))
     num_rounds: int = field(default=3, metadata=_doc("federated rounds to run (a resumed run continues up to this number)"))
     nodes_per_round: int = field(default=0, metadata=_doc("nodes sampled per round; 0 = every connected node"))
-    min_nodes: int = field(default=2, metadata=_doc("nodes that must be connected before a round starts"))
+    min_nodes: int = field(default=3, metadata=_doc("nodes that must be connected before a round starts (at least 3 with secagg)"))
     node_wait_timeout: float = field(default=600.0, metadata=_doc("seconds to wait for min-nodes before giving up"))
     local_steps: int = field(default=10, metadata=_doc("optimizer steps each node takes per round"))
     batch_size: int = field(default=8, metadata=_doc("conversations per step (expected batch size under Poisson sampling)"))
@@ -125,8 +126,8 @@ class RunConfig(_FlowerConfig):
     dp_max_grad_norm: float = field(default=1.0, metadata=_doc("per-conversation gradient clipping norm"))
     dp_accountant: str = field(default="prv", metadata=_doc("'prv' (tighter) or 'rdp'"))
     secagg: bool = field(default=True, metadata=_doc("aggregate with SecAgg+ so the coordinator only sees the sum"))
-    secagg_num_shares: int = field(default=0, metadata=_doc("key shares per node; 0 = every sampled node"))
-    secagg_reconstruction_threshold: int = field(default=0, metadata=_doc("shares needed to unmask; 0 = a majority of shares"))
+    secagg_num_shares: int = field(default=0, metadata=_doc("key shares per node; 0 = every sampled node; never fewer than the threshold"))
+    secagg_reconstruction_threshold: int = field(default=0, metadata=_doc("shares needed to unmask; 0 = a strict majority of the sampled nodes (never less)"))
     secagg_clipping_range: float = field(default=0.0, metadata=_doc("|value| bound before quantisation; 0 = 4 * learning-rate * local-steps"))
     secagg_quantization_range: int = field(default=0, metadata=_doc("quantisation levels; 0 = the most that cannot overflow 2**32"))
     secagg_max_weight: int = field(default=100000, metadata=_doc("largest per-node weight (conversations); larger nodes are capped"))
@@ -167,8 +168,17 @@ class RunConfig(_FlowerConfig):
             self._fail("dtype", f"must be one of {', '.join(DTYPES)}")
         if not self.base_model:
             self._fail("base-model", "must name a model ('smollm2-135m', 'tiny' or a folder)")
-        if self.secagg and self.nodes_per_round == 1:
-            self._fail("nodes-per-round", "must be at least 2 with secagg (the sum of one update is that update)")
+        if self.secagg:  # the sum of one or two updates reveals them to the coordinator and to each node
+            if self.min_nodes < SECAGG_MIN_NODES:
+                self._fail("min-nodes", f"must be at least {SECAGG_MIN_NODES} with secagg (a sum of fewer updates "
+                                        "reveals them); set min-nodes=3 or more, and run 3 or more nodes")
+            if 0 < self.nodes_per_round < SECAGG_MIN_NODES:
+                self._fail("nodes-per-round", f"must be 0 (every node) or at least {SECAGG_MIN_NODES} with secagg "
+                                              "(a sum of fewer updates reveals them)")
+            if self.secagg_num_shares and self.secagg_num_shares < SECAGG_MIN_NODES:
+                self._fail("secagg-num-shares", f"must be 0 (every sampled node) or at least {SECAGG_MIN_NODES}")
+            if self.secagg_num_shares and self.secagg_reconstruction_threshold >= self.secagg_num_shares:
+                self._fail("secagg-reconstruction-threshold", "must be below secagg-num-shares (or set either to 0)")
 
     @property
     def target_modules(self) -> list[str]:
@@ -201,6 +211,7 @@ class NodeConfig(_FlowerConfig):
     skip_bad_lines: bool = field(default=False, metadata=_doc("skip (and report) malformed lines instead of refusing the file"))
     require_dp: bool = field(default=True, metadata=_doc("refuse to train without DP-SGD, whatever the coordinator asks"))
     require_secagg: bool = field(default=True, metadata=_doc("refuse to send an update outside SecAgg+, whatever the coordinator asks"))
+    secagg_min_nodes: int = field(default=3, metadata=_doc("fewest nodes a SecAgg+ round must have, at every stage, for this node to take part (never below 3)"))
     validation_fraction: float = field(default=0.1, metadata=_doc("share of local conversations held out for local validation"))
     ledger_key: str = field(default="", metadata=_doc("Ed25519 private key (PEM) that signs the ledger; default STATE_DIR/ledger-key.pem"))
     allowed_base_models: str = field(default="smollm2-135m,tiny", metadata=_doc("comma-separated base models (names or folders) this node agrees to load; any other run is refused"))
@@ -219,6 +230,9 @@ class NodeConfig(_FlowerConfig):
             self._fail("dtype", f"must be one of {', '.join(DTYPES)}")
         if not 0 <= self.validation_fraction < 1:
             self._fail("validation-fraction", "must be in [0, 1)")
+        if self.secagg_min_nodes < SECAGG_MIN_NODES:
+            self._fail("secagg-min-nodes", f"must be at least {SECAGG_MIN_NODES}: a SecAgg+ sum of fewer updates "
+                                           "reveals them")
         if not self.allowed_models:
             self._fail("allowed-base-models", "must name at least one base model, e.g. 'smollm2-135m'")
         for name in ("max_local_steps", "max_batch_size", "max_seq_len", "max_micro_batch_tokens", "max_lora_r"):

@@ -30,10 +30,11 @@ def test_bad_run_config_values_name_the_key(key, value, message):
         RunConfig.from_flower({key: value})
 
 
-def test_secagg_needs_two_nodes_per_round():
-    with pytest.raises(ConfigError, match="at least 2 with secagg"):
-        RunConfig(nodes_per_round=1, secagg=True)
-    RunConfig(nodes_per_round=1, secagg=False)
+def test_secagg_needs_three_nodes_per_round():
+    for nodes in (1, 2):
+        with pytest.raises(ConfigError, match="nodes-per-round' must be 0 \\(every node\\) or at least 3 with secagg"):
+            RunConfig(nodes_per_round=nodes, secagg=True)
+        RunConfig(nodes_per_round=nodes, min_nodes=nodes, secagg=False)
 
 
 def test_flower_strings_and_bools_are_coerced():

@@ -1,4 +1,5 @@
-"""SecAgg+ in Flower's simulation engine: precision, what the coordinator sees, dropouts."""
+"""SecAgg+ in Flower's simulation engine: precision, what the coordinator sees, dropouts, and
+the rules that keep every unmasked sum a sum of at least three nodes' updates."""
 
 import numpy as np
 import pytest
@@ -11,9 +12,11 @@ from safetensors.numpy import load_file
 import server.app
 from fedchat.demo_data import write_demo_data
 from fedchat.simulation import simulate
-from server.secagg import protocol_parameters, quantisation_error_bound
+from fedchat.demo import run_demo
+from server.secagg import FedchatSecAgg, protocol_parameters, quantisation_error_bound
 from server.traffic import TrafficMeter
 from shared.config import RunConfig
+from shared.errors import ConfigError
 
 pytestmark = pytest.mark.slow
 
@@ -142,3 +145,30 @@ def test_too_many_dropouts_fail_the_round_with_a_clear_error(tmp_path, data):
     assert report["failed_rounds"] == [1]
     initial = load_file(str(tmp_path / "halt" / "checkpoints" / "round-0000" / "adapter_model.safetensors"))
     assert _max_diff(initial, adapter) == 0.0  # nothing was applied
+
+
+def test_a_two_node_secagg_round_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match="'min-nodes' must be at least 3 with secagg"):
+        RunConfig(min_nodes=2, secagg=True)
+    with pytest.raises(ConfigError, match="'nodes-per-round' must be 0 \\(every node\\) or at least 3"):
+        RunConfig(nodes_per_round=2, secagg=True)
+    with pytest.raises(ConfigError, match="--clients must be at least 3 with SecAgg\\+"):
+        run_demo(out=str(tmp_path / "demo"), clients=2, rounds=1, local_steps=1, base_model="tiny",
+                 aggregation="ffa", dp=True, secagg=True, target_epsilon=8.0, fresh=False)
+    RunConfig(min_nodes=2, secagg=False)  # plaintext with two nodes is the operators' explicit choice
+
+
+def test_explicit_num_shares_never_lowers_the_threshold():
+    cfg = RunConfig(secagg_num_shares=3)
+    with pytest.raises(ConfigError, match="secagg-num-shares=3 is too few for a round of 5 nodes: the reconstruction "
+                                          "threshold stays a strict majority \\(3\\).*to 0 .* or to 4 or more"):
+        protocol_parameters(cfg, 5)
+    with pytest.raises(ConfigError, match="secagg-num-shares=3 is too few"):
+        FedchatSecAgg(cfg, lambda: 5)(None, None)  # refused before the workflow sends anything
+    with pytest.raises(ConfigError, match="secagg-reconstruction-threshold=2 is not a strict majority of the 4"):
+        protocol_parameters(RunConfig(secagg_reconstruction_threshold=2), 4)
+    for n, shares, threshold in ((3, 3, 2), (4, 4, 3), (5, 5, 3), (8, 8, 5)):
+        p = protocol_parameters(RunConfig(), n)
+        assert (p["num_shares"], p["reconstruction_threshold"]) == (shares, threshold)
+    p = protocol_parameters(RunConfig(secagg_num_shares=5), 7)  # fewer shares than nodes: the threshold stays 4
+    assert (p["num_shares"], p["reconstruction_threshold"]) == (5, 4)

@@ -13,8 +13,12 @@ import torch
 from fedchat.demo_data import write_demo_data
 from fedchat.simulation import simulate
 from shared.audit import audit_ledger, check_against_report
+import server.app
+from flwr.app.message_type import MessageType
+from server.traffic import TrafficMeter
 from shared.config import RunConfig
 from shared.model import load_model
+from shared.protocol import META_LEDGER_ENTRIES, META_LEDGER_HEAD, META_ROUND
 from tests.conftest import Child
 
 pytestmark = pytest.mark.slow
@@ -28,7 +32,7 @@ def _nodes(data: Path, state: Path, n: int, **extra) -> dict:
 def test_plaintext_fedavg_run_writes_report_checkpoints_and_merged_model(tmp_path):
     write_demo_data(tmp_path / "data", 2)
     run = RunConfig(base_model="tiny", num_rounds=2, local_steps=3, batch_size=4, dp=False, secagg=False,
-                    eval_data=str(tmp_path / "data" / "eval.jsonl"), eval_max_conversations=30,
+                    min_nodes=2, eval_data=str(tmp_path / "data" / "eval.jsonl"), eval_max_conversations=30,
                     out_dir=str(tmp_path / "run"))
     report = simulate(run, _nodes(tmp_path / "data", tmp_path / "nodes", 2, **{"require-dp": False,
                                                                               "require-secagg": False}))
@@ -50,17 +54,39 @@ def test_plaintext_fedavg_run_writes_report_checkpoints_and_merged_model(tmp_pat
     assert (tmp_path / "run" / "loss.png").stat().st_size > 1000
 
 
-def test_secure_dp_ffa_run_keeps_budgets_and_ledgers(tmp_path):
+class SentMeter(TrafficMeter):
+    """The coordinator's meter, keeping the fit config of every training instruction it sends."""
+
+    fit_configs: list[dict] = []
+
+    def _count_out(self, messages):
+        for m in messages:
+            if m.metadata.message_type == MessageType.TRAIN and "fitins.config" in m.content.config_records:
+                SentMeter.fit_configs.append({"node_id": m.metadata.dst_node_id,
+                                              **m.content.config_records["fitins.config"]})
+        return super()._count_out(messages)
+
+
+def test_secure_dp_ffa_run_keeps_budgets_and_ledgers(tmp_path, monkeypatch):
     write_demo_data(tmp_path / "data", 3)
     run = RunConfig(base_model="tiny", num_rounds=2, local_steps=2, batch_size=4, aggregation="ffa",
                     eval_data=str(tmp_path / "data" / "eval.jsonl"), eval_max_conversations=20,
                     out_dir=str(tmp_path / "run"), merge=False)
+    SentMeter.fit_configs = []
+    monkeypatch.setattr(server.app, "TrafficMeter", SentMeter)
     report = simulate(run, _nodes(tmp_path / "data", tmp_path / "nodes", 3, **{"target-epsilon": 3.0}))
     assert report["secagg"] and report["dp"] and report["aggregation"] == "ffa"
     for row in report["rounds"]:
-        assert row["status"] == "ok" and row["secagg"]["nodes"] == 3
+        assert row["status"] == "ok" and row["secagg"]["nodes"] == 3 and row["left_out"] == []
         for c in row["clients"]:
             assert 0 < c["epsilon"] <= 3.0 and c["target_epsilon"] == 3.0
+    # Each node gets back, with its next instruction, the ledger head it reported the round before.
+    first, second = report["rounds"]
+    sent = {(f[META_ROUND], f["node_id"]): f for f in SentMeter.fit_configs}
+    for c in first["clients"]:
+        assert META_LEDGER_HEAD not in sent[(1, c["node_id"])]
+        assert sent[(2, c["node_id"])][META_LEDGER_HEAD] == c["ledger_head"]
+        assert sent[(2, c["node_id"])][META_LEDGER_ENTRIES] == c["ledger_entries"] == 1
     audits = []
     for i in range(3):
         state = tmp_path / "nodes" / f"org-{i + 1}"
@@ -104,28 +130,36 @@ def test_coordinator_resumes_after_being_killed(tmp_path):
     assert report["rounds"][0] == first["rounds"][0]  # round 1 was not trained again
 
 
-def test_exhausted_nodes_stop_training_while_the_run_continues(tmp_path):
+def test_an_exhausted_node_is_left_out_before_key_sharing(tmp_path):
     data, state = tmp_path / "data", tmp_path / "nodes"
     write_demo_data(data, 4)
-    common = dict(base_model="tiny", local_steps=2, batch_size=4, merge=False)
-    first = RunConfig(num_rounds=1, secagg=False, out_dir=str(tmp_path / "run-a"), **common)
-    nodes = _nodes(data, state, 2, **{"target-epsilon": 3.0, "require-secagg": False})
-    simulate(first, nodes)
-    spent = {n: json.loads((state / n / "ledger.jsonl").read_text().splitlines()[-1])["epsilon"]
-             for n in ("org-1", "org-2")}
-    assert all(2.0 < e <= 3.0 for e in spent.values())
-    # The operators of org-1 and org-2 lower their budgets below what they already spent.
     nodes = _nodes(data, state, 4, **{"target-epsilon": 3.0})
-    for i in (0, 1):
-        nodes[i]["target-epsilon"] = 1.0
-    report = simulate(RunConfig(num_rounds=2, out_dir=str(tmp_path / "run-b"), **common), nodes)
-    first_round, second_round = report["rounds"]
-    status = {c["node"]: c["status"] for c in first_round["clients"]}
-    assert status == {"org-1": "budget-exhausted", "org-2": "budget-exhausted", "org-3": "ok", "org-4": "ok"}
-    assert first_round["status"] == "ok" and second_round["status"] == "ok"
-    assert {c["node"] for c in second_round["clients"]} == {"org-3", "org-4"}  # no longer sampled
-    for n in ("org-1", "org-2"):  # nothing trained, nothing spent
-        assert len((state / n / "ledger.jsonl").read_text().splitlines()) == 1
-    for c in first_round["clients"]:
-        if c["status"] == "budget-exhausted":
-            assert c["epsilon"] == pytest.approx(spent[c["node"]], rel=1e-6) and c["target_epsilon"] == 1.0
+    nodes[0]["target-epsilon"] = 0.001  # org-1's operator allows less than any round costs: no budget left
+    run = RunConfig(base_model="tiny", num_rounds=2, local_steps=2, batch_size=4, merge=False,
+                    out_dir=str(tmp_path / "run"))
+    report = simulate(run, nodes)
+    first, second = report["rounds"]
+    for row in (first, second):  # the run goes on with the three nodes that can train
+        assert row["status"] == "ok" and {c["node"] for c in row["clients"]} == {"org-2", "org-3", "org-4"}
+        assert row["secagg"]["nodes"] == 3 and row["secagg"]["active_after_stage"]["setup"] == 3
+        assert all(c["status"] == "ok" and c["num_examples"] > 0 for c in row["clients"])
+    # org-1 said so before key sharing (one bit, its own guard), and was not asked again.
+    assert len(first["left_out"]) == 1 and "privacy budget is spent" in first["left_out"][0]["reason"]
+    assert second["left_out"] == []
+    exhausted = first["left_out"][0]["node_id"]
+    assert exhausted not in {c["node_id"] for c in first["clients"] + second["clients"]}
+    assert first["failures"] == [] and first["dropped"] == 0  # it never joined, so it never dropped out
+    assert not (state / "org-1" / "ledger.jsonl").exists() or not (state / "org-1" / "ledger.jsonl").read_text()
+
+
+def test_a_round_where_every_node_is_exhausted_fails_clearly(tmp_path):
+    write_demo_data(tmp_path / "data", 3)
+    run = RunConfig(base_model="tiny", num_rounds=1, local_steps=1, batch_size=4, merge=False,
+                    out_dir=str(tmp_path / "run"))
+    report = simulate(run, _nodes(tmp_path / "data", tmp_path / "nodes", 3, **{"target-epsilon": 0.001}))
+    row = report["rounds"][0]
+    assert row["status"] == "failed" and report["failed_rounds"] == [1]
+    assert row["error"].startswith("0 node(s) can train this round; secure aggregation needs at least 3")
+    assert len(row["left_out"]) == 3 and row["clients"] == [] and row["failures"] == []
+    assert "setup" not in row["secagg"]["stage_seconds"] or row["secagg"]["active_after_stage"]["setup"] == 0
+    assert report["status"] == "finished"
