@@ -114,13 +114,18 @@ def superlink_command(*, host: str, port: int, tls: SuperLinkTLS | None, node_au
 
 def supernode_command(*, superlink: str, root_certificates: str | Path | None, auth_key: str | Path | None,
                       node_config: str | Path, runtime_port: int, max_wait_time: float | None = 60.0,
-                      runtime_host: str = LOOPBACK) -> list[str]:
+                      runtime_host: str = LOOPBACK, isolation: str = "subprocess") -> list[str]:
     """`flower-supernode` for a node: TLS to the SuperLink, signed with the node's key.
 
     `node_config` is a TOML file or a ``key=value ...`` string; `max_wait_time` bounds how long
-    it keeps trying to reach the SuperLink before it gives up (None: forever).
+    it keeps trying to reach the SuperLink before it gives up (None: forever). `isolation`
+    "process" makes it start no ClientApp itself: `fedchat node start` runs them, from approved
+    app bundles only (fedchat.node_runtime).
     """
-    cmd = [tool("flower-supernode"), "--superlink", superlink, "--host", runtime_host, "--port", str(runtime_port)]
+    if isolation not in ("subprocess", "process"):
+        raise FederationError(f"isolation is 'subprocess' or 'process', not {isolation!r}.")
+    cmd = [tool("flower-supernode"), "--superlink", superlink, "--host", runtime_host, "--port", str(runtime_port),
+           "--isolation", isolation]
     if root_certificates is None:
         cmd.append("--insecure")
     else:

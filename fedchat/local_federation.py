@@ -7,7 +7,10 @@ with ports the kernel picks, and writes under DIR:
     certs/            CA, SuperLink certificate (127.0.0.1, localhost), a key pair per node
     data/             demo dialogues: org-1.jsonl .. org-N.jsonl, eval.jsonl
     superlink/        coordinator.toml (the SuperLink's config file), its database and FLWR_HOME
-    nodes/org-i/      node i's state: node.toml (its config file), privacy ledger, ledger key, FLWR_HOME
+    app/              the app bundle: fedchat.fab (`fedchat app build`), and src/, its files, which `flwr run`
+                      submits (the very bundle the nodes approved, whatever happens to the checkout meanwhile)
+    nodes/org-i/      node i's state: node.toml (its config file, with the approved bundle's SHA-256),
+                      privacy ledger, ledger key, FLWR_HOME
     flwr/             the `flwr` CLI's FLWR_HOME (config.toml: the connection to the SuperLink)
     run/              the coordinator's output: checkpoints, adapter, merged model, report.json
     ledgers/          each node's ledger and ledger public key (for `fedchat audit`)
@@ -76,9 +79,9 @@ class LocalFederation:
     def __post_init__(self) -> None:
         if self.nodes < 1:
             raise ConfigError("--nodes must be at least 1.")
-        if self.secagg and self.nodes < 2:
-            raise ConfigError("--nodes must be at least 2 with SecAgg+ (the sum of one update is that update); "
-                              "give --nodes 2 or more, or --no-secagg.")
+        if self.secagg and self.nodes < 3:
+            raise ConfigError("--nodes must be at least 3 with SecAgg+ (with two, each node learns the other's update "
+                              "from the sum); give --nodes 3 or more, or --no-secagg.")
         if self.aggregation not in AGGREGATIONS:
             raise ConfigError(f"--aggregation must be one of {', '.join(AGGREGATIONS)}.")
         for name in ("timeout", "startup_timeout"):
@@ -156,6 +159,9 @@ class Runner:
         self.node_ids: dict[str, str] = {}
         self.run_id: str | None = None
         self.certs = None
+        self.bundle: Path | None = None  # the app bundle the nodes approve
+        self.app_src: Path | None = None  # its files: what `flwr run` submits
+        self.app_sha256 = ""
         self.started = time.monotonic()
         self.step_no = 0
 
@@ -194,13 +200,15 @@ class Runner:
         return self.sup.start(name, argv, env=self._env(**env), cwd=cwd)
 
     def _start_service(self, name: str, role: str, config_path: Path, values: Callable[[int], dict], cwd: Path, *,
-                       ready: Callable[[Service, int], None]) -> tuple[Service, int]:
-        """Start a SuperLink or SuperNode from its config file on a free port; `ready(service, port)`
-        waits for it. Another process can take the port between choosing and binding it: then
-        (and only then) try again on a new one, up to 3 times."""
+                       ready: Callable[[Service, int], None],
+                       configure: Callable[[Path], None] = lambda config: None) -> tuple[Service, int]:
+        """Start a SuperLink or SuperNode from its config file on a free port; `configure(config)`
+        completes the file, `ready(service, port)` waits for it. Another process can take the port
+        between choosing and binding it: then (and only then) try again on a new one, up to 3 times."""
         for attempt in range(3):
             port = free_port(LOOPBACK)
             config = write_toml(config_path, values(port))
+            configure(config)
             service = self._start(name, service_command(role, config), cwd=cwd, FLWR_HOME=str(cwd / "flwr-home"))
             failure = None
             try:
@@ -217,7 +225,7 @@ class Runner:
 
     def step(self, text: str) -> None:
         self.step_no += 1
-        log.info("[%d/9] %s", self.step_no, text)
+        log.info("[%d/10] %s", self.step_no, text)
 
     def _check_services(self) -> str | None:
         for s in self.sup.services:
@@ -255,6 +263,29 @@ class Runner:
             raise FederationError(f"`fedchat model prepare --base-model {fed.base_model}` failed:\n"
                                   f"{done.stderr.strip()[-1500:]}")
 
+    def build_app(self) -> None:
+        """The coordinator's `fedchat app build`: the bundle every node approves, and its files to submit."""
+        from fedchat.app_bundle import load_bundle_file, unpack_bundle
+
+        self.step(f"app bundle of {self.fed.app} (`fedchat app build`), for the nodes to approve")
+        self.bundle = self.out / "app" / "fedchat.fab"
+        done = self._run("app-build", [tool("fedchat"), "app", "build", "--app", str(self.fed.app), "--out",
+                                       str(self.bundle), "--json"], timeout=300)
+        if done.returncode != 0:
+            raise FederationError(f"`fedchat app build` failed:\n{done.stderr.strip()[-1500:]}")
+        bundle = load_bundle_file(self.bundle)
+        self.app_sha256 = bundle.sha256
+        self.app_src = unpack_bundle(bundle, self.out / "app" / "src")
+        log.info("    %s: %d files, sha256 %s", self.bundle, len(bundle.files), self.app_sha256)
+
+    def approve_app(self, config: Path) -> None:
+        """A node operator's `fedchat node approve` of the coordinator's bundle (compared with the
+        snapshot of the one checkout every party of this local federation shares)."""
+        done = self._run("approve", [tool("fedchat"), "node", "approve", str(config), str(self.bundle), "--app",
+                                     str(self.app_src)], timeout=300)
+        if done.returncode != 0:
+            raise FederationError(f"`fedchat node approve {config}` failed:\n{done.stderr.strip()[-1500:]}")
+
     def start_superlink(self) -> None:
         self.step("SuperLink with TLS and SuperNode authentication")
         certs = self.certs
@@ -286,7 +317,7 @@ class Runner:
             self._start_service(name, "node", state / "node.toml",
                                 lambda port: fed.node_file(i, self.address, self.certs.ca_cert,
                                                            self.certs.node_key(name), port),
-                                state, ready=lambda service, port: time.sleep(0.5))
+                                state, ready=lambda service, port: time.sleep(0.5), configure=self.approve_app)
 
         wanted = set(self.node_ids.values())
 
@@ -299,9 +330,9 @@ class Runner:
         log.info("    all %d nodes online", fed.nodes)
 
     def submit(self) -> None:
-        self.step(f"submitting the app ({self.fed.app}) with `flwr run`")
+        self.step(f"submitting the approved app bundle ({self.app_src}) with `flwr run`")
         run_config = write_toml(self.out / "run-config.toml", self.fed.coordinator_config())
-        self.run_id = self.cli.run(self.fed.app, run_config)
+        self.run_id = self.cli.run(self.app_src, run_config)
         log.info("    run %s: %d rounds, %s, %s, %s", self.run_id, self.fed.rounds, self.fed.aggregation,
                  "SecAgg+" if self.fed.secagg else "plaintext updates", "DP-SGD" if self.fed.dp else "no DP")
 
@@ -393,7 +424,7 @@ class Runner:
         report["deployment"] = {
             "engine": "flower-deployment", "flower": version("flwr"), "superlink": self.address,
             "tls": True, "supernode_auth": True, "certs": str(self.certs.root), "run_id": self.run_id,
-            "flower_status": "finished:completed", "app": str(fed.app),
+            "flower_status": "finished:completed", "app": str(fed.app), "app_sha256": self.app_sha256,
             "seconds": round(time.monotonic() - self.started, 1), "nodes": nodes, "audit": audit,
             "problems": problems, "logs": str(self.logs), "processes": str(self.out / "processes.json"),
         }
@@ -405,6 +436,7 @@ class Runner:
 
     def run(self) -> dict:
         self.prepare()
+        self.build_app()
         self.start_superlink()
         self.register_nodes()
         self.start_nodes()

@@ -1,15 +1,19 @@
-"""`fedchat node ...` and `fedchat coordinator ...`: check a config file, start the service."""
+"""`fedchat node ...`, `fedchat coordinator ...` and `fedchat app ...`: config files, services, app bundles."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shlex
 import sys
+from pathlib import Path
 
+from fedchat.app_bundle import (SHA256, AppBundle, build_bundle, compare, load_bundle_file, write_approvals)
 from fedchat.deployment import process_env
 from fedchat.service_config import (check_coordinator_file, check_node_file, coordinator_command, node_command,
                                     read_coordinator_file, read_node_file, write_node_config)
+from shared.errors import ConfigError
 
 
 def _exec(cmd: list[str], flwr_home: str, print_only: bool) -> int:
@@ -38,10 +42,99 @@ def _report(lines: list[str]) -> None:
 
 
 def cmd_node_start(args) -> int:
+    """Check the file, then run the SuperNode and, beside it, the ClientApps of approved bundles only.
+
+    Not an exec: this process stays (same PID for supervisors and systemd) and runs
+    fedchat.node_runtime's task loop; the SuperNode is its child and stops with it.
+    """
+    from fedchat.node_runtime import run_node
+
     nf = read_node_file(args.file)
     _report(check_node_file(nf))
+    cmd = node_command(nf)
+    if args.print:
+        print(shlex.join(cmd))
+        return 0
     write_node_config(nf)
-    return _exec(node_command(nf), str(nf.node_config_file.parent / "flwr-home"), args.print)
+    env = process_env()
+    env.setdefault("FLWR_HOME", str(nf.node_config_file.parent / "flwr-home"))
+    print(f"starting: {shlex.join(cmd)}", file=sys.stderr, flush=True)
+    print(f"  ClientApps run only from app bundles approved in {nf.path} ({len(nf.approved)} approved)",
+          file=sys.stderr, flush=True)
+    return run_node(cmd, f"127.0.0.1:{nf.runtime_port}", nf.path, env)
+
+
+def _bundle_from_argument(value: str, app: str | None) -> tuple[AppBundle, AppBundle]:
+    """(the bundle to approve, the bundle of the fedchat installed here) from a .fab file or a SHA-256."""
+    from fedchat.local_federation import find_app
+
+    installed = build_bundle(app or find_app())
+    if Path(value).is_file():
+        return load_bundle_file(value), installed
+    if SHA256.match(value.lower()):
+        if value.lower() != installed.sha256:
+            raise ConfigError(f"{value} is not the app bundle of the fedchat installed here (that one is "
+                              f"{installed.sha256}), so its files cannot be shown: get the bundle file (.fab) from "
+                              "the coordinator and approve that, or install the coordinator's fedchat version.")
+        return installed, installed
+    raise ConfigError(f"{value!r} is neither an app bundle file (.fab) nor a SHA-256 (64 hex digits): give the "
+                      "file the coordinator built with `fedchat app build --out FILE`, or the hash it printed.")
+
+
+def _print_files(bundle: AppBundle, installed: AppBundle | None = None) -> None:
+    verdict = {}
+    if installed is not None:
+        diff = compare(bundle, installed)
+        verdict = {**{p: "same as installed" for p in diff.same}, **{p: "DIFFERS from installed" for p in diff.changed},
+                   **{p: "NOT in installed fedchat" for p in diff.added}}
+    width = max(len(f.path) for f in bundle.files)
+    for f in bundle.files:
+        print(f"  {f.path:<{width}}  {f.size:>8} B  {f.sha256[:16]}  {verdict.get(f.path, '')}".rstrip())
+
+
+def cmd_app_build(args) -> int:
+    from fedchat.local_federation import find_app
+
+    app = Path(args.app).resolve() if args.app else find_app()
+    bundle = build_bundle(app)
+    if args.out:
+        from shared.files import atomic_write_bytes
+
+        atomic_write_bytes(Path(args.out), bundle.content)
+    if args.json:
+        print(json.dumps({"sha256": bundle.sha256, "bytes": len(bundle.content), "app": str(app),
+                          "out": str(Path(args.out).resolve()) if args.out else None,
+                          "files": [{"path": f.path, "sha256": f.sha256, "bytes": f.size} for f in bundle.files]},
+                         indent=2))
+        return 0
+    print(f"app bundle of {app}: {len(bundle.files)} files, {len(bundle.content)} bytes"
+          + (f", written to {args.out}" if args.out else "") + " (what `flwr run` submits from this folder)")
+    _print_files(bundle)
+    print(f"sha256 {bundle.sha256}")
+    return 0
+
+
+def cmd_node_approve(args) -> int:
+    nf = read_node_file(args.file)
+    bundle, installed = _bundle_from_argument(args.bundle, args.app)
+    diff = compare(bundle, installed)
+    print(f"app bundle sha256 {bundle.sha256}: {len(bundle.files)} files, {len(bundle.content)} bytes")
+    _print_files(bundle, installed)
+    if diff.missing:
+        print(f"  (not in the bundle, in installed fedchat: {', '.join(diff.missing)})")
+    if not diff.identical and not args.accept_differences:
+        raise ConfigError(f"not approved: {len(diff.changed) + len(diff.added) + len(diff.missing)} file(s) of this "
+                          "bundle differ from the fedchat installed here, and the bundle's code is what your node "
+                          "would run. Inspect them (`unzip -p BUNDLE.fab PATH | diff - PATH`), then approve with "
+                          "--accept-differences, or install the coordinator's fedchat version and compare again.")
+    hashes = [] if args.replace else list(nf.approved)
+    if bundle.sha256 not in hashes:
+        hashes.append(bundle.sha256)
+    write_approvals(nf.path, hashes)
+    print(f"{nf.path}: approved app bundle sha256 {bundle.sha256} ({len(hashes)} approved"
+          + (", earlier approvals removed" if args.replace and len(nf.approved) else "") + "). "
+          "A running node applies it at the next run.")
+    return 0
 
 
 def cmd_coordinator_check(args) -> int:
@@ -69,6 +162,25 @@ def add_service_commands(sub: argparse._SubParsersAction) -> None:
     start.add_argument("file")
     start.add_argument("--print", action="store_true", help="print the command instead of running it")
     start.set_defaults(func=cmd_node_start)
+    approve = node_sub.add_parser("approve", help="inspect an app bundle and approve it: record its SHA-256 in the "
+                                                  "file's [approval] (a node runs approved bundles only)")
+    approve.add_argument("file", help="the node's config file (node.toml)")
+    approve.add_argument("bundle", help="the bundle file (.fab) the coordinator built, or its SHA-256 when it is the "
+                                        "bundle of the fedchat installed here")
+    approve.add_argument("--app", help="the fedchat installed here, to compare with (default: this fedchat)")
+    approve.add_argument("--accept-differences", action="store_true",
+                         help="approve a bundle whose files differ from the fedchat installed here")
+    approve.add_argument("--replace", action="store_true", help="make it the only approved bundle")
+    approve.set_defaults(func=cmd_node_approve)
+
+    app = sub.add_parser("app", help="the app bundle (FAB) nodes run: build it, print its SHA-256")
+    app_sub = app.add_subparsers(dest="action", required=True)
+    build = app_sub.add_parser("build", help="build the bundle exactly as `flwr run` packs it; print its files and "
+                                             "SHA-256 (node operators approve that hash)")
+    build.add_argument("--app", help="the fedchat project folder (default: this fedchat)")
+    build.add_argument("--out", help="write the bundle to this file (.fab) for the node operators")
+    build.add_argument("--json", action="store_true", help="print the hash and files as JSON")
+    build.set_defaults(func=cmd_app_build)
 
     coord = sub.add_parser("coordinator", help="the coordinator's SuperLink: check its config file, start it")
     coord_sub = coord.add_subparsers(dest="action", required=True)

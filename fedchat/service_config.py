@@ -18,6 +18,9 @@ A node operator keeps one file (`fedchat node check-config FILE`, `fedchat node 
     runtime-port = 9094        # local port of the node's ClientApp processes (127.0.0.1)
     max-wait-time = 0          # seconds to keep trying to reach the SuperLink; 0 = forever
 
+    [approval]                 # the app bundles this node may run (`fedchat node approve FILE BUNDLE`)
+    app-sha256 = ["..."]
+
 and the coordinator one (`fedchat coordinator check-config|start FILE`)::
 
     [superlink]
@@ -42,11 +45,13 @@ import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
+from fedchat.app_bundle import APPROVAL_SECTION, AppBundleError, check_approval_section
 from shared.config import NodeConfig
 from shared.errors import ConfigError, FedchatError
 
 NODE_SECTIONS = {"node": None, "connection": {"superlink", "root-certificates", "auth-private-key", "runtime-port",
-                                              "max-wait-time", "insecure"}}
+                                              "max-wait-time", "insecure"},
+                 APPROVAL_SECTION: None}  # checked by app_bundle.check_approval_section
 COORDINATOR_SECTIONS = {"superlink": {"host", "port", "certfile", "keyfile", "ca-certfile", "database",
                                       "supernode-auth", "insecure"}}
 _ADDRESS = re.compile(r"^(\[[0-9a-fA-F:]+\]|[A-Za-z0-9.\-]+):(\d{1,5})$")
@@ -121,6 +126,7 @@ class NodeFile:
     auth_private_key: Path | None
     runtime_port: int
     max_wait_time: float | None  # None: keep trying forever
+    approved: tuple[str, ...] = ()  # SHA-256 of the app bundles this node may run
 
     @property
     def node_config_file(self) -> Path:
@@ -165,10 +171,15 @@ def read_node_file(path: str | Path) -> NodeFile:
     wait = conn.get("max-wait-time", 0)
     if not isinstance(wait, (int, float)) or isinstance(wait, bool) or wait < 0:
         problems.append(f"[connection] 'max-wait-time' must be seconds >= 0 (0 = forever), got {wait!r}")
+    approved: list[str] = []
+    try:
+        approved = check_approval_section(_section(data, APPROVAL_SECTION), path)
+    except AppBundleError as exc:
+        problems.append(str(exc).removeprefix(f"{path}: "))
     if problems:
         raise ConfigFileError(path, problems)
     return NodeFile(path, node, str(superlink), _resolve(base, ca) if ca else None,
-                    _resolve(base, key) if key else None, int(port), float(wait) or None)
+                    _resolve(base, key) if key else None, int(port), float(wait) or None, tuple(approved))
 
 
 def check_node_file(nf: NodeFile) -> list[str]:
@@ -235,6 +246,12 @@ def check_node_file(nf: NodeFile) -> list[str]:
         found.append(f"device: {select_device(node.device)}")
     except FedchatError as exc:
         problems.append(str(exc))
+    if nf.approved:
+        found += [f"approved app bundle: sha256 {h}" for h in nf.approved]
+    else:
+        problems.append(f"[{APPROVAL_SECTION}] no app bundle is approved: the node would refuse every run. Get the "
+                        "bundle (.fab) from the coordinator and approve it: "
+                        f"`fedchat node approve {nf.path} BUNDLE.fab` (it lists the bundle's files first)")
     if problems:
         raise ConfigFileError(nf.path, problems)
     return found
@@ -245,7 +262,7 @@ def node_command(nf: NodeFile) -> list[str]:
 
     return supernode_command(superlink=nf.superlink, root_certificates=nf.root_certificates,
                              auth_key=nf.auth_private_key, node_config=nf.node_config_file,
-                             runtime_port=nf.runtime_port, max_wait_time=nf.max_wait_time)
+                             runtime_port=nf.runtime_port, max_wait_time=nf.max_wait_time, isolation="process")
 
 
 def write_node_config(nf: NodeFile) -> Path:

@@ -1,0 +1,256 @@
+"""Nodes run only the app code their operators approved (issue 9, finding 1).
+
+The threat: a SuperNode runs the ClientApp from the bundle (FAB) the SuperLink hands it, so whoever
+submits a run (a curious coordinator, or anyone reaching the Control API) could replace the code that
+keeps the node's promises (require-dp, require-secagg, the budget guard, the ledger).
+
+Fast tests: `fedchat app build` is the bundle `flwr run` submits; `fedchat node approve` lists and
+records it, and refuses bad input with a message that says what to do. Slow tests: a real federation
+(TLS SuperLink with node authentication, 3 nodes started with `fedchat node start node.toml` as the
+runbooks do, on 127.0.0.1 with free ports): a bundle whose client/app.py was changed is refused by
+every node before any of its code runs (it would write a marker file at import), the round fails
+saying so; the approved bundle runs; and the control: a node whose operator approves the changed
+bundle does run it (the marker appears), so the refusal is the approval check and nothing else.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import shutil
+import time
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from fedchat.app_bundle import build_bundle, load_bundle_file, unpack_bundle
+from fedchat.cli import main as fedchat_main
+from fedchat.service_config import ConfigFileError, node_command, read_node_file
+
+ROOT = Path(__file__).resolve().parents[1]
+CONVERSATION = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]}
+
+
+def snapshot(dest: Path) -> Path:
+    """The app's files as `flwr run` packs them, copied (other work on the checkout cannot change them)."""
+    return unpack_bundle(build_bundle(ROOT), dest)
+
+
+def tamper(app: Path, dest: Path, marker: Path) -> Path:
+    """A copy of the app whose client/app.py writes `marker` when it is imported: modified node code."""
+    shutil.copytree(app, dest)
+    with open(dest / "client" / "app.py", "a", encoding="utf-8") as f:
+        f.write(f"\n\nimport os as _os, pathlib as _pathlib  # not the code the node operator approved\n"
+                f"_pathlib.Path({str(marker)!r}).write_text(_os.environ.get('FLWR_HOME', '?'))\n")
+    return dest
+
+
+def node_file(folder: Path, extra: str = "") -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "d.jsonl").write_text(json.dumps(CONVERSATION) + "\n")
+    path = folder / "node.toml"
+    path.write_text('# the operator\'s comment\n[node]\nnode-name = "org-1"\ndata-path = "d.jsonl"\nstate-dir = "state"\n'
+                    '\n[connection]  # kept\nsuperlink = "127.0.0.1:9093"\ninsecure = true\n' + extra)
+    return path
+
+
+@pytest.fixture(scope="module")
+def app(tmp_path_factory) -> Path:
+    return snapshot(tmp_path_factory.mktemp("app") / "fedchat")
+
+
+# ------------------------------------------------------------------ build and approve (fast)
+
+def test_app_build_is_the_bundle_flwr_run_submits(app, tmp_path, capsys):
+    from flwr.cli.build import build_fab_from_disk
+
+    submitted = hashlib.sha256(build_fab_from_disk(app)).hexdigest()  # what `flwr run APP` computes and sends
+    assert fedchat_main(["app", "build", "--app", str(app), "--out", str(tmp_path / "b.fab")]) == 0
+    out = capsys.readouterr().out
+    assert out.strip().splitlines()[-1] == f"sha256 {submitted}"
+    assert hashlib.sha256((tmp_path / "b.fab").read_bytes()).hexdigest() == submitted
+    assert "client/app.py" in out and "shared/ledger.py" in out and ".venv" not in out
+    bundle = load_bundle_file(tmp_path / "b.fab")
+    assert {"pyproject.toml", "client/app.py", "client/privacy.py", "server/app.py"} <= set(bundle.file_hashes())
+    assert fedchat_main(["app", "build", "--app", str(app), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["sha256"] == submitted
+
+
+def test_node_approve_lists_the_bundle_and_records_its_hash(app, tmp_path, capsys):
+    path = node_file(tmp_path / "node")
+    with pytest.raises(ConfigFileError, match="no app bundle is approved"):  # a node with no approval is refused
+        from fedchat.service_config import check_node_file
+
+        check_node_file(read_node_file(path))
+    assert fedchat_main(["app", "build", "--app", str(app), "--out", str(tmp_path / "b.fab")]) == 0
+    sha = capsys.readouterr().out.strip().splitlines()[-1].split()[-1]
+
+    assert fedchat_main(["node", "approve", str(path), str(tmp_path / "b.fab"), "--app", str(app)]) == 0
+    out = capsys.readouterr().out
+    assert f"app bundle sha256 {sha}" in out and "client/app.py" in out and "same as installed" in out
+    assert read_node_file(path).approved == (sha,)
+    text = path.read_text()
+    assert "# the operator's comment" in text and "[connection]  # kept" in text  # the rest of the file is kept
+    assert fedchat_main(["node", "approve", str(path), sha, "--app", str(app)]) == 0  # the bare hash of this app
+    assert read_node_file(path).approved == (sha,)  # recorded once
+    assert fedchat_main(["node", "check-config", str(path)]) == 0
+    assert f"approved app bundle: sha256 {sha}" in capsys.readouterr().out
+    assert "--isolation process" in " ".join(node_command(read_node_file(path)))  # the SuperNode runs no ClientApp
+
+
+def test_node_approve_refuses_what_it_cannot_inspect_with_a_clear_error(app, tmp_path, capsys):
+    path = node_file(tmp_path / "node")
+    (tmp_path / "junk.fab").write_text("not a zip")
+    no_manifest = io.BytesIO()
+    with zipfile.ZipFile(no_manifest, "w") as z:
+        z.writestr("pyproject.toml", "[project]\n")
+    (tmp_path / "plain.zip").write_bytes(no_manifest.getvalue())
+    good = build_bundle(app)
+    forged = io.BytesIO()  # a file changed after the manifest was written
+    with zipfile.ZipFile(io.BytesIO(good.content)) as src, zipfile.ZipFile(forged, "w") as dst:
+        for name in src.namelist():
+            data = src.read(name)
+            dst.writestr(name, data + b"\nx = 1\n" if name == "client/app.py" else data)
+    (tmp_path / "forged.fab").write_bytes(forged.getvalue())
+    for argument, message in [
+        (str(tmp_path / "junk.fab"), "is not a Flower app bundle (.fab, a zip file)"),
+        (str(tmp_path / "plain.zip"), "has no .info/CONTENT manifest"),
+        (str(tmp_path / "forged.fab"), "client/app.py does not match the bundle's manifest"),
+        ("abc123", "is neither an app bundle file (.fab) nor a SHA-256"),
+        (str(tmp_path / "missing.fab"), "is neither an app bundle file"),
+        ("0" * 64, "is not the app bundle of the fedchat installed here"),
+    ]:
+        assert fedchat_main(["node", "approve", str(path), argument, "--app", str(app)]) == 2, argument
+        assert message in capsys.readouterr().err, argument
+    assert read_node_file(path).approved == ()  # nothing was recorded
+
+    changed = tamper(app, tmp_path / "changed", tmp_path / "marker")
+    assert fedchat_main(["app", "build", "--app", str(changed), "--out", str(tmp_path / "changed.fab")]) == 0
+    capsys.readouterr()
+    assert fedchat_main(["node", "approve", str(path), str(tmp_path / "changed.fab"), "--app", str(app)]) == 2
+    captured = capsys.readouterr()
+    assert "client/app.py" in captured.out and "DIFFERS from installed" in captured.out
+    assert "differ from the fedchat installed here" in captured.err and "--accept-differences" in captured.err
+    assert read_node_file(path).approved == ()
+    assert fedchat_main(["node", "approve", str(path), str(tmp_path / "changed.fab"), "--app", str(app),
+                         "--accept-differences"]) == 0
+    assert read_node_file(path).approved == (load_bundle_file(tmp_path / "changed.fab").sha256,)
+
+
+def test_a_malformed_approval_is_refused(tmp_path):
+    for extra, message in [('\n[approval]\napp-sha256 = "abc"\n', "must be a list of SHA-256 hashes"),
+                           ('\n[approval]\napp-sha256 = ["ABC"]\n', "must be a list of SHA-256 hashes"),
+                           ('\n[approval]\napps = []\n', "unknown key(s) apps")]:
+        with pytest.raises(ConfigFileError, match=message.replace("(", r"\(").replace(")", r"\)")):
+            read_node_file(node_file(tmp_path / str(abs(hash(extra))), extra))
+
+
+# ------------------------------------------------------------------ a real federation (slow)
+
+@pytest.fixture(scope="module")
+def federation(tmp_path_factory, app):
+    """SuperLink (TLS, node authentication) and 3 nodes started by `fedchat node start node.toml`, each
+    node.toml approving the bundle of `app` (`fedchat node approve`), as the local federation does."""
+    from fedchat.local_federation import LocalFederation, Runner
+    from fedchat.processes import survivors
+    from shared.model import resolve_base_model
+
+    resolve_base_model("tiny")
+    out = tmp_path_factory.mktemp("federation") / "fed"
+    out.mkdir()
+    fed = LocalFederation(nodes=3, rounds=1, base_model="tiny", out=out, app=app, local_steps=2, batch_size=4,
+                          startup_timeout=180, run_config={"eval-max-conversations": 16, "merge": False})
+    runner = Runner(fed)
+    try:
+        runner.prepare()
+        runner.build_app()
+        runner.start_superlink()
+        runner.register_nodes()
+        runner.start_nodes()
+        yield runner
+    finally:
+        runner.stop()
+        assert survivors(out / "processes.json") == []
+
+
+def _submit(runner, app: Path, out_dir: str) -> str:
+    from fedchat.deployment import write_toml
+
+    values = {**runner.fed.coordinator_config(), "out-dir": str(runner.out / out_dir)}
+    return runner.cli.run(app, write_toml(runner.out / f"{out_dir}.toml", values))
+
+
+def _wait_finished(runner, run_id: str, timeout: float, until=lambda: False) -> str:
+    deadline = time.monotonic() + timeout
+    while True:
+        status = runner.cli.run_status(run_id)["status"]
+        if status.startswith("finished") or until():
+            return status
+        problem = runner._check_services()
+        assert problem is None, problem
+        assert time.monotonic() < deadline, f"run {run_id} still '{status}' after {timeout} s"
+        time.sleep(2)
+
+
+def _node_logs(runner) -> dict[str, str]:
+    return {f"org-{i}": (runner.logs / f"org-{i}.log").read_text(errors="replace") for i in (1, 2, 3)}
+
+
+@pytest.mark.slow
+def test_a_node_refuses_an_app_bundle_its_operator_did_not_approve(federation, tmp_path):
+    marker = tmp_path / "unapproved-code-ran"
+    changed = tamper(federation.app_src, tmp_path / "fedchat", marker)
+    changed_sha = build_bundle(changed).sha256
+    assert changed_sha != federation.app_sha256
+
+    run_id = _submit(federation, changed, "run-unapproved")  # what a coordinator running modified code does
+    status = _wait_finished(federation, run_id, timeout=400)
+    server_log = federation.cli.logs(run_id)
+
+    assert not marker.exists(), "code of the unapproved bundle ran on a node"
+    for name, log in _node_logs(federation).items():
+        assert f"REFUSED app bundle sha256 {changed_sha}: it is not approved in" in log, name
+        assert "Nothing of it was installed or run" in log, name
+        apps = federation.out / "nodes" / name / "flwr-home" / "apps"
+        assert not any(changed_sha[:8] in p.name for p in (apps.iterdir() if apps.exists() else [])), name
+    # The coordinator learns why: the nodes' error replies name the refused bundle (no node path in them).
+    report = json.loads((federation.out / "run-unapproved" / "report.json").read_text())
+    assert report["completed_rounds"] == 0 or report["rounds"][0]["status"] == "failed", (status, report)
+    assert f"node refused app bundle sha256 {changed_sha}: its operator did not approve it" in server_log, \
+        server_log[-3000:]
+    assert str(federation.out / "nodes") not in server_log
+
+
+@pytest.mark.slow
+def test_the_approved_app_bundle_runs(federation):
+    run_id = _submit(federation, federation.app_src, "run-approved")
+    status = _wait_finished(federation, run_id, timeout=500)
+    assert status == "finished:completed", federation.cli.logs(run_id)[-3000:]
+    report = json.loads((federation.out / "run-approved" / "report.json").read_text())
+    assert report["completed_rounds"] == 1 and [r["status"] for r in report["rounds"]] == ["ok"]
+    for name, log in _node_logs(federation).items():
+        assert f"app bundle sha256 {federation.app_sha256} is approved" in log, name
+
+
+@pytest.mark.slow
+def test_a_node_whose_operator_approves_the_changed_bundle_runs_it(federation, tmp_path):
+    """The control: the same changed bundle does run where its operator approved it (so the refusal
+    above is the approval check, and the marker would have shown the bundle's code running)."""
+    marker = tmp_path / "approved-changed-code-ran"
+    changed = tamper(federation.app_src, tmp_path / "fedchat", marker)
+    bundle = tmp_path / "changed.fab"
+    assert fedchat_main(["app", "build", "--app", str(changed), "--out", str(bundle)]) == 0
+    org1 = federation.out / "nodes" / "org-1" / "node.toml"
+    assert fedchat_main(["node", "approve", str(org1), str(bundle), "--app", str(federation.app_src),
+                         "--accept-differences"]) == 0  # on the running node: applies at the next run
+
+    run_id = _submit(federation, changed, "run-changed")
+    try:
+        _wait_finished(federation, run_id, timeout=400, until=marker.exists)
+    finally:
+        if not federation.cli.run_status(run_id)["status"].startswith("finished"):
+            federation.cli.stop(run_id)
+    assert marker.exists()
+    assert marker.read_text() == str(federation.out / "nodes" / "org-1" / "flwr-home")  # org-1 ran it, only org-1
