@@ -80,42 +80,69 @@ def cmd_merge(args) -> int:
     return 0
 
 
-def cmd_audit(args) -> int:
+def _audit_keys(args) -> dict:
+    """The public key for each ledger: --key LEDGER=PUB first, else --keys DIR/NODE.pub; never a default."""
     from pathlib import Path
 
+    if not args.key and not args.keys:
+        raise FedchatError("give each node's public ledger key: --keys DIR (DIR/NODE.pub for NODE.jsonl) or "
+                           "--key LEDGER=PUB per ledger, each obtained from the node's operator by another channel "
+                           "than the ledger. A key found beside a ledger proves nothing: whoever could edit the "
+                           "ledger could replace the key.")
+    ledgers = [Path(p) for p in args.ledgers]
+    keys: dict = {}
+    for pair in args.key or []:
+        name, sep, pub = pair.partition("=")
+        if not sep or not name or not pub:
+            raise FedchatError(f"--key {pair!r}: give LEDGER=PUB, e.g. --key ledgers/org-1.jsonl=keys/org-1.pub")
+        hits = [p for p in ledgers if p.resolve() == Path(name).resolve() or p.stem == name]
+        if not hits:
+            raise FedchatError(f"--key {pair!r} names {name}, which is none of the ledgers given")
+        for p in hits:
+            keys[p] = Path(pub)
+    for p in ledgers:
+        if p not in keys:
+            if not args.keys:
+                raise FedchatError(f"no key for {p}: add --key {p}=PUB or --keys DIR holding {p.stem}.pub")
+            keys[p] = Path(args.keys) / f"{p.stem}.pub"
+        if keys[p].resolve().parent == p.resolve().parent:
+            print(f"warning: the key for {p} lies in the ledger's own folder: it proves the ledger only if the node's "
+                  "operator gave it to you by another channel", file=sys.stderr)
+    return keys
+
+
+def cmd_audit(args) -> int:
     from shared.audit import audit_ledger, check_against_report, plot_epsilon
 
-    if args.key and len(args.key) != len(args.ledgers):
-        raise FedchatError(f"give one --key per ledger ({len(args.ledgers)} ledgers, {len(args.key)} keys), "
-                           "or --keys DIR holding NODE.pub files")
-    audits = []
-    for i, path in enumerate(args.ledgers):
-        path = Path(path)
-        if args.key:
-            key = Path(args.key[i])
-        else:
-            key = Path(args.keys or path.parent) / f"{path.stem}.pub"
-        audits.append(audit_ledger(path, key))
-    if args.report:
-        check_against_report(audits, args.report)
+    keys = _audit_keys(args)
+    audits = [audit_ledger(path, key) for path, key in keys.items()]
+    checked = audits + ([check_against_report(audits, args.report)] if args.report else [])
     if args.plot:
         plot_epsilon(audits, args.plot)
+    no_report = ("note: no --report given: entries removed at the END of a ledger cannot be detected without the "
+                 "coordinator's report.json (the hash chain shows only changes before the last line), and the "
+                 "ledgers are not bound to the nodes that trained.")
     if args.json:
-        print(json.dumps([a.to_dict() for a in audits], indent=2))
+        print(json.dumps([a.to_dict() for a in checked], indent=2))
     else:
-        fmt = "{:<14} {:>6} {:>16} {:>19} {:>8}  {}"
-        print(fmt.format("node", "rounds", "epsilon claimed", "epsilon recomputed", "budget", "verdict"))
+        fmt = "{:<14} {:>8} {:<12} {:>6} {:>16} {:>19} {:>8}  {}"
+        print(fmt.format("node", "node id", "ledger key", "rounds", "epsilon claimed", "epsilon recomputed",
+                         "budget", "verdict"))
         num = lambda v: "-" if v is None else f"{v:.4f}"  # noqa: E731
-        for a in audits:
-            print(fmt.format(a.node, a.rounds, num(a.epsilon_claimed), num(a.epsilon_recomputed),
+        for a in checked:
+            print(fmt.format(a.node, ",".join(map(str, a.node_ids)) or "-", (a.key_fingerprint or "-")[:12], a.rounds,
+                             num(a.epsilon_claimed), num(a.epsilon_recomputed),
                              "-" if a.target_epsilon is None else f"{a.target_epsilon:g}", "OK" if a.ok else "FAIL"))
-        for a in audits:
-            for problem in a.problems:
-                print(f"{a.ledger}: {problem}", file=sys.stderr)
         if args.plot:
             print(f"plot: {args.plot}")
-    return 0 if all(a.ok for a in audits) else 1
-
+    if not args.report:
+        print(no_report, file=sys.stderr if args.json else sys.stdout)
+    for a in checked:
+        for problem in a.problems:
+            print(f"{a.ledger}: {problem}", file=sys.stderr)
+        for warning in a.warnings:
+            print(f"{a.ledger}: warning: {warning}", file=sys.stderr)
+    return 0 if all(a.ok for a in checked) else 1
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -159,9 +186,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     audit = sub.add_parser("audit", help="verify privacy ledgers: chain, signatures, recomputed epsilon, budget")
     audit.add_argument("ledgers", nargs="+", metavar="LEDGER", help="a node's ledger.jsonl")
-    audit.add_argument("--key", action="append", help="the node's Ed25519 public key (PEM), one per ledger in order")
-    audit.add_argument("--keys", help="folder of NODE.pub keys named like the ledgers (default: beside each ledger)")
-    audit.add_argument("--report", help="the coordinator's report.json: also check no entry was removed at the end")
+    audit.add_argument("--key", action="append", metavar="LEDGER=PUB",
+                       help="a ledger's node public key (Ed25519 PEM), from its operator; repeat per ledger")
+    audit.add_argument("--keys", metavar="DIR", help="folder of NODE.pub keys for NODE.jsonl ledgers, from the "
+                       "operators (one of --key/--keys is required: no key is taken from beside a ledger)")
+    audit.add_argument("--report", help="the coordinator's report.json: bind ledgers to the nodes that trained (by "
+                       "ledger-key fingerprint) and check no entry was removed at the end")
     audit.add_argument("--json", action="store_true", help="print the audit as JSON")
     audit.add_argument("--plot", help="write a PNG of epsilon per round per node")
     audit.set_defaults(func=cmd_audit)

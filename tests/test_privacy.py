@@ -1,12 +1,14 @@
 """DP accounting: calibration, accumulation across rounds and restarts, the budget guard."""
 
+import ast
 import math
+from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
 from client.app import FedChatClient
+from client.policy import RoundRefused
 from client.privacy import calibrate_noise, check_delta, compute_epsilon, fits_budget, plan_round
 from shared import ledger
 from shared.adapter import attach_adapter, exchanged_names, get_arrays
@@ -49,6 +51,22 @@ def _entries(history, delta=1e-5, run="r1", accountant="prv"):
         out.append({"run": run, "noise_multiplier": s, "sample_rate": q, "steps": n,
                     "epsilon": compute_epsilon(history[: i + 1], delta, accountant)})
     return out
+
+
+def test_the_accounting_lives_in_shared_for_node_and_auditor():
+    import client.privacy
+    import shared.accounting
+    import shared.audit
+
+    for name in ("compute_epsilon", "calibrate_noise", "ledger_history", "check_delta"):
+        assert getattr(client.privacy, name) is getattr(shared.accounting, name)
+    assert shared.audit.compute_epsilon is shared.accounting.compute_epsilon
+    for path in (Path(shared.accounting.__file__).parent).glob("*.py"):  # shared/ uses no role package
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            assert not [n for n in names if n.split(".")[0] in ("client", "server", "fedchat")], (path, names)
+    assert math.isinf(compute_epsilon([(1.0, 0.02, 10), (0.0, 0.02, 10)], 1e-5, "prv"))  # a round without DP
 
 
 def test_plan_round_keeps_the_runs_noise_and_prices_the_next_round():
@@ -97,19 +115,29 @@ def test_epsilon_accumulates_across_rounds_and_restarts(tmp_path, tiny_dir):
     assert [e["round"] for e in entries] == [1, 2, 3]
     assert len({e["noise_multiplier"] for e in entries}) == 1
     # A fourth round of the same run was not planned: the guard refuses it, nothing is trained or logged.
-    update, weight, metrics = _fit(node, cfg.replace(num_rounds=4), 4, "run-a")
-    assert metrics["status"] == "budget-exhausted" and weight == 0
-    assert all(not np.any(u) for u in update)
-    assert metrics["epsilon"] == pytest.approx(epsilons[-1], rel=1e-6)
+    with pytest.raises(RoundRefused, match=f"from {epsilons[-1]:.3f} past its budget 4"):
+        _fit(node, cfg.replace(num_rounds=4), 4, "run-a")
     assert len(ledger.read_entries(tmp_path / "state" / "ledger.jsonl")) == 3
+
+
+def test_a_node_that_trains_without_dp_records_it_and_spends_its_whole_budget(tmp_path, tiny_dir):
+    data = write_jsonl(tmp_path / "d.jsonl", [conversation(f"q{i}", f"a{i}") for i in range(60)])
+    node = NodeConfig(data_path=str(data), state_dir=str(tmp_path / "state"), node_name="n1", target_epsilon=4.0,
+                      target_delta=1e-3, require_secagg=False, require_dp=False)
+    cfg = RunConfig(base_model="tiny", num_rounds=2, local_steps=1, batch_size=4, secagg=False)
+    _fit(node, cfg.replace(dp=False), 1, "plain")
+    entry, = ledger.read_entries(tmp_path / "state" / "ledger.jsonl")
+    assert entry["noise_multiplier"] == 0 and entry["epsilon"] is None  # never invisible
+    with pytest.raises(RoundRefused, match="past its budget"):  # epsilon is infinite: no DP round can follow
+        _fit(node, cfg, 1, "private")
 
 
 def test_node_refuses_rounds_its_operator_did_not_allow(tmp_path, tiny_dir):
     data = write_jsonl(tmp_path / "d.jsonl", [conversation(f"q{i}", f"a{i}") for i in range(20)])
     node = NodeConfig(data_path=str(data), state_dir=str(tmp_path / "s"))
-    with pytest.raises(PrivacyError, match="requires DP"):
+    with pytest.raises(RoundRefused, match="requires DP"):
         _fit(node, RunConfig(base_model="tiny", dp=False, secagg=False), 1, "r")
-    with pytest.raises(PrivacyError, match="requires secure aggregation"):
+    with pytest.raises(RoundRefused, match="requires secure aggregation"):
         _fit(node, RunConfig(base_model="tiny", secagg=False), 1, "r")
-    with pytest.raises(PrivacyError, match="not below 1/n"):
+    with pytest.raises(RoundRefused, match="PrivacyError"):  # the reason stays in the node's log
         _fit(node.replace(target_delta=0.1, require_secagg=False), RunConfig(base_model="tiny", secagg=False), 1, "r")
