@@ -42,6 +42,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from server.serve_config import API_KEY_ENV, ModelSource, ServeConfig
 from server.serve_engine import Engine, Generation, GenerationParams, Job, QueueFullError
@@ -97,11 +98,14 @@ async def read_body(request: Request, limit: int) -> bytes:
         if int(declared) > limit:
             raise _too_large(limit)
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise _too_large(limit)
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise _too_large(limit)
+            chunks.append(chunk)
+    except ClientDisconnect:  # nobody is left to answer: not a server failure
+        raise APIError(499, "client closed the request") from None
     return b"".join(chunks)
 
 
