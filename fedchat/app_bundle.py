@@ -9,7 +9,8 @@ the budget guard, the ledger). So a node runs only a bundle its operator approve
   ``build_fab_from_disk``; Flower names a bundle by the SHA-256 of its bytes) and hands out the
   ``.fab`` file and its hash: ``fedchat app build --out fedchat.fab``;
 * the node operator inspects it (every file, compared with the fedchat installed on the node)
-  and records its hash in node.toml, ``[approval] app-sha256 = ["..."]``:
+  and records its hash in node.toml, ``[approval] app-sha256 = ["..."]`` (or, where node.toml is
+  read-only to the tools, as in deploy/compose.yaml, in the file ``[approval] file = PATH`` names):
   ``fedchat node approve node.toml fedchat.fab`` (or the bare hash, when it is the bundle of the
   fedchat installed on the node);
 * ``fedchat node start`` refuses any other bundle before installing or importing it
@@ -36,6 +37,7 @@ from pathlib import Path
 SHA256 = re.compile(r"^[0-9a-f]{64}$")
 APPROVAL_SECTION = "approval"
 APPROVAL_KEY = "app-sha256"
+APPROVAL_FILE_KEY = "file"  # optional: a file of approved hashes (one a line), for a read-only node.toml
 MANIFEST = ".info/CONTENT"
 
 
@@ -162,25 +164,59 @@ def approved_hashes(node_file: str | Path) -> list[str]:
     return check_approval_section(data.get(APPROVAL_SECTION, {}), node_file)
 
 
+def approval_file(section: dict, node_file: str | Path) -> Path | None:
+    value = section.get(APPROVAL_FILE_KEY)
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value:
+        raise AppBundleError(f"{node_file}: [{APPROVAL_SECTION}] '{APPROVAL_FILE_KEY}' must be a path.")
+    path = Path(value)
+    return path if path.is_absolute() else (Path(node_file).resolve().parent / path)
+
+
 def check_approval_section(section: object, node_file: str | Path) -> list[str]:
+    """The approved hashes: node.toml's list, and the lines of the file it names (if any)."""
     if not isinstance(section, dict):
         raise AppBundleError(f"{node_file}: '{APPROVAL_SECTION}' must be a section ([{APPROVAL_SECTION}]).")
-    unknown = sorted(set(section) - {APPROVAL_KEY})
+    unknown = sorted(set(section) - {APPROVAL_KEY, APPROVAL_FILE_KEY})
     if unknown:
         raise AppBundleError(f"{node_file}: [{APPROVAL_SECTION}] unknown key(s) {', '.join(unknown)} "
-                             f"(the one key is '{APPROVAL_KEY}').")
+                             f"(keys: '{APPROVAL_KEY}', '{APPROVAL_FILE_KEY}').")
     hashes = section.get(APPROVAL_KEY, [])
     if not isinstance(hashes, list) or not all(isinstance(h, str) and SHA256.match(h) for h in hashes):
         raise AppBundleError(f"{node_file}: [{APPROVAL_SECTION}] '{APPROVAL_KEY}' must be a list of SHA-256 hashes "
                              "(64 lower-case hex digits each); record them with `fedchat node approve`.")
-    return list(hashes)
+    hashes = list(hashes)
+    path = approval_file(section, node_file)
+    if path is not None and path.exists():
+        try:
+            lines = path.read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise AppBundleError(f"cannot read the approvals file {path}: {exc}") from None
+        for number, line in enumerate(lines, 1):
+            line = line.split("#", 1)[0].strip()
+            if not line:
+                continue
+            if not SHA256.match(line):
+                raise AppBundleError(f"{path} line {number}: not a SHA-256 (64 lower-case hex digits); record "
+                                     "approvals with `fedchat node approve`.")
+            hashes.append(line)
+    return list(dict.fromkeys(hashes))
 
 
-def write_approvals(node_file: str | Path, hashes: list[str]) -> None:
-    """Rewrite node.toml's [approval] table (the rest of the file, comments included, is kept)."""
+def write_approvals(node_file: str | Path, hashes: list[str]) -> Path:
+    """Record the approved hashes: in the file [approval] names if it does, else in node.toml's
+    [approval] table (the rest of node.toml, comments included, is kept). Returns what it wrote."""
     from shared.files import atomic_write_text
 
     path = Path(node_file)
+    section = tomllib.loads(path.read_text(encoding="utf-8")).get(APPROVAL_SECTION, {})
+    target = approval_file(section, path) if isinstance(section, dict) else None
+    if target is not None:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(target, "# App bundles (SHA-256 of the .fab) this node may run: `fedchat node approve`.\n"
+                          + "".join(f"{h}\n" for h in hashes))
+        return target
     kept, skipping = [], False
     for line in path.read_text(encoding="utf-8").splitlines():
         header = re.match(r"^\s*\[\s*([^\]]+?)\s*\]", line)
@@ -194,6 +230,7 @@ def write_approvals(node_file: str | Path, hashes: list[str]) -> None:
                "# App bundles (SHA-256 of the .fab) this node may run: `fedchat node approve FILE BUNDLE`.",
                f"{APPROVAL_KEY} = ["] + [f'    "{h}",' for h in hashes] + ["]"]
     atomic_write_text(path, "\n".join(kept + section) + "\n")
+    return path
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,8 @@ What Flower 1.41 expects (established from its source and by running it):
   **Runtime** (its own ``flwr-serverapp`` processes) APIs over HTTPS on ONE address,
   ``--host``/``--port``. TLS: ``--ssl-certfile --ssl-keyfile --ssl-ca-certfile`` (the CA is
   what its own SuperExec trusts when it connects back to the Runtime API).
+  The Control API cannot be given an address of its own (``--control-api-address`` is deprecated
+  and ignored), so `fedchat coordinator start` listens on 127.0.0.1 unless told otherwise.
   ``--enable-supernode-auth`` requires TLS and makes the Fleet API accept only nodes whose
   public key was registered with ``flwr supernode register``; nodes cannot register
   themselves. ``--disable-runtime-dependency-installation`` keeps it from running ``uv sync``
@@ -21,7 +23,9 @@ What Flower 1.41 expects (established from its source and by running it):
   register KEY.pub NAME``). ``--run-config`` takes ``key=value`` pairs or a ``.toml`` file.
 * In the default ``subprocess`` isolation both engines start ``flower-superexec``, which starts
   ``flwr-serverapp`` / ``flwr-clientapp`` found on PATH: the venv's ``bin`` must come first.
-  FABs are unpacked under each process's ``$FLWR_HOME/apps``.
+  FABs are unpacked under each process's ``$FLWR_HOME/apps``. A fedchat node runs its SuperNode
+  with ``--isolation process`` instead and starts the ClientApps itself, from approved bundles
+  only (fedchat.node_runtime).
 
 Everything here builds commands and files; starting and stopping processes is
 ``fedchat.processes``; a whole federation on one machine is ``fedchat.local_federation``.

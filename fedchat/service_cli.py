@@ -52,10 +52,10 @@ def cmd_node_start(args) -> int:
     nf = read_node_file(args.file)
     _report(check_node_file(nf))
     cmd = node_command(nf)
+    write_node_config(nf)
     if args.print:
         print(shlex.join(cmd))
         return 0
-    write_node_config(nf)
     env = process_env()
     env.setdefault("FLWR_HOME", str(nf.node_config_file.parent / "flwr-home"))
     print(f"starting: {shlex.join(cmd)}", file=sys.stderr, flush=True)
@@ -130,8 +130,8 @@ def cmd_node_approve(args) -> int:
     hashes = [] if args.replace else list(nf.approved)
     if bundle.sha256 not in hashes:
         hashes.append(bundle.sha256)
-    write_approvals(nf.path, hashes)
-    print(f"{nf.path}: approved app bundle sha256 {bundle.sha256} ({len(hashes)} approved"
+    written = write_approvals(nf.path, hashes)
+    print(f"{written}: approved app bundle sha256 {bundle.sha256} ({len(hashes)} approved"
           + (", earlier approvals removed" if args.replace and len(nf.approved) else "") + "). "
           "A running node applies it at the next run.")
     return 0

@@ -24,7 +24,7 @@ A node operator keeps one file (`fedchat node check-config FILE`, `fedchat node 
 and the coordinator one (`fedchat coordinator check-config|start FILE`)::
 
     [superlink]
-    host = "0.0.0.0"
+    host = "0.0.0.0"           # default 127.0.0.1: the Control API shares this port (docs/runbooks/coordinator.md)
     port = 9093
     certfile = "certs/superlink.pem"
     keyfile = "certs/superlink.key"
@@ -294,7 +294,8 @@ def read_coordinator_file(path: str | Path) -> CoordinatorFile:
     s = _section(data, "superlink")
     if "superlink" not in data:
         problems.append("section [superlink] is required")
-    host, port = s.get("host", "0.0.0.0"), s.get("port", 9093)
+    # loopback unless told: Flower 1.41 serves the unauthenticated Control API on the nodes' port
+    host, port = s.get("host", "127.0.0.1"), s.get("port", 9093)
     if not isinstance(host, str) or not host:
         problems.append(f"[superlink] 'host' must be an address to listen on, got {host!r}")
     if not _is_port(port):
@@ -343,6 +344,9 @@ def check_coordinator_file(cf: CoordinatorFile) -> list[str]:
     else:
         found.append("database: none (registrations are lost when the SuperLink restarts)")
     found.append(f"listening on {cf.host}:{cf.port}, SuperNode authentication {'on' if cf.supernode_auth else 'OFF'}")
+    if cf.host not in ("127.0.0.1", "localhost", "::1"):
+        found.append(f"the Control API (registrations, runs; no authentication in Flower 1.41) listens on {cf.host}:"
+                     f"{cf.port} too: let only the node hosts reach it, and reach it yourself through SSH")
     if problems:
         raise ConfigFileError(cf.path, problems)
     return found

@@ -124,10 +124,10 @@ def test_certs_keeps_identities_and_reissues_the_server_certificate_for_new_host
 def test_local_federation_refuses_bad_arguments_before_starting_anything(tmp_path):
     (tmp_path / "keep.txt").write_text("not a federation")
     for args, message in [
-        (["--nodes", "1", "--rounds", "1", "--out", str(tmp_path / "a")], "at least 2 with SecAgg+"),
-        (["--nodes", "2", "--rounds", "0", "--out", str(tmp_path / "b")], "num-rounds"),
-        (["--nodes", "2", "--rounds", "1", "--out", str(tmp_path)], "is not empty"),
-        (["--nodes", "2", "--rounds", "1", "--out", str(tmp_path), "--fresh"], "not one (no commands.sh)"),
+        (["--nodes", "2", "--rounds", "1", "--out", str(tmp_path / "a")], "at least 3 with SecAgg+"),
+        (["--nodes", "3", "--rounds", "0", "--out", str(tmp_path / "b")], "num-rounds"),
+        (["--nodes", "3", "--rounds", "1", "--out", str(tmp_path)], "is not empty"),
+        (["--nodes", "3", "--rounds", "1", "--out", str(tmp_path), "--fresh"], "not one (no commands.sh)"),
     ]:
         done = subprocess.run([str(SCRIPT), *args], capture_output=True, text=True, timeout=120)
         assert done.returncode != 0, args
@@ -243,7 +243,7 @@ def test_unregistered_nodes_are_refused_and_the_registered_one_joins(superlink):
 
 def _script(out: Path, *extra: str) -> Child:
     """The script as a user runs it, with a HOME of its own (to see that it leaves ~/.flwr alone)."""
-    args = [str(SCRIPT), "--nodes", "2", "--base-model", "tiny", "--out", str(out), "--local-steps", "2",
+    args = [str(SCRIPT), "--nodes", "3", "--base-model", "tiny", "--out", str(out), "--local-steps", "2",
             "--batch-size", "4", "--startup-timeout", "120", *extra, "--run-config", "eval-max-conversations=16"]
     env = {**os.environ, "HOME": str(out.parent / "home")}  # FEDCHAT_CACHE (conftest) keeps the prepared model
     return Child.start(args, out.parent / "script.log", env=env)
@@ -257,6 +257,7 @@ def _assert_nothing_left(out: Path, at_least: int) -> None:
 
 @pytest.mark.slow
 def test_local_federation_completes_two_rounds_and_leaves_no_process(tmp_path, tiny_dir):
+    """Three nodes, each running only the app bundle its operator approved (`fedchat node approve`)."""
     out = tmp_path / "fed"
     script = _script(out, "--rounds", "2", "--timeout", "420")
     log = script.finish(timeout=540)
@@ -266,31 +267,33 @@ def test_local_federation_completes_two_rounds_and_leaves_no_process(tmp_path, t
     assert report["status"] == "finished" and report["completed_rounds"] == 2 and report["num_rounds"] == 2
     assert report["secagg"] is True and report["dp"] is True
     assert [r["status"] for r in report["rounds"]] == ["ok", "ok"]
-    assert all("secagg" in r and r["secagg"]["nodes"] == 2 for r in report["rounds"])  # SecAgg+ parameters per round
-    assert report["nodes"] == ["org-1", "org-2"]
+    assert all("secagg" in r and r["secagg"]["nodes"] == 3 for r in report["rounds"])  # SecAgg+ parameters per round
+    assert report["nodes"] == ["org-1", "org-2", "org-3"]
     d = report["deployment"]
     assert d["tls"] and d["supernode_auth"] and d["flower_status"] == "finished:completed"
     assert d["superlink"].startswith("127.0.0.1:")
-    assert [a["verdict"] for a in d["audit"]] == ["OK", "OK"] and not any(a["problems"] for a in d["audit"])
+    assert [a["verdict"] for a in d["audit"]] == ["OK", "OK", "OK"] and not any(a["problems"] for a in d["audit"])
     for node in d["nodes"]:
         ledger = Path(node["ledger"])
         assert ledger.parent == out / "ledgers" and len(ledger.read_text().splitlines()) == 2  # one entry per round
         assert Path(node["ledger_key"]).exists()
     assert (out / "run" / "merged").exists()
 
-    for name in ("superlink", "org-1", "org-2", "serverapp"):
+    for name in ("superlink", "org-1", "org-2", "org-3", "serverapp"):
         assert (out / "logs" / f"{name}.log").stat().st_size > 0, name
     server_log = (out / "logs" / "serverapp.log").read_text()
     assert server_log.count("Secure aggregation completed") == 2
     superlink_log = (out / "logs" / "superlink.log").read_text()
     assert "--enable-supernode-auth" in superlink_log and "Uvicorn running on https://127.0.0.1" in superlink_log
     assert "starting: " in superlink_log and "flower-superlink" in superlink_log  # fedchat coordinator start's exec
-    for node in ("org-1", "org-2"):
+    for node in ("org-1", "org-2", "org-3"):
         node_log = (out / "logs" / f"{node}.log").read_text()
         assert "starting: " in node_log and "flower-supernode" in node_log and "--auth-supernode-private-key" in node_log
+        assert "--isolation process" in node_log and f"app bundle sha256 {d['app_sha256']} is approved" in node_log
     commands = (out / "commands.sh").read_text()
-    assert commands.count(" coordinator start ") == 1 and commands.count(" supernode register ") == 2
-    assert commands.count(" node start ") == 2 and commands.count(" run ") == 1
+    assert commands.count(" coordinator start ") == 1 and commands.count(" supernode register ") == 3
+    assert commands.count(" app build ") == 1 and commands.count(" node approve ") == 3
+    assert commands.count(" node start ") == 3 and commands.count(" run ") == 1
     _assert_nothing_left(out, at_least=7)  # superlink, 2 supernodes, their superexecs, the serverapp...
     assert not (tmp_path / "home" / ".flwr").exists()  # Flower's files went under DIR, not the user's home
 

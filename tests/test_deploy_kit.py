@@ -5,8 +5,9 @@ run to the commands `deploy/local-federation.sh` runs (the same function builds 
 `fedchat.local_federation.service_command`). The slow ones start the local federation's own
 services to see that it really runs those commands, and follow the node operator's and the
 coordinator's runbooks word for word on 127.0.0.1: every ```bash block of the runbooks, in the order
-a coordinator and two node operators would run them, in simulated terminals, with a crash of the
-coordinator in the middle of the run, then the auditor's and serving's runbooks.
+a coordinator and three node operators would run them (each node approving the coordinator's app
+bundle), in simulated terminals, with a crash of the coordinator in the middle of the run, then the
+auditor's and serving's runbooks.
 
 tests/data/compose-spec.json is the Compose Specification's JSON schema (github.com/compose-spec/
 compose-spec, schema/compose-spec.json at 170098b, Apache-2.0).
@@ -177,6 +178,8 @@ def test_compose_has_tls_node_authentication_and_the_volumes():
     assert coord["/var/lib/fedchat/superlink"][0] == "coordinator-state"
     assert coord["/var/lib/fedchat/run"] == ("coordinator-run", False)  # checkpoints, report, merged model
     assert "coordinator" in services["coordinator-init"]["command"][2]  # the certificate covers the service name
+    assert "fedchat app build --app /opt/fedchat --out /var/lib/fedchat/exchange/fedchat.fab" in \
+        services["coordinator-init"]["command"][2]  # the bundle `submit` sends (`flwr run /opt/fedchat`)
     # The nodes: each its own config, key, ledger (state) and data volume; the CA from the exchange volume.
     for n in NODES:
         vols = _volumes(services[n])
@@ -189,6 +192,11 @@ def test_compose_has_tls_node_authentication_and_the_volumes():
         assert vols["/srv/fedchat"] == (f"{n}-data", True) and nf.node.data_path.startswith("/srv/fedchat/")
         assert vols["/var/lib/fedchat/exchange"] == ("exchange", True)
         assert nf.node.require_dp and nf.node.require_secagg
+        # approvals: written by the init job (`fedchat node approve`), read-only to the running node
+        assert vols["/var/lib/fedchat/approval"] == (f"{n}-approval", True)
+        assert _volumes(services[f"{n}-init"])["/var/lib/fedchat/approval"] == (f"{n}-approval", False)
+        assert "fedchat node approve /etc/fedchat/node.toml /var/lib/fedchat/exchange/fedchat.fab" in \
+            services[f"{n}-init"]["command"][2]
         init = services[f"{n}-init"]
         assert init["environment"]["NODE"] == n and _volumes(init)[CONFIG["node"]] == vols[CONFIG["node"]]
         assert _volumes(init)["/var/lib/fedchat/keys"] == (f"{n}-keys", False)
@@ -305,7 +313,7 @@ def _flags(argv: list[str]) -> list[str]:
 
 def test_example_configs_start_services_with_the_local_federations_flags(tmp_path):
     """`fedchat node|coordinator start FILE --print` of the examples vs what the local federation writes."""
-    fed = LocalFederation(nodes=2, rounds=1, base_model="tiny", out=tmp_path / "fed", app=ROOT)
+    fed = LocalFederation(nodes=3, rounds=1, base_model="tiny", out=tmp_path / "fed", app=ROOT)
     tls = SuperLinkTLS(tmp_path / "s.pem", tmp_path / "s.key", tmp_path / "ca.pem")
     local_coord = coordinator_command(read_coordinator_file(write_toml(
         tmp_path / "coordinator.toml", fed.coordinator_file(9093, tls, tmp_path / "state.db"))))
@@ -349,26 +357,29 @@ def test_the_local_federation_starts_its_services_with_those_commands(tmp_path):
     """The real Runner: the argv it starts the SuperLink and the nodes with is `service_command`'s."""
     from fedchat.local_federation import Runner
 
-    fed = LocalFederation(nodes=2, rounds=1, base_model="tiny", out=tmp_path / "fed", app=ROOT, startup_timeout=120)
+    fed = LocalFederation(nodes=3, rounds=1, base_model="tiny", out=tmp_path / "fed", app=ROOT, startup_timeout=120)
     fed.out.mkdir()
     runner = Runner(fed)
     try:
         runner.prepare()
+        runner.build_app()
         runner.start_superlink()
         runner.register_nodes()
-        runner.start_nodes()  # returns once both nodes are online
+        runner.start_nodes()  # returns once every node is online
         started = {s.name: s.argv for s in runner.sup.services}
         superlink_config = fed.out.resolve() / "superlink" / "coordinator.toml"
         assert started["superlink"] == service_command("coordinator", superlink_config)
-        for n in ("org-1", "org-2"):
+        for n in ("org-1", "org-2", "org-3"):
             config = fed.out.resolve() / "nodes" / n / "node.toml"
             assert started[n] == service_command("node", config)
+            assert read_node_file(config).approved == (runner.app_sha256,)  # `fedchat node approve` before start
             printed = subprocess.run([started[n][0], "node", "start", str(config), "--print"], capture_output=True,
                                      text=True, timeout=120, env={**os.environ, "HOME": str(tmp_path)})
             assert printed.returncode == 0, printed.stderr
             assert _flags(shlex.split(printed.stdout)) == _flags(node_command(read_node_file(config)))
         commands = (fed.out / "commands.sh").read_text()
         assert shlex.join(started["superlink"]) in commands and shlex.join(started["org-2"]) in commands
+        assert commands.count(" app build ") == 1 and commands.count(" node approve ") == 3
     finally:
         runner.stop()
     assert survivors(fed.out / "processes.json") == []
@@ -427,13 +438,17 @@ def test_runbooks_cover_every_step_the_issue_names_and_are_linked():
     node_text = "".join(b.text for blocks in node.values() for b in blocks)
     coord_text = "".join(b.text for blocks in coord.values() for b in blocks)
     for step in ("fedchat data check", "fedchat certs --out", "--no-superlink", "fedchat node check-config",
-                 "fedchat node start", "fedchat audit", "git pull", "make install", "systemctl stop fedchat-node"):
+                 "fedchat node approve", "fedchat node start", "fedchat audit", "git pull", "make install",
+                 "systemctl stop fedchat-node"):
         assert step in node_text, step
-    for step in ("fedchat certs --out", "fedchat coordinator check-config", "fedchat coordinator start",
-                 "flwr supernode register", "flwr run . fedchat --run-config", "flwr ls fedchat",
-                 "flwr log", "fedchat merge", "systemctl stop fedchat-coordinator"):
+    for step in ("fedchat certs --out", "fedchat app build --out", "fedchat coordinator check-config",
+                 "fedchat coordinator start", "flwr supernode register", "flwr run . fedchat --run-config",
+                 "flwr ls fedchat", "flwr log", "fedchat merge", "systemctl stop fedchat-coordinator"):
         assert step in coord_text, step
-    assert sum(b.keeps_running for b in coord["10"]) == 1  # resume: the SuperLink started again
+    assert sum(b.keeps_running for b in coord["11"]) == 1  # resume: the SuperLink started again
+    # the node approves before it checks its config (no approval is a problem) and before it starts
+    assert "fedchat node approve" in "".join(b.text for b in node["7"])
+    assert any(b.keeps_running for b in node["8"])
     audit_text = "".join(b.text for blocks in runbook("auditor").values() for b in blocks)
     assert "--report" in audit_text and "--plot" in audit_text and "--json" in audit_text
     serve_text = "".join(b.text for blocks in runbook("serving").values() for b in blocks)
@@ -543,15 +558,30 @@ def _clean_path() -> str:
                            if p and not p.startswith(venv))
 
 
+def _checkout_snapshot(dest: Path) -> Path:
+    """FEDCHAT_SRC for the runbooks: the app's files as `flwr run` packs them, and this venv.
+
+    Other work on this checkout while the test runs would change the app bundle between the
+    coordinator's `fedchat app build` and its `flwr run .` (and the nodes would rightly refuse it).
+    """
+    from fedchat.app_bundle import build_bundle, unpack_bundle
+
+    unpack_bundle(build_bundle(ROOT), dest)
+    (dest / ".venv").symlink_to(ROOT / ".venv")
+    return dest
+
+
 @pytest.mark.slow
 def test_following_the_runbooks_on_one_machine_gives_a_finished_run(tmp_path):
-    """A coordinator and two node operators on 127.0.0.1 follow their runbooks word for word.
+    """A coordinator and three node operators on 127.0.0.1 follow their runbooks word for word.
 
     Each person has terminals (a shell for the steps, one per service); the only values set from
     outside are the ones the runbooks say to set for a quick try-out (test model, 2 rounds of 2
-    steps) and free ports instead of the default ones. HOME is a temporary folder: the runbooks'
-    folders, the model cache and Flower's files all land there. After round 1 the coordinator
-    crashes (SIGKILL) and is resumed as its runbook says; the run must finish all rounds.
+    steps), free ports instead of the default ones, and FEDCHAT_SRC, a snapshot of this checkout
+    (_checkout_snapshot). HOME is a temporary folder: the runbooks' folders, the model cache and
+    Flower's files all land there. Each node approves the coordinator's app bundle (and runs only
+    it). After round 1 the coordinator crashes (SIGKILL) and is resumed as its runbook says; the
+    run must finish all rounds.
     """
     home = tmp_path / "home"
     home.mkdir()
@@ -560,15 +590,16 @@ def test_following_the_runbooks_on_one_machine_gives_a_finished_run(tmp_path):
     (tmp_path / "logs").mkdir()
     sup = Supervisor(tmp_path / "logs", record=tmp_path / "processes.json")
     base = {"HOME": str(home), "PATH": _clean_path(), "LANG": "C.UTF-8", "TERM": "dumb",
-            "TMPDIR": os.environ.get("TMPDIR", "/tmp"), "BASE_MODEL": "tiny"}
+            "TMPDIR": os.environ.get("TMPDIR", "/tmp"), "BASE_MODEL": "tiny",
+            "FEDCHAT_SRC": str(_checkout_snapshot(tmp_path / "fedchat"))}
     superlink_port = free_port(LOOPBACK)
     coordinator = Terminal("coordinator", sup, {**base, "ROUNDS": "2", "LOCAL_STEPS": "2",
                                                 "SUPERLINK_PORT": str(superlink_port)}, ROOT, scripts)
     nodes = [Terminal("org-1", sup, {**base, "SUPERLINK": f"127.0.0.1:{superlink_port}",
-                                     "RUNTIME_PORT": str(free_port(LOOPBACK))}, ROOT, scripts),
-             Terminal("org-2", sup, {**base, "SUPERLINK": f"127.0.0.1:{superlink_port}",
-                                     "FEDCHAT_NODE": f"{home}/fedchat-node-2", "NODE": "org-2",
                                      "RUNTIME_PORT": str(free_port(LOOPBACK))}, ROOT, scripts)]
+    nodes += [Terminal(f"org-{i}", sup, {**base, "SUPERLINK": f"127.0.0.1:{superlink_port}",
+                                         "FEDCHAT_NODE": f"{home}/fedchat-node-{i}", "NODE": f"org-{i}",
+                                         "RUNTIME_PORT": str(free_port(LOOPBACK))}, ROOT, scripts) for i in (2, 3)]
     auditor = Terminal("auditor", sup, base, ROOT, scripts)
     serving = Terminal("serving", sup, {**base, "SERVE_PORT": str(free_port(LOOPBACK))}, ROOT, scripts)
     C, N = runbook("coordinator"), runbook("node-operator")
@@ -576,17 +607,17 @@ def test_following_the_runbooks_on_one_machine_gives_a_finished_run(tmp_path):
     started = time.monotonic()
     terminals = [coordinator, *nodes, auditor, serving]
     try:
-        for s in ("1", "2", "3", "4"):
+        for s in ("1", "2", "3", "4", "5"):
             coordinator.follow(C[s])
-        [superlink] = coordinator.follow(C["5"])
-        coordinator.follow(C["6"])
-        for node in nodes:
-            for s in ("1", "2", "3", "4", "5", "6"):
-                node.follow(N[s])
+        [superlink] = coordinator.follow(C["6"])
         coordinator.follow(C["7"])
-        node_services = [service for node in nodes for service in node.follow(N["7"])]
-        assert len(node_services) == 2
+        for node in nodes:
+            for s in ("1", "2", "3", "4", "5", "6", "7"):
+                node.follow(N[s])
         coordinator.follow(C["8"])
+        node_services = [service for node in nodes for service in node.follow(N["8"])]
+        assert len(node_services) == 3
+        coordinator.follow(C["9"])
 
         # The coordinator host dies once round 1 is checkpointed; it is resumed as the runbook says.
         deadline = time.monotonic() + 300
@@ -596,27 +627,31 @@ def test_following_the_runbooks_on_one_machine_gives_a_finished_run(tmp_path):
             assert time.monotonic() < deadline, "round 1 was not checkpointed within 300 s"
             time.sleep(0.2)
         _crash(superlink)
-        [superlink] = coordinator.follow(C["10"])
-        watched = coordinator.run(C["9"][0], timeout=420)  # flwr log --stream: returns when the run ends
+        [superlink] = coordinator.follow(C["11"])
+        watched = coordinator.run(C["10"][0], timeout=420)  # flwr log --stream: returns when the run ends
         assert "resuming run" in watched and "round 2/2 done" in watched
-        coordinator.follow(C["9"][1:])
+        coordinator.follow(C["10"][1:])
         report = json.loads((run_dir / "report.json").read_text())
         assert report["status"] == "finished" and report["completed_rounds"] == 2 == report["num_rounds"]
         assert [r["status"] for r in report["rounds"]] == ["ok", "ok"] and report["failed_rounds"] == []
-        assert report["secagg"] and report["dp"] and sorted(report["nodes"]) == ["org-1", "org-2"]
+        assert report["secagg"] and report["dp"] and sorted(report["nodes"]) == ["org-1", "org-2", "org-3"]
         assert (run_dir / "loss.png").stat().st_size > 0
-        coordinator.follow(C["11"])
+        approved = (home / "fedchat-coordinator" / "app.sha256").read_text().strip()
+        for service in node_services:  # each node ran the bundle its operator approved, and only that one
+            log = service.log_path.read_text(errors="replace")
+            assert f"app bundle sha256 {approved} is approved" in log and "REFUSED" not in log
+        coordinator.follow(C["12"])
         assert (home / "fedchat-coordinator" / "export-merged" / "config.json").exists()
         assert (home / "fedchat-coordinator" / "export-latest" / "config.json").exists()
 
         for node in nodes:
-            node.follow(N["8"])
             node.follow(N["9"])
+            node.follow(N["10"])
         A = runbook("auditor")
         for s in sorted(A, key=int):
             auditor.follow(A[s])
         audit = json.loads((home / "fedchat-audit" / "audit.json").read_text())
-        assert [(a["node"], a["verdict"]) for a in audit] == [("org-1", "OK"), ("org-2", "OK")]
+        assert [(a["node"], a["verdict"]) for a in audit] == [("org-1", "OK"), ("org-2", "OK"), ("org-3", "OK")]
         assert all(2 <= a["rounds"] and a["epsilon_recomputed"] <= a["target_epsilon"] for a in audit)
         assert (home / "fedchat-audit" / "epsilon.png").stat().st_size > 0
 
@@ -627,7 +662,7 @@ def test_following_the_runbooks_on_one_machine_gives_a_finished_run(tmp_path):
         assert '"status":"ok"' in used and '"round":2' in used and '"object":"chat.completion"' in used
         assert "invalid_api_key" not in used
 
-        # Ctrl-C in each service's terminal (node-operator section 10, coordinator 12, serving 4): each stops
+        # Ctrl-C in each service's terminal (node-operator section 11, coordinator 13, serving 4): each stops
         # with everything it started (the supervisor finds nothing left to kill).
         for service in (server, *node_services, superlink):
             _ctrl_c(service)

@@ -19,7 +19,8 @@ def site(tmp_path):
     (tmp_path / "node.toml").write_text(
         '[node]\nnode-name = "org-1"\ndata-path = "data.jsonl"\nstate-dir = "state"\ntarget-delta = 1e-3\n\n'
         '[connection]\nsuperlink = "127.0.0.1:9093"\nroot-certificates = "certs/ca.pem"\n'
-        'auth-private-key = "certs/nodes/org-1"\nruntime-port = 9100\n')
+        'auth-private-key = "certs/nodes/org-1"\nruntime-port = 9100\n\n'
+        f'[approval]\napp-sha256 = ["{"ab" * 32}"]\n')
     (tmp_path / "coordinator.toml").write_text(
         '[superlink]\nhost = "0.0.0.0"\nport = 9093\ncertfile = "certs/superlink.pem"\nkeyfile = "certs/superlink.key"\n'
         'ca-certfile = "certs/ca.pem"\ndatabase = "db/superlink.db"\n')
@@ -29,13 +30,14 @@ def site(tmp_path):
 def test_a_good_node_file_checks_out_and_starts_the_supernode_it_describes(site, capsys):
     assert main(["node", "check-config", str(site / "node.toml")]) == 0
     out = capsys.readouterr().out
-    assert "data: 50 conversations" in out and "OK" in out
+    assert "data: 50 conversations" in out and "OK" in out and f"approved app bundle: sha256 {'ab' * 32}" in out
     assert main(["node", "start", str(site / "node.toml"), "--print"]) == 0
     printed = shlex.split(capsys.readouterr().out.strip())
     assert printed == supernode_command(superlink="127.0.0.1:9093", root_certificates=site / "certs" / "ca.pem",
                                         auth_key=site / "certs" / "nodes" / "org-1",
                                         node_config=site / "state" / "node-config.toml", runtime_port=9100,
-                                        max_wait_time=None)
+                                        max_wait_time=None, isolation="process")
+    assert "--isolation" in printed and printed[printed.index("--isolation") + 1] == "process"
     written = (site / "state" / "node-config.toml").read_text()
     assert f"data-path = \"{site / 'data.jsonl'}\"" in written and "node-name = \"org-1\"" in written
 
@@ -78,6 +80,8 @@ def test_coordinator_file_starts_a_tls_superlink_with_node_auth(site, capsys):
     assert printed == superlink_command(host="0.0.0.0", port=9093, tls=SuperLinkTLS(cf.certfile, cf.keyfile,
                                         cf.ca_certfile), node_auth=True, database=site / "db" / "superlink.db")
     assert "--enable-supernode-auth" in printed and "--ssl-certfile" in printed
+    (site / "coordinator.toml").write_text('[superlink]\nport = 9093\ninsecure = true\nsupernode-auth = false\n')
+    assert read_coordinator_file(site / "coordinator.toml").host == "127.0.0.1"  # the Control API: loopback
     (site / "coordinator.toml").write_text('[superlink]\nport = 9093\ninsecure = true\n')
     with pytest.raises(ConfigError, match="supernode-auth needs TLS"):
         read_coordinator_file(site / "coordinator.toml")
