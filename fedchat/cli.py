@@ -93,8 +93,11 @@ def _audit_keys(args) -> dict:
     keys: dict = {}
     for pair in args.key or []:
         name, sep, pub = pair.partition("=")
+        if not sep and len(ledgers) == 1 == len(args.key):  # one ledger, one key: nothing to pair
+            name, sep, pub = str(ledgers[0]), "=", pair
         if not sep or not name or not pub:
-            raise FedchatError(f"--key {pair!r}: give LEDGER=PUB, e.g. --key ledgers/org-1.jsonl=keys/org-1.pub")
+            raise FedchatError(f"--key {pair!r}: give LEDGER=PUB, e.g. --key ledgers/org-1.jsonl=keys/org-1.pub "
+                               "(a bare key only when auditing one ledger)")
         hits = [p for p in ledgers if p.resolve() == Path(name).resolve() or p.stem == name]
         if not hits:
             raise FedchatError(f"--key {pair!r} names {name}, which is none of the ledgers given")
@@ -187,7 +190,8 @@ def build_parser() -> argparse.ArgumentParser:
     audit = sub.add_parser("audit", help="verify privacy ledgers: chain, signatures, recomputed epsilon, budget")
     audit.add_argument("ledgers", nargs="+", metavar="LEDGER", help="a node's ledger.jsonl")
     audit.add_argument("--key", action="append", metavar="LEDGER=PUB",
-                       help="a ledger's node public key (Ed25519 PEM), from its operator; repeat per ledger")
+                       help="a ledger's node public key (Ed25519 PEM), from its operator; repeat per ledger "
+                       "(a bare PUB when auditing one ledger)")
     audit.add_argument("--keys", metavar="DIR", help="folder of NODE.pub keys for NODE.jsonl ledgers, from the "
                        "operators (one of --key/--keys is required: no key is taken from beside a ledger)")
     audit.add_argument("--report", help="the coordinator's report.json: bind ledgers to the nodes that trained (by "

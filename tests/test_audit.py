@@ -88,8 +88,10 @@ def test_audit_without_keys_refuses(tmp_path, capsys):
     (path.parent / "org-1.pub").write_bytes(pub.read_bytes())  # a key beside the ledger is not taken
     assert main(["audit", str(path)]) == 2
     assert "give each node's public ledger key: --keys DIR" in capsys.readouterr().err
-    assert main(["audit", str(path), "--key", str(pub)]) == 2  # a bare key: which ledger is it for?
+    other, _ = _write_ledger(tmp_path, name="org-2")
+    assert main(["audit", str(path), str(other), "--key", str(pub)]) == 2  # a bare key: which ledger is it for?
     assert "give LEDGER=PUB" in capsys.readouterr().err
+    assert main(["audit", str(path), "--key", str(pub)]) == 0  # one ledger, one key: unambiguous
 
 
 def test_a_ledger_re_signed_with_another_key_fails_with_the_real_key(tmp_path, capsys):
