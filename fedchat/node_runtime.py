@@ -114,6 +114,10 @@ def run_guarded_clientapp(runtime_api_address: str, token: str, node_file: Path,
     """Flower's `flwr-clientapp` loop for one task, with the bundle checked before it is installed."""
     from flwr.supernode.runtime import run_clientapp as flower
 
+    for name in ("pull_task_input", "install_from_fab", "run_clientapp"):  # fail closed if Flower's loop changed
+        if not callable(getattr(flower, name, None)):
+            raise SystemExit(f"fedchat.node_runtime: Flower's ClientApp loop has no {name}() to guard (Flower "
+                             "version other than 1.41?): refusing to run any app bundle.")
     guard = BundleGuard(node_file)
     flower.pull_task_input = guard.pull(flower.pull_task_input)
     flower.install_from_fab = guard.install(flower.install_from_fab)

@@ -254,3 +254,27 @@ def test_a_node_whose_operator_approves_the_changed_bundle_runs_it(federation, t
             federation.cli.stop(run_id)
     assert marker.exists()
     assert marker.read_text() == str(federation.out / "nodes" / "org-1" / "flwr-home")  # org-1 ran it, only org-1
+
+
+def test_the_node_checks_the_bundles_bytes_not_what_the_run_claims(app, tmp_path):
+    """The guard in the ClientApp runner (fast: no federation): the hash of the bytes decides."""
+    from flwr.supercore.fab import Fab
+
+    from fedchat.node_runtime import BundleGuard, UnapprovedApp
+
+    content = build_bundle(app).content
+    sha = hashlib.sha256(content).hexdigest()
+    path = node_file(tmp_path / "node", f'\n[approval]\napp-sha256 = ["{sha}"]\n')
+    guard = BundleGuard(path)
+    guard.fab = Fab(sha, content, {})
+    assert guard.check(content) == sha
+    with pytest.raises(UnapprovedApp, match="its operator did not approve it"):
+        guard.check(content + b"\0")  # other bytes that claim the approved hash
+    guard.fab = Fab("0" * 64, content, {})
+    with pytest.raises(UnapprovedApp, match="the run calls it"):  # approved bytes, another claimed hash
+        guard.check(content)
+    guard.fab = Fab(sha, content, {})
+    path.write_text("[approval\n")  # an unreadable config: nothing runs
+    with pytest.raises(UnapprovedApp, match="its approvals cannot be read") as refused:
+        guard.check(content)
+    assert str(tmp_path) not in str(refused.value)  # what goes back to the coordinator names no local path
