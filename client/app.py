@@ -1,16 +1,16 @@
 """The node's ClientApp: train the adapter on local data, reply with the update only.
 
 What leaves the node each round: the adapter update (masked by SecAgg+ when the
-coordinator runs it), the number of training conversations, and these metrics:
-node name, status, train loss, cumulative epsilon and budget, and the head of its
-privacy ledger. Never a record, never a per-conversation value.
+coordinator runs it), the number of training conversations, and these metrics: node
+name, status, the fingerprint of its ledger key, cumulative epsilon and budget, and the
+head of its privacy ledger. Never a record, never a per-conversation value, and under
+DP no statistic of the data (train loss, timings): those stay in the node's log.
+A refused or failed round sends back only a `client.policy.RoundRefused` message.
 """
 
 from __future__ import annotations
 
 import logging
-import math
-import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -21,18 +21,19 @@ from flwr.client import NumPyClient
 from flwr.clientapp import ClientApp
 
 from client.data import LocalData, load_local_data
-from client.policy import check_run, refusal
-from client.privacy import fits_budget, plan_round, secure_seed
+from client.policy import RoundRefused, check_run, refusal
+from client.privacy import fits_budget, plan_round
 from client.secagg_guard import SECAGG_FLAG, secagg_guard
-from client.train import train_round
+from client.train import secure_seed, train_round
 from shared import ledger
 from shared.adapter import attach_adapter, exchanged_names, fingerprint, frozen_a_fingerprint, set_arrays
 from shared.config import NodeConfig, RunConfig, org_name
-from shared.crypto import load_or_create_signing_key
-from shared.errors import ConfigError, PrivacyError
+from shared.crypto import key_fingerprint, load_or_create_signing_key
+from shared.errors import ConfigError
 from shared.logs import setup_logging
 from shared.model import heldout_loss, load_model, load_tokenizer, resolve_base_model, select_device, select_dtype
-from shared.protocol import CAN_TRAIN, META_FROZEN_A, META_ROUND, META_RUN, split_fit_config
+from shared.protocol import (CAN_TRAIN, META_FROZEN_A, META_LEDGER_ENTRIES, META_LEDGER_HEAD, META_ROUND, META_RUN,
+                             split_fit_config)
 from shared.seeds import derive_seed
 
 log = logging.getLogger("fedchat.node")
@@ -143,16 +144,21 @@ class FedChatClient(NumPyClient):
             raise refusal(self.node.node_name or f"partition {self.partition}", exc) from None
 
     def fit(self, parameters, config):
-        started = time.perf_counter()
+        try:
+            return self._fit(parameters, config)
+        except Exception as exc:  # what reaches the coordinator: no path, no value of the node's data
+            raise refusal(self.node.node_name or f"partition {self.partition}", exc) from None
+
+    def _fit(self, parameters, config):
         cfg, meta = split_fit_config(config)
         node = for_partition(self.node, self.partition, cfg)
-        ledger_path = Path(node.state_dir) / "ledger.jsonl"
+        check_run(cfg, node)  # allow-list and caps, before the node opens any file the run names
         rnd, run = int(meta[META_ROUND]), str(meta[META_RUN])
         if node.require_dp and not cfg.dp:
-            raise PrivacyError(f"node {node.node_name} requires DP (require-dp=true); the coordinator asked "
-                               "for a non-private round, refused.")
+            raise RoundRefused(f"node {node.node_name} requires DP (require-dp=true); the coordinator asked for a "
+                               "non-private round, refused.")
         if node.require_secagg and not self.secagg_active:
-            raise PrivacyError(f"node {node.node_name} requires secure aggregation (require-secagg=true); the "
+            raise RoundRefused(f"node {node.node_name} requires secure aggregation (require-secagg=true); the "
                                "coordinator asked for a plaintext update, refused.")
         loaded = NodeCache.model(cfg, node)
         if cfg.aggregation == "ffa" and meta.get(META_FROZEN_A) != loaded.frozen_a:
@@ -161,60 +167,65 @@ class FedChatClient(NumPyClient):
         set_arrays(loaded.model, loaded.names, parameters)
         data = NodeCache.local_data(cfg, node, loaded.tokenizer)
         n = len(data.train)
-        metrics = {"node": node.node_name, "num-conversations": n, "status": "ok"}
-
-        plan = None
-        if cfg.dp:
-            entries = ledger.read_entries(ledger_path)
-            plan = plan_round(entries, run, target_epsilon=node.target_epsilon, delta=node.target_delta,
-                              num_conversations=n, batch_size=cfg.batch_size, local_steps=cfg.local_steps,
-                              rounds_left=cfg.num_rounds - rnd + 1, accountant=cfg.dp_accountant)
-            metrics.update({"epsilon": plan.epsilon_before, "target-epsilon": node.target_epsilon,
-                            "delta": node.target_delta})
-            if not fits_budget(plan, node.target_epsilon):
-                log.warning("node %s: round %d would bring epsilon from %.3f to %s > budget %.3f: not training",
-                            node.node_name, rnd, plan.epsilon_before,
-                            "inf" if math.isinf(plan.epsilon_after) else f"{plan.epsilon_after:.3f}",
-                            node.target_epsilon)
-                metrics["status"] = "budget-exhausted"
-                metrics.update(_ledger_head(ledger_path))
-                return [np.zeros_like(p) for p in parameters], 0, metrics
-
-        seed = secure_seed() if cfg.dp else derive_seed(cfg.seed, node.node_name, rnd)
-        result = train_round(loaded.model, loaded.names, data.train, cfg, pad_id=loaded.tokenizer.pad_token_id,
-                             seed=seed, noise_multiplier=plan.noise_multiplier if plan else None)
-        update = result.delta
-        if self.secagg_active:  # the protocol's quantiser silently clips; clip here and say so
-            bound = cfg.update_bound
-            metrics["clipped-values"] = int(sum(int((np.abs(u) > bound).sum()) for u in update))
-            # float64: Flower quantises to 2**29 levels, finer than float32 can resolve.
-            update = [np.clip(u, -bound, bound).astype(np.float64) for u in update]
-        weight = min(n, cfg.secagg_max_weight)
+        key = load_or_create_signing_key(node.ledger_key or Path(node.state_dir) / "ledger-key.pem")
+        metrics = {"node": node.node_name, "num-conversations": n, "status": "ok",
+                   "ledger-key": key_fingerprint(key.public_key())}
+        # From planning to append the node holds its ledger's lock: no second run can spend the same budget.
+        with ledger.open_for_training(Path(node.state_dir) / "ledger.jsonl", key, _recorded_head(meta)) as book:
+            plan = None
+            if cfg.dp:
+                plan = plan_round(book.entries, run, target_epsilon=node.target_epsilon, delta=node.target_delta,
+                                  num_conversations=n, batch_size=cfg.batch_size, local_steps=cfg.local_steps,
+                                  rounds_left=cfg.num_rounds - rnd + 1, accountant=cfg.dp_accountant)
+                if not fits_budget(plan, node.target_epsilon):
+                    raise RoundRefused(f"node {node.node_name}: this round would bring epsilon from "
+                                       f"{plan.epsilon_before:.3f} past its budget {node.target_epsilon:g}; it does "
+                                       "not train.")
+            seed = secure_seed() if cfg.dp else derive_seed(cfg.seed, node.node_name, rnd)
+            result = train_round(loaded.model, loaded.names, data.train, cfg, pad_id=loaded.tokenizer.pad_token_id,
+                                 seed=seed, noise_multiplier=plan.noise_multiplier if plan else None)
+            update = result.delta
+            if self.secagg_active:  # the protocol's quantiser silently clips; clip here and say so
+                bound = cfg.update_bound
+                # a function of the DP-noised update only (post-processing), so it may leave the node
+                metrics["clipped-values"] = int(sum(int((np.abs(u) > bound).sum()) for u in update))
+                # float64: Flower quantises to 2**29 levels, finer than float32 can resolve.
+                update = [np.clip(u, -bound, bound).astype(np.float64) for u in update]
+            entry = book.append(_ledger_entry(node, cfg, run, rnd, n, plan, update))
+            head, count = book.head()
+        metrics.update({"ledger-head": head, "ledger-entries": count})
         if plan is not None:
-            entry = ledger.append(ledger_path, {
-                "node": node.node_name, "run": run, "round": rnd,
-                "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                "num_examples": n, "sample_rate": plan.sample_rate, "noise_multiplier": plan.noise_multiplier,
-                "max_grad_norm": cfg.dp_max_grad_norm, "steps": plan.steps, "delta": node.target_delta,
-                "accountant": cfg.dp_accountant, "epsilon": plan.epsilon_after,
-                "target_epsilon": node.target_epsilon, "update_sha256": fingerprint(update),
-            }, load_or_create_signing_key(node.ledger_key or Path(node.state_dir) / "ledger-key.pem"))
-            metrics.update({"epsilon": entry["epsilon"], "noise-multiplier": plan.noise_multiplier})
-        metrics.update(_ledger_head(ledger_path))
-        metrics.update({"train-loss": result.train_loss, "seconds": result.seconds})
+            metrics.update({"epsilon": entry["epsilon"], "target-epsilon": node.target_epsilon,
+                            "delta": node.target_delta, "noise-multiplier": plan.noise_multiplier})
+        else:  # no DP promised: the coordinator may see how training went
+            metrics.update({"train-loss": result.train_loss, "seconds": result.seconds})
+        # Statistics of the private data (loss, timings) stay on the node under DP: logged here only.
         if data.validation:
             val = heldout_loss(loaded.model, data.validation[:50], loaded.tokenizer.pad_token_id)
             log.info("node %s round %d: local validation loss %.4f (kept on the node)", node.node_name, rnd, val)
-        metrics["fit-seconds"] = time.perf_counter() - started  # training plus data, validation and ledger
         log.info("node %s round %d: trained %d steps in %.1fs, train loss %.4f%s", node.node_name, rnd,
                  result.steps, result.seconds, result.train_loss,
-                 f", epsilon {plan.epsilon_after:.3f}/{node.target_epsilon:g}" if plan else "")
-        return update, weight, metrics
+                 f", epsilon {plan.epsilon_after:.3f}/{node.target_epsilon:g}" if plan else ", no DP")
+        return update, min(n, cfg.secagg_max_weight), metrics
 
 
-def _ledger_head(ledger_path: Path) -> dict:
-    digest, count = ledger.head(ledger_path)
-    return {"ledger-head": digest, "ledger-entries": count}
+def _recorded_head(meta: dict) -> tuple[int, str] | None:
+    """The ledger head the coordinator last saw from this node (None when it has none)."""
+    if META_LEDGER_ENTRIES in meta and META_LEDGER_HEAD in meta:
+        return int(meta[META_LEDGER_ENTRIES]), str(meta[META_LEDGER_HEAD])
+    return None
+
+
+def _ledger_entry(node: NodeConfig, cfg: RunConfig, run: str, rnd: int, n: int, plan, update) -> dict:
+    """The round's ledger line; a round without DP is recorded too, with noise 0 (infinite epsilon)."""
+    entry = {"node": node.node_name, "run": run, "round": rnd,
+             "time": datetime.now(timezone.utc).isoformat(timespec="seconds"), "num_examples": n,
+             "max_grad_norm": cfg.dp_max_grad_norm, "delta": node.target_delta, "accountant": cfg.dp_accountant,
+             "target_epsilon": node.target_epsilon, "update_sha256": fingerprint(update)}
+    if plan is None:
+        return {**entry, **ledger.no_dp_fields(min(1.0, cfg.batch_size / n), cfg.local_steps)}
+    return {**entry, "sample_rate": plan.sample_rate, "noise_multiplier": plan.noise_multiplier,
+            "steps": plan.steps, "epsilon": plan.epsilon_after}
 
 
 def budget_allows_round(node: NodeConfig, cfg: RunConfig, rnd: int, run: str) -> bool:

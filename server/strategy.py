@@ -155,11 +155,12 @@ class FedChatStrategy(Strategy):
             if "ledger-entries" in m and "ledger-head" in m:
                 self.ledger_heads[proxy.node_id] = (int(m["ledger-entries"]), str(m["ledger-head"]))
             client = {"node": m.get("node", str(proxy.node_id)), "node_id": proxy.node_id,
-                      "num_examples": res.num_examples, "status": m.get("status", "ok"),
-                      "train_loss": m.get("train-loss"), "epsilon": m.get("epsilon"),
+                      "ledger_key": m.get("ledger-key"), "num_examples": res.num_examples,
+                      "status": m.get("status", "ok"), "epsilon": m.get("epsilon"),
                       "target_epsilon": m.get("target-epsilon"), "ledger_head": m.get("ledger-head"),
-                      "ledger_entries": m.get("ledger-entries"), "clipped_values": m.get("clipped-values"),
-                      "train_seconds": m.get("seconds"), "fit_seconds": m.get("fit-seconds")}
+                      "ledger_entries": m.get("ledger-entries"), "clipped_values": m.get("clipped-values")}
+            if not self.cfg.dp:  # under DP no statistic of a node's data is kept, whatever a node sends
+                client.update({"train_loss": m.get("train-loss"), "train_seconds": m.get("seconds")})
             if client["status"] == "budget-exhausted":
                 self.exhausted.add(proxy.node_id)
                 log.warning("round %d: node %s has exhausted its privacy budget (epsilon %.3f of %.3f); it is left "
@@ -174,7 +175,7 @@ class FedChatStrategy(Strategy):
                 else:
                     updates.append(update)
                     weights.append(res.num_examples)
-                    if client["train_loss"] is not None:
+                    if client.get("train_loss") is not None:
                         losses.append((res.num_examples, client["train_loss"]))
             outcome.clients.append({k: v for k, v in client.items() if v is not None})
         replied = {proxy.node_id for proxy, _ in results}
