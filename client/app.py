@@ -232,6 +232,8 @@ def budget_allows_round(node: NodeConfig, cfg: RunConfig, rnd: int, run: str) ->
     """Whether the node's budget guard lets it train round `rnd` of `run`: fit()'s plan over the
     node's ledger, read only (nothing is written or reserved; fit() decides again under the lock)."""
     check_run(cfg, node)  # before the node opens any file the run names
+    if (node.require_dp and not cfg.dp) or (node.require_secagg and not cfg.secagg):
+        return False  # fit() would refuse: say so now, before key sharing
     if not cfg.dp:
         return True
     data = NodeCache.local_data(cfg, node, load_tokenizer(resolve_base_model(cfg.base_model)))

@@ -124,6 +124,10 @@ def run_coordinator(grid: Grid, context: Context, cfg: RunConfig) -> dict:
     state = coordinator.state
     meter = TrafficMeter(grid)
     strategy = FedChatStrategy(cfg, state.run_id, coordinator.arrays, coordinator.frozen_a, meter)
+    for row in state.rounds:  # a resumed run still holds nodes to the ledger heads they reported
+        for c in row["clients"]:
+            if "ledger_entries" in c and "ledger_head" in c:
+                strategy.ledger_heads[c["node_id"]] = (int(c["ledger_entries"]), str(c["ledger_head"]))
     legacy = LegacyContext(context, config=ServerConfig(num_rounds=cfg.num_rounds), strategy=strategy)
     current = {"round": 0}
     secagg = FedchatSecAgg(cfg, lambda: len(strategy.sample(current["round"], legacy.client_manager))) \
