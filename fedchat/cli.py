@@ -7,6 +7,7 @@ import json
 import logging
 import sys
 
+from fedchat.canary_cli import add_canary_commands, empirical_argv
 from fedchat.certs_cli import add_certs_command
 from fedchat.service_cli import add_service_commands
 from server.serve_cli import add_serving_commands
@@ -208,12 +209,13 @@ def build_parser() -> argparse.ArgumentParser:
     merge.set_defaults(func=cmd_merge)
     add_serving_commands(sub)
     add_certs_command(sub)
+    add_canary_commands(sub)
     add_service_commands(sub)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(empirical_argv(sys.argv[1:] if argv is None else list(argv)))
     setup_logging(logging.DEBUG if args.verbose else logging.INFO, quiet_flower=not args.verbose)
     try:
         return args.func(args)
