@@ -78,8 +78,10 @@ def test_secure_dp_ffa_run_keeps_budgets_and_ledgers(tmp_path, monkeypatch):
     assert report["secagg"] and report["dp"] and report["aggregation"] == "ffa"
     for row in report["rounds"]:
         assert row["status"] == "ok" and row["secagg"]["nodes"] == 3 and row["left_out"] == []
+        assert row["train_loss"] is None  # threat: per-node statistics of private data reach the coordinator
         for c in row["clients"]:
             assert 0 < c["epsilon"] <= 3.0 and c["target_epsilon"] == 3.0
+            assert not {"train_loss", "train_seconds", "fit_seconds"} & set(c), c
     # Each node gets back, with its next instruction, the ledger head it reported the round before.
     first, second = report["rounds"]
     sent = {(f[META_ROUND], f["node_id"]): f for f in SentMeter.fit_configs}
@@ -94,7 +96,7 @@ def test_secure_dp_ffa_run_keeps_budgets_and_ledgers(tmp_path, monkeypatch):
         assert len(lines) == 2
         assert [json.loads(line)["round"] for line in lines] == [1, 2]
         audits.append(audit_ledger(state / "ledger.jsonl", state / "ledger-key.pub"))
-    check_against_report(audits, tmp_path / "run" / "report.json")
+    assert check_against_report(audits, tmp_path / "run" / "report.json").ok  # rows bound by ledger key
     reported = {c["node"]: c["epsilon"] for c in report["rounds"][-1]["clients"]}
     for audit in audits:  # what the nodes wrote verifies independently, and matches what they reported
         assert audit.ok, audit.problems
