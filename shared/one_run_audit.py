@@ -46,7 +46,8 @@ def _binomial_pmf(r: int, epsilon: float) -> np.ndarray:
     k = np.arange(r + 1)
     log_q = -math.log1p(math.exp(-epsilon))  # log(e^eps / (1 + e^eps))
     log_1mq = -epsilon + log_q  # log(1 / (1 + e^eps))
-    log_choose = math.lgamma(r + 1) - np.array([math.lgamma(i + 1) + math.lgamma(r - i + 1) for i in k])
+    log_fact = np.concatenate(([0.0], np.cumsum(np.log(np.arange(1, r + 1)))))  # log k!, k = 0..r
+    log_choose = log_fact[r] - log_fact[k] - log_fact[r - k]
     return np.exp(log_choose + k * log_q + (r - k) * log_1mq)
 
 
