@@ -651,8 +651,10 @@ def test_following_the_runbooks_on_one_machine_gives_a_finished_run(tmp_path):
         for s in sorted(A, key=int):
             auditor.follow(A[s])
         audit = json.loads((home / "fedchat-audit" / "audit.json").read_text())
-        assert [(a["node"], a["verdict"]) for a in audit] == [("org-1", "OK"), ("org-2", "OK"), ("org-3", "OK")]
-        assert all(2 <= a["rounds"] and a["epsilon_recomputed"] <= a["target_epsilon"] for a in audit)
+        nodes_audited = [a for a in audit if a["node"] in ("org-1", "org-2", "org-3")]
+        assert [(a["node"], a["verdict"]) for a in nodes_audited] == [("org-1", "OK"), ("org-2", "OK"), ("org-3", "OK")]
+        assert all(a["verdict"] == "OK" for a in audit)  # and the check against the report
+        assert all(2 <= a["rounds"] and a["epsilon_recomputed"] <= a["target_epsilon"] for a in nodes_audited)
         assert (home / "fedchat-audit" / "epsilon.png").stat().st_size > 0
 
         S = runbook("serving")
