@@ -13,7 +13,8 @@ with ports the kernel picks, and writes under DIR:
                       privacy ledger, ledger key, FLWR_HOME
     flwr/             the `flwr` CLI's FLWR_HOME (config.toml: the connection to the SuperLink)
     run/              the coordinator's output: checkpoints, adapter, merged model, report.json
-    ledgers/          each node's ledger and ledger public key (for `fedchat audit`)
+    ledgers/          each node's ledger (for `fedchat audit`)
+    ledger-keys/      each node's ledger public key (`fedchat audit --keys`)
     logs/             superlink.log, org-i.log, serverapp.log, flwr-cli.log, ...
     report.json       the coordinator's report plus a "deployment" section
     commands.sh       the exact commands it ran
@@ -389,8 +390,9 @@ class Runner:
     def collect(self, report: dict) -> dict:
         fed = self.fed
         self.step("collecting ledgers, auditing them, writing the report")
-        ledgers = self.out / "ledgers"
+        ledgers, keys = self.out / "ledgers", self.out / "ledger-keys"  # the audit wants keys from elsewhere
         ledgers.mkdir(exist_ok=True)
+        keys.mkdir(exist_ok=True)
         nodes, copied = [], []
         for i in range(1, fed.nodes + 1):
             name = org_name(i)
@@ -399,8 +401,8 @@ class Runner:
                      "auth_public_key": str(self.certs.node_public_key(name)), "log": str(self.logs / f"{name}.log")}
             if (state / "ledger.jsonl").exists():
                 shutil.copyfile(state / "ledger.jsonl", ledgers / f"{name}.jsonl")
-                shutil.copyfile(state / "ledger-key.pub", ledgers / f"{name}.pub")
-                entry.update(ledger=str(ledgers / f"{name}.jsonl"), ledger_key=str(ledgers / f"{name}.pub"))
+                shutil.copyfile(state / "ledger-key.pub", keys / f"{name}.pub")
+                entry.update(ledger=str(ledgers / f"{name}.jsonl"), ledger_key=str(keys / f"{name}.pub"))
                 copied.append(str(ledgers / f"{name}.jsonl"))
             elif fed.dp:
                 raise FederationError(f"node {name} trained with DP but left no ledger in {state}: see "
@@ -408,7 +410,7 @@ class Runner:
             nodes.append(entry)
         audit, problems = None, []
         if copied:
-            done = self._run("audit", [tool("fedchat"), "audit", *copied, "--report",
+            done = self._run("audit", [tool("fedchat"), "audit", *copied, "--keys", str(keys), "--report",
                                        str(self.out / "run" / "report.json"), "--json"], timeout=600)
             try:
                 audit = json.loads(done.stdout)
