@@ -87,7 +87,7 @@ class Coordinator:
                 "aggregation": self.cfg.aggregation, "seed": self.cfg.seed, "run_id": self.state.run_id}
         return save_checkpoint(self.out, self.state, self.model, meta)
 
-    def report(self, status: str, merged: Path | None = None) -> dict:
+    def report(self, status: str, merged: Path | None = None, generation: dict | None = None) -> dict:
         s = self.state
         nodes = sorted({c["node"] for r in s.rounds for c in r["clients"]})
         evals = [r["eval_loss"] for r in s.rounds if r.get("eval_loss") is not None]
@@ -104,11 +104,33 @@ class Coordinator:
             "full_model_bytes": self.model_bytes, "adapter_update_bytes": update_bytes,
             "config": self.cfg.to_flower(), "rounds": s.rounds,
         }
+        if generation is not None:
+            report["generation"] = generation
         write_report(self.out / "report.json", report)
         plot_losses(s.rounds, s.base_eval_loss, self.out / "loss.png",
                     f"{self.cfg.base_model}, {self.cfg.aggregation}{', DP' if self.cfg.dp else ''}"
                     f"{', SecAgg+' if self.cfg.secagg else ''}")
         return report
+
+    def compare_with_base(self, merged: Path) -> dict | None:
+        """The merged model beside the base on the first held-out conversations: loss, and greedy
+        answers scored with ROUGE-L, BLEU and chrF (shared.evaluation); None without eval-data."""
+        if not self.cfg.eval_data:
+            return None
+        from shared.errors import FedchatError
+        from shared.evaluation import compare_saved
+
+        device = select_device(self.cfg.device)
+        try:
+            scores = compare_saved(merged, self.base_dir, self.cfg.eval_data, device=device,
+                                   dtype=select_dtype(self.cfg.dtype, device), max_len=self.cfg.max_seq_len)
+        except FedchatError as exc:  # the run itself finished: keep its report, say why this part is missing
+            log.error("evaluation of the merged model beside the base failed: %s", exc)
+            return {"error": str(exc)}
+        log.info("merged model beside the base on %d held-out answers: ROUGE-L %.4f -> %.4f, chrF %.2f -> %.2f (%.1fs)",
+                 scores["scored"], scores["base"]["rouge_l"], scores["model"]["rouge_l"], scores["base"]["chrf"],
+                 scores["model"]["chrf"], scores["seconds"])
+        return scores
 
     def merge(self) -> Path:
         from server.merge import merge_adapter
@@ -169,7 +191,7 @@ def run_coordinator(grid: Grid, context: Context, cfg: RunConfig) -> dict:
         stop.set()
         thread.join()
     merged = coordinator.merge() if cfg.merge else None
-    return coordinator.report("finished", merged)
+    return coordinator.report("finished", merged, coordinator.compare_with_base(merged) if merged else None)
 
 
 def _round_row(rnd: int, strategy: FedChatStrategy, meter: TrafficMeter, secagg, seconds: float) -> dict:
