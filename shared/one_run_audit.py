@@ -157,16 +157,10 @@ def rank_exposure(losses: np.ndarray, reference: np.ndarray) -> np.ndarray:
     return np.log2(len(reference) + 1) - np.log2(rank)
 
 
-def plot_scores(scores: np.ndarray, included: np.ndarray, guesses: np.ndarray, out, title: str) -> None:
-    """Histogram of the scores of included and excluded canaries, with the guessed regions shaded."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    scores, included = np.asarray(scores, dtype=float), np.asarray(included, dtype=bool)
+def draw_scores(ax, scores: np.ndarray, included: np.ndarray, guesses: np.ndarray, title: str) -> None:
+    """Histogram of the scores of included and excluded canaries on `ax`, the guessed regions shaded."""
+    scores, included, guesses = np.asarray(scores, dtype=float), np.asarray(included, bool), np.asarray(guesses)
     bins = np.linspace(scores.min(), scores.max(), 31) if scores.max() > scores.min() else 10
-    fig, ax = plt.subplots(figsize=(6.4, 4))
     ax.hist(scores[~included], bins=bins, alpha=0.6, label=f"excluded ({int((~included).sum())})")
     ax.hist(scores[included], bins=bins, alpha=0.6, label=f"included ({int(included.sum())})")
     if np.any(guesses == 1):
@@ -174,10 +168,21 @@ def plot_scores(scores: np.ndarray, included: np.ndarray, guesses: np.ndarray, o
     if np.any(guesses == -1):
         ax.axvspan(scores[guesses == -1].min(), scores.max(), color="red", alpha=0.08, label="guessed excluded")
     ax.axvline(0, color="black", linewidth=0.8)
-    ax.set_xlabel("score: trained loss - base loss on the secret (negative = learned)")
+    ax.set_xlabel("trained - base loss on the secret (negative = learned)")
     ax.set_ylabel("canaries")
-    ax.set_title(title)
-    ax.legend()
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=8)
+
+
+def plot_scores(scores: np.ndarray, included: np.ndarray, guesses: np.ndarray, out, title: str) -> None:
+    """`draw_scores` as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4))
+    draw_scores(ax, scores, included, guesses, title)
     fig.tight_layout()
     fig.savefig(out, dpi=120)
     plt.close(fig)
