@@ -10,6 +10,7 @@ import sys
 from fedchat.canary_cli import add_canary_commands, empirical_argv
 from fedchat.certs_cli import add_certs_command
 from fedchat.eval_cli import add_eval_command
+from fedchat.tune import add_tune_command
 from fedchat.service_cli import add_service_commands
 from server.serve_cli import add_serving_commands
 from shared.config import parse_overrides
@@ -211,6 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_serving_commands(sub)
     add_certs_command(sub)
     add_eval_command(sub)
+    add_tune_command(sub)
     add_canary_commands(sub)
     add_service_commands(sub)
     return p

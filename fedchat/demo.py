@@ -1,5 +1,6 @@
 """`fedchat demo`: demo data, a federated run in Flower's simulation engine, merge,
-a before/after chat, report.json and a plot of held-out loss per round."""
+a before/after chat scored with ROUGE-L, BLEU and chrF, report.json and a plot of held-out
+loss per round."""
 
 from __future__ import annotations
 
@@ -8,15 +9,12 @@ import shutil
 import time
 from pathlib import Path
 
-import torch
-
 from fedchat.demo_data import demo_node_config, write_demo_data
 from fedchat.simulation import simulate
 from server.report import write_report
 from shared.config import SECAGG_MIN_NODES, RunConfig
-from shared.dialogue import read_dialogues
 from shared.errors import ConfigError
-from shared.model import load_model, load_tokenizer, resolve_base_model
+from shared.model import resolve_base_model
 
 log = logging.getLogger("fedchat.demo")
 
@@ -25,29 +23,14 @@ def _step(i: int, n: int, text: str) -> None:
     log.info("[%d/%d] %s", i, n, text)
 
 
-def generate(model, tokenizer, messages: list[dict], max_new_tokens: int = 48) -> str:
-    enc = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
-    enc = {k: v.to(model.device) for k, v in enc.items()}
-    with torch.no_grad():
-        out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
-                             pad_token_id=tokenizer.pad_token_id)
-    return tokenizer.decode(out[0][enc["input_ids"].shape[1]:], skip_special_tokens=True).strip()
-
-
-def before_after(base_dir: Path, merged_dir: Path, eval_file: Path, questions: int = 3) -> list[dict]:
-    """Greedy answers of the base and the merged model to held-out questions."""
-    dialogues = read_dialogues(eval_file).conversations[:questions]
-    tokenizer = load_tokenizer(base_dir)
-    models = {name: load_model(path, torch.device("cpu"), torch.float32)
-              for name, path in (("before", base_dir), ("after", merged_dir))}
-    samples = []
-    for messages in dialogues:
-        prompt = messages[:1]
-        sample = {"question": prompt[0]["content"], "reference": messages[1]["content"]}
-        for name, model in models.items():
-            sample[name] = generate(model, tokenizer, prompt)
-        samples.append(sample)
-    return samples
+def _samples(generation: dict | None, questions: int = 3) -> list[dict]:
+    """The first held-out questions with the reference, the base's and the merged model's answers."""
+    if not generation or "samples" not in generation:
+        log.warning("    no answers to show: the coordinator's evaluation of the merged model failed (%s)",
+                    (generation or {}).get("error", "no held-out data"))
+        return []
+    return [{"question": s["prompt"], "reference": s["reference"], "before": s["base"], "after": s["model"]}
+            for s in generation["samples"][:questions]]
 
 
 def run_demo(*, out: str, clients: int, rounds: int, local_steps: int, base_model: str, aggregation: str,
@@ -67,7 +50,7 @@ def run_demo(*, out: str, clients: int, rounds: int, local_steps: int, base_mode
                      out_dir)
     n = 5
     _step(1, n, f"preparing base model {base_model}")
-    base_dir = resolve_base_model(base_model)
+    resolve_base_model(base_model)
     _step(2, n, f"writing demo data for {clients} organisations to {out_dir / 'data'}")
     manifest = write_demo_data(out_dir / "data", clients)
     for c in manifest["clients"]:
@@ -94,14 +77,22 @@ def run_demo(*, out: str, clients: int, rounds: int, local_steps: int, base_mode
                 if src.exists():
                     shutil.copyfile(src, ledgers / dst)
         report["ledgers"] = str(ledgers.absolute())
-    _step(4, n, "chatting with the model before and after, on held-out questions")
-    report["samples"] = before_after(base_dir, Path(report["merged_model"]), out_dir / "data" / "eval.jsonl")
+    generation = report.get("generation")
+    _step(4, n, "the model before and after, on held-out questions (greedy answers, scored by the coordinator)")
+    report["samples"] = _samples(generation)
     for s in report["samples"]:
         log.info("    Q: %s\n        reference: %s\n        before:    %s\n        after:     %s",
                  s["question"], s["reference"], s["before"], s["after"])
+    scores = ""
+    if generation and "model" in generation:
+        b, m = generation["base"], generation["model"]
+        log.info("    %d held-out answers (at most %d tokens): ROUGE-L %.4f -> %.4f, chrF %.2f -> %.2f, BLEU %.2f -> "
+                 "%.2f; evaluating both models took %.0fs", generation["scored"], generation["max_new_tokens"],
+                 b["rouge_l"], m["rouge_l"], b["chrf"], m["chrf"], b["bleu"], m["bleu"], generation["seconds"])
+        scores = f", ROUGE-L {b['rouge_l']:.4f} -> {m['rouge_l']:.4f}, chrF {b['chrf']:.2f} -> {m['chrf']:.2f}"
     report["wall_seconds"] = round(time.perf_counter() - started, 1)
     write_report(out_dir / "report.json", report)
     _step(5, n, f"done in {report['wall_seconds']:.0f}s: held-out loss {report['base_eval_loss']:.4f} -> "
-                f"{report['final_eval_loss']:.4f}; report {out_dir / 'report.json'}, plot {out_dir / 'loss.png'}, "
+                f"{report['final_eval_loss']:.4f}{scores}; report {out_dir / 'report.json'}, plot {out_dir / 'loss.png'}, "
                 f"merged model {report['merged_model']}")
     return report

@@ -163,8 +163,8 @@ def _padded(model, tokenizer, encoded: list[list[int]], config, batch_size: int,
 @dataclass
 class ModelScores:
     name: str
-    loss: float
-    perplexity: float
+    loss: float | None
+    perplexity: float | None
     rouge_l: float
     bleu: float
     chrf: float
@@ -177,17 +177,21 @@ class ModelScores:
 
 
 def score_model(model, tokenizer, heldout: HeldOut, *, name: str, max_len: int, max_new_tokens: int,
-                engine: str = "continuous", progress: bool = True) -> ModelScores:
-    """Loss and perplexity over every held-out conversation, and answer scores on its prompts."""
+                engine: str = "continuous", progress: bool = True, with_loss: bool = True) -> ModelScores:
+    """Loss and perplexity over every held-out conversation (unless with_loss is False: the
+    coordinator has them already), and answer scores on its prompts."""
     started = time.perf_counter()
-    data = [encode_conversation(tokenizer, m, max_len) for m in heldout.conversations]
-    loss = heldout_loss(model, data, tokenizer.pad_token_id)
-    log.info("%s: held-out loss %.4f on %d conversations; generating %d answers", name, loss, len(data),
-             len(heldout.prompts))
+    loss = None
+    if with_loss:
+        data = [encode_conversation(tokenizer, m, max_len) for m in heldout.conversations]
+        loss = heldout_loss(model, data, tokenizer.pad_token_id)
+        log.info("%s: held-out loss %.4f on %d conversations", name, loss, len(data))
+    log.info("%s: generating %d greedy answers", name, len(heldout.prompts))
     answers = greedy_answers(model, tokenizer, heldout.prompts, max_new_tokens=max_new_tokens, engine=engine,
                              progress=progress)
     scores = text_scores(answers, heldout.references)
-    return ModelScores(name=name, loss=loss, perplexity=math.exp(loss) if loss < 700 else math.inf,
+    perplexity = None if loss is None else math.exp(loss) if loss < 700 else math.inf
+    return ModelScores(name=name, loss=loss, perplexity=perplexity,
                        rouge_l=scores["rouge_l"], bleu=scores["bleu"], chrf=scores["chrf"], answers=answers,
                        rouge_l_per_pair=scores["rouge_l_per_pair"], seconds=round(time.perf_counter() - started, 2))
 
@@ -217,7 +221,8 @@ def evaluation_report(heldout: HeldOut, model: ModelScores, base: ModelScores | 
 def compare_saved(model_dir: Path, base_dir: Path, data: str | Path, *, device: torch.device, dtype: torch.dtype,
                   max_conversations: int = REPORT_CONVERSATIONS, max_new_tokens: int = REPORT_NEW_TOKENS,
                   max_len: int = 256, progress: bool = False) -> dict:
-    """A saved model folder against its base, one loaded at a time (the coordinator's final report)."""
+    """A saved model folder against its base, one loaded at a time (the coordinator's final report:
+    answers only, since its report has the held-out loss of both on more conversations)."""
     from shared.model import load_model, load_tokenizer
 
     started = time.perf_counter()
@@ -226,7 +231,7 @@ def compare_saved(model_dir: Path, base_dir: Path, data: str | Path, *, device: 
     for name, folder in (("model", model_dir), ("base", base_dir)):
         model = load_model(folder, device, dtype)
         scores.append(score_model(model, load_tokenizer(folder), heldout, name=name, max_len=max_len,
-                                  max_new_tokens=max_new_tokens, progress=progress))
+                                  max_new_tokens=max_new_tokens, progress=progress, with_loss=False))
         del model
     report = evaluation_report(heldout, scores[0], scores[1], max_len=max_len, max_new_tokens=max_new_tokens,
                                engine="continuous")
@@ -245,6 +250,8 @@ def format_table(report: dict) -> str:
     head = f"{'metric':<26}{model['name'][:20]:>22}" + (f"{base['name'][:20]:>22}{'change':>12}" if base else "")
     lines = [head, "-" * len(head)]
     for label, key, digits in rows:
+        if model[key] is None:
+            continue
         line = f"{label:<26}{model[key]:>22.{digits}f}"
         if base:
             line += f"{base[key]:>22.{digits}f}{model[key] - base[key]:>+12.{digits}f}"
@@ -261,8 +268,9 @@ def plot_report(report: dict, out: str | Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    keys = [("loss", "held-out loss"), ("rouge_l", "ROUGE-L F1"), ("bleu", "BLEU"), ("chrf", "chrF")]
     entries = [e for e in (report["base"], report["model"]) if e is not None]
+    keys = [(k, t) for k, t in (("loss", "held-out loss"), ("rouge_l", "ROUGE-L F1"), ("bleu", "BLEU"), ("chrf", "chrF"))
+            if entries[0][k] is not None]
     fig, axes = plt.subplots(1, len(keys), figsize=(3.0 * len(keys), 3.4))
     for ax, (key, title) in zip(axes, keys):
         values = [e[key] for e in entries]
