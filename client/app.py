@@ -28,7 +28,7 @@ from client.train import secure_seed, train_round
 from shared import ledger
 from shared.adapter import attach_adapter, exchanged_names, fingerprint, frozen_a_fingerprint, set_arrays
 from shared.config import NodeConfig, RunConfig, org_name
-from shared.crypto import key_fingerprint, load_or_create_signing_key
+from shared.crypto import key_fingerprint
 from shared.errors import ConfigError
 from shared.logs import setup_logging
 from shared.model import heldout_loss, load_model, load_tokenizer, resolve_base_model, select_device, select_dtype
@@ -167,11 +167,12 @@ class FedChatClient(NumPyClient):
         set_arrays(loaded.model, loaded.names, parameters)
         data = NodeCache.local_data(cfg, node, loaded.tokenizer)
         n = len(data.train)
-        key = load_or_create_signing_key(node.ledger_key or Path(node.state_dir) / "ledger-key.pem")
+        ledger_path = Path(node.state_dir) / "ledger.jsonl"
+        key = ledger.signing_key_for(ledger_path, node.ledger_key or Path(node.state_dir) / "ledger-key.pem")
         metrics = {"node": node.node_name, "num-conversations": n, "status": "ok",
                    "ledger-key": key_fingerprint(key.public_key())}
         # From planning to append the node holds its ledger's lock: no second run can spend the same budget.
-        with ledger.open_for_training(Path(node.state_dir) / "ledger.jsonl", key, _recorded_head(meta)) as book:
+        with ledger.open_for_training(ledger_path, key, _recorded_head(meta), must_exist=True) as book:
             plan = None
             if cfg.dp:
                 plan = plan_round(book.entries, run, target_epsilon=node.target_epsilon, delta=node.target_delta,
@@ -187,8 +188,8 @@ class FedChatClient(NumPyClient):
             update = result.delta
             if self.secagg_active:  # the protocol's quantiser silently clips; clip here and say so
                 bound = cfg.update_bound
-                # a function of the DP-noised update only (post-processing), so it may leave the node
-                metrics["clipped-values"] = int(sum(int((np.abs(u) > bound).sum()) for u in update))
+                if plan is not None:  # a function of the DP-noised update (post-processing): it may leave
+                    metrics["clipped-values"] = int(sum(int((np.abs(u) > bound).sum()) for u in update))
                 # float64: Flower quantises to 2**29 levels, finer than float32 can resolve.
                 update = [np.clip(u, -bound, bound).astype(np.float64) for u in update]
             entry = book.append(_ledger_entry(node, cfg, run, rnd, n, plan, update))
@@ -197,7 +198,7 @@ class FedChatClient(NumPyClient):
         if plan is not None:
             metrics.update({"epsilon": entry["epsilon"], "target-epsilon": node.target_epsilon,
                             "delta": node.target_delta, "noise-multiplier": plan.noise_multiplier})
-        else:  # no DP promised: the coordinator may see how training went
+        elif not self.secagg_active:  # neither DP nor SecAgg+ promised: the coordinator may see how it went
             metrics.update({"train-loss": result.train_loss, "seconds": result.seconds})
         # Statistics of the private data (loss, timings) stay on the node under DP: logged here only.
         if data.validation:
@@ -237,7 +238,9 @@ def budget_allows_round(node: NodeConfig, cfg: RunConfig, rnd: int, run: str) ->
     if not cfg.dp:
         return True
     data = NodeCache.local_data(cfg, node, load_tokenizer(resolve_base_model(cfg.base_model)))
-    plan = plan_round(ledger.read_entries(Path(node.state_dir) / "ledger.jsonl"), run,
+    path = Path(node.state_dir) / "ledger.jsonl"
+    key = ledger.signing_key_for(path, node.ledger_key or Path(node.state_dir) / "ledger-key.pem")
+    plan = plan_round(ledger.verify_lines(path, ledger.read_lines(path), key.public_key()), run,
                       target_epsilon=node.target_epsilon, delta=node.target_delta, num_conversations=len(data.train),
                       batch_size=cfg.batch_size, local_steps=cfg.local_steps, rounds_left=cfg.num_rounds - rnd + 1,
                       accountant=cfg.dp_accountant)

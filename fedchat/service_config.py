@@ -192,7 +192,6 @@ def check_node_file(nf: NodeFile) -> list[str]:
     from client.privacy import check_delta
     from shared import ledger
     from shared.certs import load_cert, load_node_key
-    from shared.crypto import load_or_create_signing_key
     from shared.dialogue import read_dialogues
     from shared.model import select_device
 
@@ -212,7 +211,7 @@ def check_node_file(nf: NodeFile) -> list[str]:
         probe.write_text("ok")
         probe.unlink()
         ledger_key = Path(node.ledger_key) if node.ledger_key else state / "ledger-key.pem"
-        load_or_create_signing_key(ledger_key)
+        ledger.signing_key_for(state / "ledger.jsonl", ledger_key)
         entries = ledger.read_entries(state / "ledger.jsonl")
         if entries:
             from shared.audit import audit_ledger
@@ -220,7 +219,9 @@ def check_node_file(nf: NodeFile) -> list[str]:
             # the private key also tells the public key the entries must verify against
             audit = audit_ledger(state / "ledger.jsonl", ledger_key, recompute=False)
             problems += [f"ledger {state / 'ledger.jsonl'}: {p}" for p in audit.problems]
-            found.append(f"ledger: {len(entries)} rounds trained, epsilon {entries[-1]['epsilon']:.3f} of "
+            spent = entries[-1]["epsilon"]  # None: a round was trained without DP (infinite epsilon)
+            found.append(f"ledger: {len(entries)} rounds trained, epsilon "
+                         f"{'inf (trained without DP)' if spent is None else f'{spent:.3f}'} of "
                          f"{node.target_epsilon:g} spent")
         else:
             found.append(f"ledger: none yet ({state / 'ledger.jsonl'} is created at the first round)")

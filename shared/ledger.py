@@ -38,7 +38,7 @@ from pathlib import Path
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from shared.accounting import ACCOUNTANTS
-from shared.crypto import sign, verify
+from shared.crypto import load_or_create_signing_key, load_signing_key, sign, verify
 from shared.errors import LedgerError
 from shared.files import atomic_write_bytes
 
@@ -299,16 +299,32 @@ def _lock(path: Path):
     return fd
 
 
+def signing_key_for(path: str | Path, key_path: str | Path) -> Ed25519PrivateKey:
+    """The node's ledger key; a key created here comes with an empty ledger head beside the ledger,
+    so that from then on a ledger deleted together with nothing else is never a fresh budget."""
+    path, key_path = Path(path), Path(key_path)
+    if key_path.exists():
+        return load_signing_key(key_path)
+    key = load_or_create_signing_key(key_path)
+    if not path.exists() and _read_head_file(path) is None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _write_head_file(path, GENESIS, 0)
+    return key
+
+
 @contextlib.contextmanager
-def open_for_training(path: str | Path, key: Ed25519PrivateKey,
-                      recorded: tuple[int, str] | None = None) -> Iterator[LedgerSession]:
+def open_for_training(path: str | Path, key: Ed25519PrivateKey, recorded: tuple[int, str] | None = None,
+                      *, must_exist: bool = False) -> Iterator[LedgerSession]:
     """The node's ledger, exclusively locked and verified, for planning and recording one round.
 
     The lock (fcntl.flock on ledger.jsonl.lock) is held for the whole block: a second run on
     the same node fails at once with LedgerError. On entry every line is verified against
     key.public_key(); the ledger must not be missing or behind the head file beside it nor
     behind `recorded`, the (entry count, hash of that line) the coordinator last saw from
-    this node (None: no coordinator record). Any failure raises LedgerError saying what to do.
+    this node (None: no coordinator record). With `must_exist` (the node's own rounds) a ledger
+    missing together with its head file is refused too: the node's key (from `signing_key_for`)
+    was created with a head, so both gone means deleted, or a state folder restored in part.
+    Any failure raises LedgerError saying what to do.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -318,12 +334,17 @@ def open_for_training(path: str | Path, key: Ed25519PrivateKey,
         lines = read_lines(path)
         entries = verify_lines(path, lines, key.public_key())
         on_file = _read_head_file(path)
+        if must_exist and on_file is None and not path.exists():
+            raise LedgerError(f"{path} and its head file {head_path(path).name} are both missing, but this node's "
+                              "ledger key exists: the ledger was deleted, and a missing ledger is never a fresh "
+                              f"budget. {RESTORE} Only if this node has never trained with this key: create an "
+                              f"empty ledger (touch {path}) and start again.")
         if on_file is not None:
             _check_not_behind(path, lines, *on_file, who=f"this node ({head_path(path).name})")
         if recorded is not None:
             _check_not_behind(path, lines, int(recorded[0]), str(recorded[1]), who="the coordinator")
         session = LedgerSession(path, key, lines, entries)
-        if lines and (on_file is None or on_file[0] < len(lines)):  # first use of a head file, or a crash
+        if on_file is None or on_file[0] < len(lines):  # first use of a head file, or a crash
             _write_head_file(path, *session.head())
         yield session
     finally:

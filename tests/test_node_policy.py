@@ -114,3 +114,27 @@ def test_a_round_without_dp_is_recorded_and_no_dp_promise_survives_it(tmp_path):
     assert last["noise_multiplier"] == 0 and last["epsilon"] is None  # None: infinite epsilon
     with pytest.raises(RoundRefused, match="past its budget"):
         _fit(node)
+
+
+def test_a_ledger_deleted_with_its_head_is_not_a_fresh_budget(tmp_path):
+    """Threat: an operator deletes (or a partial restore loses) both the ledger and its head file; the node
+    must not start again from epsilon 0 beside the same ledger key."""
+    node = _node(tmp_path)
+    _fit(node)
+    state = tmp_path / "private-org" / "state"
+    (state / "ledger.jsonl").unlink()
+    (state / "ledger.head").unlink()
+    with pytest.raises(RoundRefused, match="LedgerError"):
+        _fit(node)
+    assert not (state / "ledger.jsonl").exists()  # nothing was trained or written
+
+
+def test_without_dp_under_secagg_no_plaintext_statistic_leaves_the_node(tmp_path):
+    """Threat: a round without DP but inside SecAgg+ sent its train loss, timing and clipped count in the
+    clear, beside an update the coordinator may only ever see summed."""
+    node = _node(tmp_path, **{"require-dp": False, "require-secagg": True})
+    cfg = RunConfig(base_model="tiny", local_steps=2, batch_size=4, dp=False)
+    loaded = NodeCache.model(cfg, node)
+    client = FedChatClient(node, secagg_active=True)
+    _, _, metrics = client.fit(get_arrays(loaded.model, loaded.names), fit_config(cfg, 1, "run-b", loaded.frozen_a))
+    assert not {"train-loss", "seconds", "clipped-values"} & set(metrics), metrics
