@@ -127,12 +127,12 @@ def cmd_node_approve(args) -> int:
                           "bundle differ from the fedchat installed here, and the bundle's code is what your node "
                           "would run. Inspect them (`unzip -p BUNDLE.fab PATH | diff - PATH`), then approve with "
                           "--accept-differences, or install the coordinator's fedchat version and compare again.")
-    hashes = [] if args.replace else list(nf.approved)
+    hashes = list(nf.approved) if args.keep_others else []  # an old bundle stays runnable only on request
     if bundle.sha256 not in hashes:
         hashes.append(bundle.sha256)
     written = write_approvals(nf.path, hashes)
     print(f"{written}: approved app bundle sha256 {bundle.sha256} ({len(hashes)} approved"
-          + (", earlier approvals removed" if args.replace and len(nf.approved) else "") + "). "
+          + (", earlier approvals removed" if not args.keep_others and nf.approved else "") + "). "
           "A running node applies it at the next run.")
     return 0
 
@@ -170,7 +170,9 @@ def add_service_commands(sub: argparse._SubParsersAction) -> None:
     approve.add_argument("--app", help="the fedchat installed here, to compare with (default: this fedchat)")
     approve.add_argument("--accept-differences", action="store_true",
                          help="approve a bundle whose files differ from the fedchat installed here")
-    approve.add_argument("--replace", action="store_true", help="make it the only approved bundle")
+    approve.add_argument("--keep-others", action="store_true",
+                         help="keep the bundles approved before (by default the new one replaces them, so a "
+                              "coordinator cannot fall back to an older, perhaps fixed-since, bundle)")
     approve.set_defaults(func=cmd_node_approve)
 
     app = sub.add_parser("app", help="the app bundle (FAB) nodes run: build it, print its SHA-256")

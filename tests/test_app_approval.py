@@ -136,7 +136,17 @@ def test_node_approve_refuses_what_it_cannot_inspect_with_a_clear_error(app, tmp
     assert read_node_file(path).approved == ()
     assert fedchat_main(["node", "approve", str(path), str(tmp_path / "changed.fab"), "--app", str(app),
                          "--accept-differences"]) == 0
-    assert read_node_file(path).approved == (load_bundle_file(tmp_path / "changed.fab").sha256,)
+    changed_sha = load_bundle_file(tmp_path / "changed.fab").sha256
+    assert read_node_file(path).approved == (changed_sha,)
+    # Threat: a coordinator falls back to an older approved bundle (one with a since-fixed flaw). A new
+    # approval replaces the old ones unless the operator keeps them on purpose.
+    assert fedchat_main(["app", "build", "--app", str(app), "--out", str(tmp_path / "b.fab")]) == 0
+    sha = load_bundle_file(tmp_path / "b.fab").sha256
+    assert fedchat_main(["node", "approve", str(path), str(tmp_path / "b.fab"), "--app", str(app)]) == 0
+    assert read_node_file(path).approved == (sha,)
+    assert fedchat_main(["node", "approve", str(path), str(tmp_path / "changed.fab"), "--app", str(app),
+                         "--accept-differences", "--keep-others"]) == 0
+    assert read_node_file(path).approved == (sha, changed_sha)
 
 
 def test_a_malformed_approval_is_refused(tmp_path):
