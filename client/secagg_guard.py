@@ -18,6 +18,12 @@ and before the node sends anything of its update, any stage message that would a
 
 It also refuses to add an empty update (zero examples) to a secure sum, and, for a node
 with ``require-secagg``, any training message that does not run SecAgg+.
+
+What it cannot see: the node ids and public keys it counts come from the SuperLink. A
+coordinator that runs modified code can make up nodes whose keys it holds (or choose a
+round of the victim and its colluders), and then every count here passes. Against such a
+coordinator the update is protected by DP alone (docs/threat-model.md, row 5c); these
+checks stop a ServerApp that only changes the protocol's parameters.
 """
 
 from __future__ import annotations
