@@ -93,6 +93,7 @@ def run_demo(*, out: str, clients: int, rounds: int, local_steps: int, base_mode
     report["wall_seconds"] = round(time.perf_counter() - started, 1)
     write_report(out_dir / "report.json", report)
     _step(5, n, f"done in {report['wall_seconds']:.0f}s: held-out loss {report['base_eval_loss']:.4f} -> "
-                f"{report['final_eval_loss']:.4f}{scores}; report {out_dir / 'report.json'}, plot {out_dir / 'loss.png'}, "
+                f"{report['final_eval_loss']:.4f}{scores}; report {out_dir / 'report.json'}, "
+                f"plot {out_dir / 'loss.png'}, "
                 f"merged model {report['merged_model']}")
     return report

@@ -188,7 +188,7 @@ def plot_study(study, out: Path) -> Path:
         warnings.simplefilter("ignore")  # optuna marks its matplotlib plots experimental
         ax = plot_optimization_history(study)
     ax.set_ylabel("held-out loss (final global adapter)")
-    ax.figure.set_size_inches(6.4, 4)
+    ax.figure.set_size_inches(8.5, 4)
     ax.figure.tight_layout()
     ax.figure.savefig(out, dpi=120)
     plt.close(ax.figure)
@@ -273,7 +273,8 @@ def run_tune(*, out: str, trials: int, base_model: str, clients: int, rounds: in
     summary = {"best_trial": best.number, "best_loss": best.value, "base_loss": best.user_attrs["base_loss"],
                "best_params": params, "epsilon_spent": best.user_attrs["epsilon_spent"],
                "target_epsilon": target_epsilon, "rounds": rounds, "clients": clients, "base_model": base_model,
-               "trials": len(study.trials), "finished_trials": len(done), "seconds": round(time.perf_counter() - started, 1),
+               "trials": len(study.trials), "finished_trials": len(done),
+               "seconds": round(time.perf_counter() - started, 1),
                "data": str(eval_file.parent), "best_toml": str(toml_path), "plot": str(plot),
                "trials_table": str(out_dir / "trials.md"),
                "best_vs_base": {k: scores[k] for k in ("model", "base", "scored", "max_new_tokens")}}

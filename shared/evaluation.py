@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import math
+import textwrap
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -269,12 +270,13 @@ def plot_report(report: dict, out: str | Path) -> Path:
     import matplotlib.pyplot as plt
 
     entries = [e for e in (report["base"], report["model"]) if e is not None]
-    keys = [(k, t) for k, t in (("loss", "held-out loss"), ("rouge_l", "ROUGE-L F1"), ("bleu", "BLEU"), ("chrf", "chrF"))
-            if entries[0][k] is not None]
+    titles = (("loss", "held-out loss"), ("rouge_l", "ROUGE-L F1"), ("bleu", "BLEU"), ("chrf", "chrF"))
+    keys = [(k, t) for k, t in titles if entries[0][k] is not None]
     fig, axes = plt.subplots(1, len(keys), figsize=(3.0 * len(keys), 3.4))
     for ax, (key, title) in zip(axes, keys):
         values = [e[key] for e in entries]
-        bars = ax.bar([e["name"][:14] for e in entries], values, color=["#999999", "#3b75af"][-len(entries):])
+        labels = [textwrap.fill(e["name"], 16) for e in entries]
+        bars = ax.bar(labels, values, color=["#999999", "#3b75af"][-len(entries):])
         ax.bar_label(bars, fmt="%.3g", fontsize=8)
         ax.set_title(title)
         ax.tick_params(axis="x", labelsize=8)
