@@ -65,12 +65,15 @@ def run_setting(cfg, base_dir, tokenizer, data, canaries, epsilon: float | None)
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--m", type=int, default=100, help="canaries (each included by a fair coin)")
-    parser.add_argument("--filler", type=int, default=20, help="demo conversations beside the canaries")
+    parser.add_argument("--filler", type=int, default=10, help="demo conversations beside the canaries")
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--learning-rate", type=float, default=1e-2)
     parser.add_argument("--epsilons", type=float, nargs="*", default=[8.0], help="DP settings after the run without DP (e.g. 8 1)")
     parser.add_argument("--base-model", default="smollm2-135m")
+    parser.add_argument("--lora-target-modules", default="q_proj,v_proj,lm_head",
+                        help="LoRA on lm_head too lets 40 steps memorise rare-word secrets (q/v alone: 31/40 "
+                        "guesses right, bound 0.58, in our first try)")
     parser.add_argument("--seed", type=int, default=0, help="canaries' coins and secrets (a bench: not secret)")
     args = parser.parse_args()
     setup_logging(quiet_flower=True)
@@ -83,7 +86,8 @@ def main() -> None:
     from shared.one_run_audit import audit_report, draw_scores, epsilon_lower_bound
 
     cfg = RunConfig(base_model=args.base_model, local_steps=args.steps, batch_size=args.batch_size,
-                    learning_rate=args.learning_rate, secagg=False, seed=args.seed)
+                    learning_rate=args.learning_rate, secagg=False, seed=args.seed,
+                    lora_target_modules=args.lora_target_modules)
     base_dir = resolve_base_model(args.base_model)
     tokenizer = load_tokenizer(base_dir)
     canaries = make_canaries(args.m, secret_vocabulary(tokenizer), seed=args.seed)
