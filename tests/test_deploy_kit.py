@@ -648,7 +648,9 @@ def test_following_the_runbooks_on_one_machine_gives_a_finished_run(tmp_path):
             node.follow(N["9"])
             node.follow(N["10"])
         A = runbook("auditor")
-        for s in sorted(A, key=int):
+        # Section 5 (canaries) needs a run whose node data held the canaries before training: a procedure
+        # of its own, followed end to end in tests/test_privacy_audit.py, not part of this run.
+        for s in sorted((s for s in A if s != "5"), key=int):
             auditor.follow(A[s])
         audit = json.loads((home / "fedchat-audit" / "audit.json").read_text())
         nodes_audited = [a for a in audit if a["node"] in ("org-1", "org-2", "org-3")]
