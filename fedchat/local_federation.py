@@ -436,12 +436,16 @@ class Runner:
                                   + " | ".join(problems))
         return report
 
-    def run(self) -> dict:
+    def start(self) -> None:
+        """Everything before a run is submitted: folders, the approved bundle, the SuperLink, the nodes."""
         self.prepare()
         self.build_app()
         self.start_superlink()
         self.register_nodes()
-        self.start_nodes()
+        self.start_nodes()  # returns once every node is online
+
+    def run(self) -> dict:
+        self.start()
         self.submit()
         report = self.wait()
         return self.collect(report)

@@ -174,11 +174,7 @@ def federation(tmp_path_factory, app):
                           startup_timeout=180, run_config={"eval-max-conversations": 16, "merge": False})
     runner = Runner(fed)
     try:
-        runner.prepare()
-        runner.build_app()
-        runner.start_superlink()
-        runner.register_nodes()
-        runner.start_nodes()
+        runner.start()
         yield runner
     finally:
         runner.stop()

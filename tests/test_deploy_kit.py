@@ -361,11 +361,7 @@ def test_the_local_federation_starts_its_services_with_those_commands(tmp_path):
     fed.out.mkdir()
     runner = Runner(fed)
     try:
-        runner.prepare()
-        runner.build_app()
-        runner.start_superlink()
-        runner.register_nodes()
-        runner.start_nodes()  # returns once every node is online
+        runner.start()
         started = {s.name: s.argv for s in runner.sup.services}
         superlink_config = fed.out.resolve() / "superlink" / "coordinator.toml"
         assert started["superlink"] == service_command("coordinator", superlink_config)
