@@ -132,6 +132,11 @@ class RunConfig(_FlowerConfig):
     secagg_quantization_range: int = field(default=0, metadata=_doc("quantisation levels; 0 = the most that cannot overflow 2**32"))
     secagg_max_weight: int = field(default=100000, metadata=_doc("largest per-node weight (conversations); larger nodes are capped"))
     secagg_timeout: float = field(default=600.0, metadata=_doc("seconds to wait for replies at each SecAgg+ stage"))
+    secagg_colluding_fraction: float = field(default=0.5, metadata=_doc("largest share of a round's nodes assumed to collude with the coordinator: 0.5 = any minority (keys shared between all pairs); below 0.5, rounds of secagg-sparse-from nodes or more use a sparse graph sized for it, which every node must accept (docs/threat-model.md)"))
+    secagg_dropout_fraction: float = field(default=0.1, metadata=_doc("largest share of a round's nodes assumed to drop out; sizes a sparse graph"))
+    secagg_sparse_from: int = field(default=40, metadata=_doc("nodes per round from which SecAgg+ uses a sparse graph (with secagg-colluding-fraction below 0.5); smaller rounds share keys between all pairs"))
+    sim_cpus_per_node: float = field(default=0.0, metadata=_doc("simulation only: CPU cores each virtual node reserves (Flower's client_resources num_cpus); 0 = every core, so nodes train one after another; 1 on 2 cores trains two at once"))
+    sim_threads_per_node: int = field(default=0, metadata=_doc("simulation only: torch threads of each virtual node; 0 = its cores (rounded down, at least 1)"))
     sim_data_dir: str = field(default="", metadata=_doc("simulation only: folder of org-1.jsonl, org-2.jsonl, ... for virtual nodes that have just a partition id (`flwr run .`)"))
     device: str = field(default="auto", metadata=_doc("coordinator device for evaluation: auto, cpu, cuda, cuda:N, mps"))
     dtype: str = field(default="auto", metadata=_doc("coordinator dtype: auto, float32, bfloat16, float16"))
@@ -161,6 +166,15 @@ class RunConfig(_FlowerConfig):
             self._fail("dp-max-grad-norm", "must be > 0")
         if self.secagg_clipping_range < 0:
             self._fail("secagg-clipping-range", "must be 0 (automatic) or positive")
+        if not 0 < self.secagg_colluding_fraction <= 0.5:
+            self._fail("secagg-colluding-fraction", "must be in (0, 0.5]: 0.5 assumes only that colluders are a minority")
+        if not 0 <= self.secagg_dropout_fraction < 0.5:
+            self._fail("secagg-dropout-fraction", "must be in [0, 0.5)")
+        if self.secagg_sparse_from < SECAGG_MIN_NODES:
+            self._fail("secagg-sparse-from", f"must be at least {SECAGG_MIN_NODES}")
+        if self.sim_cpus_per_node < 0 or self.sim_threads_per_node < 0:
+            self._fail("sim-cpus-per-node" if self.sim_cpus_per_node < 0 else "sim-threads-per-node",
+                       "must be 0 (automatic) or positive")
         for name in ("node_wait_timeout", "secagg_timeout"):
             if not getattr(self, name) > 0:
                 self._fail(name.replace("_", "-"), "must be a positive number of seconds")
@@ -212,6 +226,8 @@ class NodeConfig(_FlowerConfig):
     require_dp: bool = field(default=True, metadata=_doc("refuse to train without DP-SGD, whatever the coordinator asks"))
     require_secagg: bool = field(default=True, metadata=_doc("refuse to send an update outside SecAgg+, whatever the coordinator asks"))
     secagg_min_nodes: int = field(default=3, metadata=_doc("fewest nodes a SecAgg+ round must have, at every stage, for this node to take part (never below 3)"))
+    secagg_colluding_fraction: float = field(default=0.5, metadata=_doc("largest share of a round's nodes this node assumes may collude with the coordinator: 0.5 accepts only key sharing whose threshold is a strict majority of the whole round (any minority); below 0.5 it also accepts a sparse graph that hides its update under that assumption (failure at most 2^-40, docs/threat-model.md)"))
+    secagg_dropout_fraction: float = field(default=0.1, metadata=_doc("largest share of a round's nodes this node assumes may drop out, when it judges a sparse graph"))
     validation_fraction: float = field(default=0.1, metadata=_doc("share of local conversations held out for local validation"))
     ledger_key: str = field(default="", metadata=_doc("Ed25519 private key (PEM) that signs the ledger; default STATE_DIR/ledger-key.pem"))
     allowed_base_models: str = field(default="smollm2-135m,tiny", metadata=_doc("comma-separated base models (names or folders) this node agrees to load; any other run is refused"))
@@ -233,6 +249,10 @@ class NodeConfig(_FlowerConfig):
         if self.secagg_min_nodes < SECAGG_MIN_NODES:
             self._fail("secagg-min-nodes", f"must be at least {SECAGG_MIN_NODES}: a SecAgg+ sum of fewer updates "
                                            "reveals them")
+        if not 0 < self.secagg_colluding_fraction <= 0.5:
+            self._fail("secagg-colluding-fraction", "must be in (0, 0.5]: 0.5 assumes only that colluders are a minority")
+        if not 0 <= self.secagg_dropout_fraction < 0.5:
+            self._fail("secagg-dropout-fraction", "must be in [0, 0.5)")
         if not self.allowed_models:
             self._fail("allowed-base-models", "must name at least one base model, e.g. 'smollm2-135m'")
         for name in ("max_local_steps", "max_batch_size", "max_seq_len", "max_micro_batch_tokens", "max_lora_r"):
