@@ -12,7 +12,7 @@ from fedchat.certs_cli import add_certs_command
 from fedchat.eval_cli import add_eval_command
 from fedchat.tune import add_tune_command
 from fedchat.service_cli import add_service_commands
-from server.serve_cli import add_serving_commands
+from serving.cli import add_serving_commands
 from shared.config import parse_overrides
 from shared.errors import FedchatError
 from shared.logs import setup_logging

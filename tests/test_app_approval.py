@@ -74,6 +74,8 @@ def test_app_build_is_the_bundle_flwr_run_submits(app, tmp_path, capsys):
     assert "client/app.py" in out and "shared/ledger.py" in out and ".venv" not in out
     bundle = load_bundle_file(tmp_path / "b.fab")
     assert {"pyproject.toml", "client/app.py", "client/privacy.py", "server/app.py"} <= set(bundle.file_hashes())
+    # serving is no part of what nodes run: neither the serving package nor the old server/serve*.py
+    assert not [f for f in bundle.file_hashes() if f.startswith(("serving/", "server/serve"))]
     assert fedchat_main(["app", "build", "--app", str(app), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["sha256"] == submitted
 

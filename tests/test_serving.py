@@ -28,9 +28,9 @@ from openai import OpenAI
 from fedchat.serve_process import ServeProcess
 from server.checkpoint import RunState, publish_link, round_dir, save_checkpoint
 from server.merge import merge_adapter
-from server.serve_config import MAX_BODY_BYTES, ModelSource, ServeConfig
-from server.serve_engine import Generation, GenerationParams, TextStream
-from server.serve_model import ModelWatcher, load_served
+from serving.config import MAX_BODY_BYTES, ModelSource, ServeConfig
+from serving.engine import Generation, GenerationParams, TextStream
+from serving.model import ModelWatcher, load_served
 from shared.adapter import attach_adapter, exchanged_names, get_arrays, set_arrays
 from shared.config import RunConfig
 from shared.errors import ConfigError

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from server.serve_model import ServedModel
+from serving.model import ServedModel
 from shared.errors import FedchatError
 
 log = logging.getLogger("fedchat.serve")

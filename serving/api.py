@@ -19,8 +19,8 @@ Content-Length is refused before reading any of it), and JSON parsing and the ch
 run in a worker thread, so one large prompt never stalls the event loop.
 
 This module is the HTTP layer only: requests are checked and turned into generations
-here, and run by `server.serve_engine.Engine` (one worker, a queue); the model and its
-hot reload live in `server.serve_model`.
+here, and run by `serving.engine.Engine` (one worker, a queue); the model and its
+hot reload live in `serving.model`.
 """
 
 from __future__ import annotations
@@ -44,9 +44,9 @@ from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
-from server.serve_config import API_KEY_ENV, ModelSource, ServeConfig
-from server.serve_engine import Engine, Generation, GenerationParams, Job, QueueFullError
-from server.serve_model import ModelWatcher, ServedModel, model_loader
+from serving.config import API_KEY_ENV, ModelSource, ServeConfig
+from serving.engine import Engine, Generation, GenerationParams, Job, QueueFullError
+from serving.model import ModelWatcher, ServedModel, model_loader
 from shared.errors import ConfigError, FedchatError
 
 log = logging.getLogger("fedchat.serve")

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from server.merge import MERGED_META, merged_in_memory
-from server.serve_config import ModelSource
+from serving.config import ModelSource
 from shared.adapter import ADAPTER_META
 from shared.errors import ModelError
 from shared.model import load_model, load_tokenizer, select_device, select_dtype

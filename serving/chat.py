@@ -15,8 +15,8 @@ import urllib.request
 from collections.abc import Iterator
 from typing import TextIO
 
-from server.serve_engine import Generation, GenerationParams
-from server.serve_model import ServedModel
+from serving.engine import Generation, GenerationParams
+from serving.model import ServedModel
 from shared.errors import FedchatError
 
 HELP = "Type a message and press Enter. /reset starts over, /exit (or Ctrl-D) leaves."

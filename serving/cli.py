@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from server.serve_config import API_KEY_ENV, DTYPES, MAX_BODY_BYTES, ServeConfig
+from serving.config import API_KEY_ENV, DTYPES, MAX_BODY_BYTES, ServeConfig
 
 
 def _model_options(p: argparse.ArgumentParser) -> None:
@@ -54,7 +54,7 @@ def add_serving_commands(sub) -> None:
 
 
 def cmd_serve(args) -> int:
-    from server.serve import run_server
+    from serving.api import run_server
 
     run_server(ServeConfig.from_env(
         model=args.model, base=args.base, adapter=args.adapter, watch=args.watch, watch_interval=args.watch_interval,
@@ -65,8 +65,8 @@ def cmd_serve(args) -> int:
 
 
 def cmd_chat(args) -> int:
-    from server.serve_chat import LocalChat, RemoteChat, chat_loop
-    from server.serve_engine import GenerationParams
+    from serving.chat import LocalChat, RemoteChat, chat_loop
+    from serving.engine import GenerationParams
     from shared.errors import ConfigError
 
     if not 0 <= args.temperature <= 2:
@@ -85,7 +85,7 @@ def cmd_chat(args) -> int:
         raise ConfigError("nothing to chat with: give --model DIR (a merged model folder), --adapter DIR, "
                           "or --url URL (a running `fedchat serve`).")
     else:
-        from server.serve_model import model_loader
+        from serving.model import model_loader
 
         cfg = ServeConfig(model=args.model, base=args.base, adapter=args.adapter, device=args.device,
                           dtype=args.dtype)
