@@ -14,28 +14,30 @@ import logging
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from flwr.app import Context
 from flwr.client import NumPyClient
 from flwr.clientapp import ClientApp
 
-from client.data import LocalData, load_local_data
 from client.policy import RoundRefused, check_run, refusal
 from client.privacy import fits_budget, plan_round
 from client.secagg_guard import SECAGG_FLAG, secagg_guard
-from client.train import secure_seed, train_round
 from shared import ledger
-from shared.adapter import attach_adapter, exchanged_names, fingerprint, frozen_a_fingerprint, set_arrays
 from shared.config import NodeConfig, RunConfig, org_name
 from shared.crypto import key_fingerprint
 from shared.errors import ConfigError
 from shared.logs import setup_logging
-from shared.model import heldout_loss, load_model, load_tokenizer, resolve_base_model, select_device, select_dtype
 from shared.protocol import (CAN_TRAIN, META_FROZEN_A, META_LEDGER_ENTRIES, META_LEDGER_HEAD, META_ROUND, META_RUN,
                              split_fit_config)
 from shared.seeds import derive_seed
 
+if TYPE_CHECKING:
+    from client.data import LocalData
+
+# torch, transformers, peft and Opacus are imported where they are used: three of the four ClientApp
+# processes of a SecAgg+ round (key set-up, key sharing, unmasking) never train, and start without them.
 log = logging.getLogger("fedchat.node")
 SIM_KEYS = ("partition-id", "num-partitions")  # what Flower's simulation puts in node_config
 
@@ -102,6 +104,9 @@ class NodeCache:
 
     @classmethod
     def model(cls, cfg: RunConfig, node: NodeConfig) -> _Loaded:
+        from shared.adapter import attach_adapter, exchanged_names, frozen_a_fingerprint
+        from shared.model import load_model, load_tokenizer, resolve_base_model, select_device, select_dtype
+
         base = resolve_base_model(cfg.base_model)
         device = select_device(node.device)
         dtype = select_dtype(node.dtype, device)
@@ -116,6 +121,8 @@ class NodeCache:
 
     @classmethod
     def local_data(cls, cfg: RunConfig, node: NodeConfig, tokenizer) -> LocalData:
+        from client.data import load_local_data
+
         path = Path(node.data_path)
         stat = path.stat() if path.exists() else None
         key = (str(path), stat and (stat.st_mtime_ns, stat.st_size), tokenizer.name_or_path,
@@ -150,6 +157,10 @@ class FedChatClient(NumPyClient):
             raise refusal(self.node.node_name or f"partition {self.partition}", exc) from None
 
     def _fit(self, parameters, config):
+        from client.train import secure_seed, train_round
+        from shared.adapter import set_arrays
+        from shared.model import heldout_loss
+
         cfg, meta = split_fit_config(config)
         node = for_partition(self.node, self.partition, cfg)
         check_run(cfg, node)  # allow-list and caps, before the node opens any file the run names
@@ -219,6 +230,8 @@ def _recorded_head(meta: dict) -> tuple[int, str] | None:
 
 def _ledger_entry(node: NodeConfig, cfg: RunConfig, run: str, rnd: int, n: int, plan, update) -> dict:
     """The round's ledger line; a round without DP is recorded too, with noise 0 (infinite epsilon)."""
+    from shared.adapter import fingerprint
+
     entry = {"node": node.node_name, "run": run, "round": rnd,
              "time": datetime.now(timezone.utc).isoformat(timespec="seconds"), "num_examples": n,
              "max_grad_norm": cfg.dp_max_grad_norm, "delta": node.target_delta, "accountant": cfg.dp_accountant,
@@ -232,6 +245,8 @@ def _ledger_entry(node: NodeConfig, cfg: RunConfig, run: str, rnd: int, n: int, 
 def budget_allows_round(node: NodeConfig, cfg: RunConfig, rnd: int, run: str) -> bool:
     """Whether the node's budget guard lets it train round `rnd` of `run`: fit()'s plan over the
     node's ledger, read only (nothing is written or reserved; fit() decides again under the lock)."""
+    from shared.model import load_tokenizer, resolve_base_model
+
     check_run(cfg, node)  # before the node opens any file the run names
     if (node.require_dp and not cfg.dp) or (node.require_secagg and not cfg.secagg):
         return False  # fit() would refuse: say so now, before key sharing
