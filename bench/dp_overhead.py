@@ -1,6 +1,6 @@
 """DP-SGD step time vs a non-private step on the embedded model, same batches, side by side.
 
-    .venv/bin/python bench/dp_overhead.py [--repeats 12] [--batch-size 8]
+    .venv/bin/python -m bench.dp_overhead [--repeats 12] [--batch-size 8]
 
 Both steps run the same forward/backward code on the same conversations (fixed
 batches, no Poisson sampling, so only the cost of privacy differs): the private step
@@ -13,23 +13,20 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
 
-import torch  # noqa: E402
-
-from bench.common import md_table, write_results  # noqa: E402
-from client.train import backward_batch, dp_streams, make_private, secure_seed  # noqa: E402
-from fedchat.demo_data import write_demo_data  # noqa: E402
-from shared.adapter import attach_adapter  # noqa: E402
-from shared.config import RunConfig  # noqa: E402
-from shared.dialogue import encode_conversation, read_dialogues  # noqa: E402
-from shared.logs import quiet_library_warnings  # noqa: E402
-from shared.model import load_model, load_tokenizer, resolve_base_model  # noqa: E402
+from bench.common import md_table, write_results
+from client.train import backward_batch, dp_streams, make_private, secure_seed
+from fedchat.demo_data import write_demo_data
+from shared.adapter import attach_adapter
+from shared.config import RunConfig
+from shared.dialogue import encode_conversation, read_dialogues
+from shared.logs import quiet_library_warnings
+from shared.model import load_model, load_tokenizer, resolve_base_model
 
 
 def main() -> None:

@@ -1,6 +1,6 @@
 """What differential privacy costs in held-out loss and ROUGE-L, at matched compute.
 
-    .venv/bin/python bench/dp_utility.py [--clients 3] [--rounds 3] [--local-steps 10]
+    .venv/bin/python -m bench.dp_utility [--clients 3] [--rounds 3] [--local-steps 10]
         [--epsilons 1 4 8] [--run-config key=value ...] [--results-dir bench/results]
 
 The same demo data, nodes, run config and seed for every setting: the base model, federated
@@ -20,15 +20,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from bench.common import RESULTS, machine, md_table, simulate_demo  # noqa: E402
-from shared.config import parse_overrides  # noqa: E402
-from shared.logs import setup_logging  # noqa: E402
+from bench.common import RESULTS, machine, md_table, simulate_demo
+from shared.config import parse_overrides
+from shared.logs import setup_logging
 
 # Keys each setting sets itself: a --run-config override of them would break the comparison.
 _SET_HERE = {"dp", "secagg", "base-model", "num-rounds", "local-steps", "merge", "eval-data", "out-dir", "min-nodes"}

@@ -1,6 +1,6 @@
 """Where DP puts the empirical lower bound on epsilon: canaries in one node's data, audited after one run.
 
-    .venv/bin/python bench/privacy_audit.py [--m 100] [--steps 40] [--epsilons 8 1]
+    .venv/bin/python -m bench.privacy_audit [--m 100] [--steps 40] [--epsilons 8 1]
 
 One node, trained locally through the node's own trainer (client.train.train_round: the same
 LoRA, Poisson sampling, clipping and noise as a federated round, without the Flower transport,
@@ -20,10 +20,8 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from bench.common import RESULTS, md_table, write_results  # noqa: E402
-from shared.logs import setup_logging  # noqa: E402
+from bench.common import RESULTS, md_table, write_results
+from shared.logs import setup_logging
 
 DELTA = 1e-5
 
@@ -123,7 +121,7 @@ def main() -> None:
              f"{r['score_mean_included']:+.3f} / {r['score_mean_excluded']:+.3f}"] for r in runs]
     table = md_table(["setting", "noise multiplier", "correct guesses", "epsilon lower bound (95%)",
                       "epsilon claimed", "median exposure (bits)", "mean score in / out"], rows)
-    command = "bench/privacy_audit.py " + " ".join(sys.argv[1:])
+    command = "-m bench.privacy_audit " + " ".join(sys.argv[1:])
     write_results("privacy_audit", {
         "command": f".venv/bin/python {command.strip()}", "base_model": args.base_model, "canaries": args.m,
         "included": int(canaries.included.sum()), "filler_conversations": args.filler,

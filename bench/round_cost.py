@@ -1,6 +1,6 @@
 """Cost of a federated round on the embedded model, for each aggregation mode.
 
-    .venv/bin/python bench/round_cost.py [--clients 3] [--rounds 2] [--local-steps 5]
+    .venv/bin/python -m bench.round_cost [--clients 3] [--rounds 2] [--local-steps 5]
 
 Runs the federation in Flower's simulation engine (DP-SGD on), once per aggregation
 mode (fedavg, ffa) and transport (SecAgg+, plaintext), and reports seconds per local
@@ -13,14 +13,11 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from bench.common import md_table, simulate_demo, warm_rounds, write_results  # noqa: E402
-from shared.logs import setup_logging  # noqa: E402
+from bench.common import md_table, simulate_demo, warm_rounds, write_results
+from shared.logs import setup_logging
 
 
 def main() -> None:

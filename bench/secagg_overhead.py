@@ -1,6 +1,6 @@
 """What SecAgg+ costs: round time, protocol stages, bytes.
 
-    .venv/bin/python bench/secagg_overhead.py [--nodes 5] [--rounds 3] [--scale 5 10 20]
+    .venv/bin/python -m bench.secagg_overhead [--nodes 5] [--rounds 3] [--scale 5 10 20]
 
 1. Round wall time with SecAgg+ / without, same nodes, model, steps and DP settings,
    run back to back in Flower's simulation engine (rounds after the first, whose time
@@ -17,14 +17,11 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from bench.common import md_table, simulate_demo, warm_rounds, write_results  # noqa: E402
-from shared.logs import setup_logging  # noqa: E402
+from bench.common import md_table, simulate_demo, warm_rounds, write_results
+from shared.logs import setup_logging
 
 
 def tables(result: dict) -> str:
