@@ -18,28 +18,26 @@ under that id. The body is read in chunks and refused at --max-body-bytes (a lar
 Content-Length is refused before reading any of it), and JSON parsing and the chat template
 run in a worker thread, so one large prompt never stalls the event loop.
 
-This module is the HTTP layer only: requests are checked and turned into generations
-here, and run by `serving.engine.Engine` (one worker, a queue); the model and its
-hot reload live in `serving.model`.
+This module is the HTTP layer only: the request and response shapes are serving.protocol's
+pydantic models, generation is serving.engine's (continuous batching), the model and its hot
+reload are serving.model's.
 """
 
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import hmac
 import ipaddress
-import json
 import logging
-import math
 import secrets
 import socket
 import time
-from dataclasses import dataclass
-from typing import Any
+from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import Response, StreamingResponse
+from pydantic import BaseModel, ValidationError
 from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
@@ -47,13 +45,26 @@ from starlette.requests import ClientDisconnect
 from serving.config import API_KEY_ENV, ModelSource, ServeConfig
 from serving.engine import Engine, Generation, GenerationParams, Job, QueueFullError
 from serving.model import ModelWatcher, ServedModel, model_loader
+from serving.protocol import (
+    AssistantMessage,
+    BusyHealth,
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    Choice,
+    ChunkChoice,
+    Delta,
+    ErrorBody,
+    ErrorDetail,
+    Health,
+    ModelCard,
+    ModelList,
+    Usage,
+    validation_error,
+)
 from shared.errors import ConfigError, FedchatError
 
 log = logging.getLogger("fedchat.serve")
-
-ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
-MAX_STOP = 4
-SEED_RANGE = (-(2**63), 2**63 - 1)  # OpenAI's: a signed 64-bit integer
 
 
 class APIError(FedchatError):
@@ -65,8 +76,15 @@ class APIError(FedchatError):
         self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
         self.headers = headers or {}
 
-    def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+    def body(self) -> ErrorBody:
+        return ErrorBody(error=ErrorDetail(message=self.message, type=self.type, param=self.param, code=self.code))
+
+    def response(self) -> Response:
+        return _json(self.body(), self.status, self.headers)
+
+
+def _json(model: BaseModel, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    return Response(model.model_dump_json(), status_code=status, headers=headers, media_type="application/json")
 
 
 def _bad(message: str, param: str | None = None, code: str | None = "invalid_value") -> APIError:
@@ -112,166 +130,68 @@ async def read_body(request: Request, limit: int) -> bytes:
 # ----------------------------------------------------------------- requests
 
 
-@dataclass(frozen=True)
-class ChatRequest:
-    messages: list[dict]
-    params: GenerationParams
-    max_tokens_given: bool
-    stream: bool
-    include_usage: bool
-
-
-def parse_chat_request(raw: bytes, model_name: str, default_max_tokens: int) -> ChatRequest:
-    """Check a /v1/chat/completions body; raise APIError naming the parameter at fault."""
-    try:
-        body = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise APIError(400, f"We could not parse the JSON body of your request ({exc}). Send a JSON object "
-                            "with 'model' and 'messages'.", code="invalid_json") from None
-    except RecursionError:  # json's decoder recurses once per level of nesting
-        raise APIError(400, "The JSON body of your request is nested too deeply to read. Send a JSON object "
-                            "with 'model' and 'messages'.", code="invalid_json") from None
-    if not isinstance(body, dict):
-        raise APIError(400, "The request body must be a JSON object with 'model' and 'messages'.",
-                       code="invalid_json")
-    model = body.get("model", model_name)
-    if model != model_name:
-        raise APIError(404, f"The model `{model}` does not exist. This server serves `{model_name}` "
+def prepare(raw: bytes, cfg: ServeConfig, served: ServedModel,
+            context_length: int) -> tuple[ChatCompletionRequest, Generation]:
+    """The checked request and its generation (prompt token ids, final parameters); raises pydantic's
+    ValidationError or APIError. Run in a worker thread: parsing and the chat template take time."""
+    body = ChatCompletionRequest.model_validate_json(raw)
+    if body.model is not None and body.model != cfg.model_name:
+        raise APIError(404, f"The model `{body.model}` does not exist. This server serves `{cfg.model_name}` "
                             "(GET /v1/models lists it).", param="model", code="model_not_found")
-    messages = _messages(body.get("messages"))
-    for name, supported in (("n", lambda v: v in (None, 1)), ("logprobs", lambda v: not v),
-                            ("tools", lambda v: not v), ("functions", lambda v: not v),
-                            ("presence_penalty", lambda v: v in (None, 0)),
-                            ("frequency_penalty", lambda v: v in (None, 0)),
-                            ("response_format", lambda v: v in (None, {"type": "text"}))):
-        if not supported(body.get(name)):
-            raise _bad(f"'{name}' = {body.get(name)!r} is not supported by this server; leave it out.", name,
-                       "unsupported_value")
-    max_tokens, given = _max_tokens(body, default_max_tokens)
-    temperature = _number(body, "temperature", 1.0, 0.0, 2.0)
-    top_p = _number(body, "top_p", 1.0, 0.0, 1.0)
-    if top_p == 0:
-        raise _bad("'top_p' must be greater than 0 and at most 1.", "top_p")
-    seed = body.get("seed")
-    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)
-                             or not SEED_RANGE[0] <= seed <= SEED_RANGE[1]):
-        raise _bad(f"'seed' must be an integer from {SEED_RANGE[0]} to {SEED_RANGE[1]}, got {seed!r}.", "seed")
-    stream = body.get("stream") or False
-    if not isinstance(stream, bool):
-        raise _bad(f"'stream' must be true or false, got {stream!r}.", "stream")
-    options = body.get("stream_options") or {}
-    if not isinstance(options, dict):
-        raise _bad("'stream_options' must be an object such as {\"include_usage\": true}.", "stream_options")
-    return ChatRequest(
-        messages=messages, stream=stream, include_usage=bool(options.get("include_usage")), max_tokens_given=given,
-        params=GenerationParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p,
-                                stop=_stop(body.get("stop")), seed=seed))
-
-
-def _messages(value: Any) -> list[dict]:
-    if not isinstance(value, list) or not value:
-        raise _bad("'messages' must be a non-empty array of {\"role\", \"content\"} objects.", "messages",
-                   "missing_required_parameter" if value is None else "invalid_type")
-    out = []
-    for i, m in enumerate(value):
-        if not isinstance(m, dict):
-            raise _bad(f"messages[{i}] must be an object with 'role' and 'content'.", f"messages[{i}]", "invalid_type")
-        role = m.get("role")
-        if role not in ROLES:
-            raise _bad(f"messages[{i}].role is {role!r}: use one of 'system', 'user', 'assistant' (or "
-                       "'developer').", f"messages[{i}].role")
-        out.append({"role": ROLES[role], "content": _content(m.get("content"), i)})
-    return out
-
-
-def _content(value: Any, i: int) -> str:
-    if isinstance(value, str):
-        return value
-    if isinstance(value, list):  # content parts: only text ones
-        texts = []
-        for part in value:
-            if not (isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)):
-                raise _bad(f"messages[{i}].content has a part that is not {{\"type\": \"text\", \"text\": ...}}: "
-                           "this model reads text only.", f"messages[{i}].content")
-            texts.append(part["text"])
-        return "".join(texts)
-    raise _bad(f"messages[{i}].content must be a string (or an array of text parts).", f"messages[{i}].content",
-               "invalid_type")
-
-
-def _max_tokens(body: dict, default: int) -> tuple[int, bool]:
-    for name in ("max_completion_tokens", "max_tokens"):
-        value = body.get(name)
-        if value is None:
-            continue
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise _bad(f"'{name}' must be an integer of at least 1, got {value!r}.", name)
-        return value, True
-    return default, False
-
-
-def _number(body: dict, name: str, default: float, low: float, high: float) -> float:
-    value = body.get(name)
-    if value is None:
-        return default
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) \
-            or not low <= value <= high:
-        raise _bad(f"'{name}' must be a number from {low:g} to {high:g}, got {value!r}.", name)
-    return float(value)
-
-
-def _stop(value: Any) -> tuple[str, ...]:
-    if value is None:
-        return ()
-    stops = [value] if isinstance(value, str) else value
-    if not isinstance(stops, list) or len(stops) > MAX_STOP or not all(isinstance(s, str) and s for s in stops):
-        raise _bad(f"'stop' must be a non-empty string or an array of at most {MAX_STOP} of them.", "stop")
-    return tuple(stops)
-
-
-def fit_context(request: ChatRequest, served: ServedModel) -> tuple[list[int], GenerationParams]:
-    """The prompt's token ids and the final max_tokens; 400 when they do not fit the context."""
     try:
-        prompt_ids = served.encode_chat(request.messages)
+        prompt_ids = served.encode_chat([m.as_template_message() for m in body.messages])
     except Exception as exc:  # the model's own template may refuse a conversation (e.g. role order)
         raise _bad(f"the model's chat template refuses these messages: {exc}", "messages") from None
-    room = served.context_length - len(prompt_ids)
-    params = request.params
-    if not request.max_tokens_given:
-        params = dataclasses.replace(params, max_tokens=max(1, min(params.max_tokens, room)))
-    if len(prompt_ids) + params.max_tokens > served.context_length:
-        raise APIError(400, f"This model's maximum context length is {served.context_length} tokens. However, you "
-                            f"requested {len(prompt_ids) + params.max_tokens} tokens ({len(prompt_ids)} in the "
-                            f"messages, {params.max_tokens} in the completion). Please reduce the length of the "
+    max_tokens = body.requested_max_tokens
+    if max_tokens is None:
+        max_tokens = max(1, min(cfg.default_max_tokens, context_length - len(prompt_ids)))
+    if len(prompt_ids) + max_tokens > context_length:
+        raise APIError(400, f"This model's maximum context length is {context_length} tokens. However, you "
+                            f"requested {len(prompt_ids) + max_tokens} tokens ({len(prompt_ids)} in the "
+                            f"messages, {max_tokens} in the completion). Please reduce the length of the "
                             "messages or the completion (max_tokens).", param="messages",
                        code="context_length_exceeded")
-    return prompt_ids, params
+    params = GenerationParams(max_tokens=max_tokens, stop=body.stops, seed=body.seed,
+                              temperature=1.0 if body.temperature is None else body.temperature,
+                              top_p=1.0 if body.top_p is None else body.top_p)
+    return body, Generation(prompt_ids, params)
 
 
 # ----------------------------------------------------------------- the app
 
 
 def create_app(engine: Engine, cfg: ServeConfig) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(_: FastAPI):
+        yield
+        # stop generating while the event loop still runs: the engine's last events can be delivered
+        await asyncio.to_thread(engine.stop)
+
     app = FastAPI(title="fedchat", description="fedchat's merged model, OpenAI-compatible", docs_url=None,
-                  redoc_url=None, openapi_url=None)
+                  redoc_url=None, openapi_url=None, lifespan=lifespan)
 
     @app.exception_handler(APIError)
     async def api_error(_: Request, exc: APIError):
-        return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+        return exc.response()
+
+    @app.exception_handler(ValidationError)
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(_: Request, exc: ValidationError | RequestValidationError):
+        message, param, code = validation_error(list(exc.errors()))
+        return _bad(message, param, code).response()
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException):
         code = "unknown_url" if exc.status_code == 404 else None
         message = (f"Unknown request URL: {request.method} {request.url.path}." if exc.status_code == 404
                    else str(exc.detail))
-        return JSONResponse(APIError(exc.status_code, message, code=code).body(), status_code=exc.status_code)
+        return APIError(exc.status_code, message, code=code).response()
 
     @app.exception_handler(Exception)
     async def server_error(request: Request, exc: Exception):
         request_id = f"req-{secrets.token_hex(8)}"
         log.error("%s: %s %s failed", request_id, request.method, request.url.path, exc_info=exc)
-        error = internal_error(request_id)
-        return JSONResponse(error.body(), status_code=500, headers=error.headers)
+        return internal_error(request_id).response()
 
     def authorized(request: Request) -> bool:
         """The request carries the server's API key (always true on a server without one)."""
@@ -294,24 +214,21 @@ def create_app(engine: Engine, cfg: ServeConfig) -> FastAPI:
             raise APIError(401, "Incorrect API key provided. Use the key the server was started with "
                                 f"(--api-key or {API_KEY_ENV}).", code="invalid_api_key")
 
-    def model_card(served: ServedModel) -> dict:  # no path: the operator's log says which folder is served
-        return {"id": cfg.model_name, "object": "model", "created": served.loaded_at, "owned_by": "fedchat",
-                "round": served.round, "run_id": served.run_id, "base_model": _public_name(served.base_model),
-                "context_length": served.context_length}
+    def model_card(served: ServedModel) -> ModelCard:  # no path: the operator's log says which folder is served
+        return ModelCard(id=cfg.model_name, created=served.loaded_at, round=served.round, run_id=served.run_id,
+                         base_model=_public_name(served.base_model), context_length=engine.context_length(served))
 
     @app.get("/health")
     async def health(request: Request):
-        served, stats = engine.served, engine.stats
-        public = {"status": "ok", "model": cfg.model_name, "round": served.round}
+        public = Health(model=cfg.model_name, round=engine.served.round)
         if not authorized(request):  # liveness only: how busy the server is is the key holders' business
-            return public
-        return {**public, "queued": stats.queued, "running": stats.running, "completed": stats.completed,
-                "cancelled": stats.cancelled, "failed": stats.failed, "completion_tokens": stats.completion_tokens}
+            return _json(public)
+        return _json(BusyHealth(**public.model_dump(), **engine.stats.__dict__))
 
     @app.get("/v1/models")
     async def models(request: Request):
         authorize(request)
-        return {"object": "list", "data": [model_card(engine.served)]}
+        return _json(ModelList(data=[model_card(engine.served)]))
 
     @app.get("/v1/models/{model_id:path}")
     async def model(model_id: str, request: Request):
@@ -319,26 +236,26 @@ def create_app(engine: Engine, cfg: ServeConfig) -> FastAPI:
         if model_id != cfg.model_name:
             raise APIError(404, f"The model `{model_id}` does not exist. This server serves `{cfg.model_name}`.",
                            param="model", code="model_not_found")
-        return model_card(engine.served)
+        return _json(model_card(engine.served))
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         authorize(request)
         raw = await read_body(request, cfg.max_body_bytes)
         served = engine.served  # the request runs on this model, whatever is published meanwhile
-        # JSON parsing and the chat template take time on a large prompt: not on the event loop
-        chat, prompt_ids, params = await asyncio.to_thread(_prepare, raw, cfg, served)
-        gen = Generation(served, prompt_ids, params)
-        reply = _Reply(cfg.model_name, served)
-        if chat.stream:
-            events: asyncio.Queue = asyncio.Queue()
-            _submit(engine, gen, _emitter(asyncio.get_running_loop(), events.put_nowait), reply.id)
-            # the background task also frees the worker if the client leaves before the stream starts
-            return StreamingResponse(reply.sse(gen, events, chat.include_usage), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-                                     background=BackgroundTask(gen.cancel))
-        pieces: list[str] = []
+        body, gen = await asyncio.to_thread(prepare, raw, cfg, served, engine.context_length(served))
+        reply_id = f"chatcmpl-{secrets.token_hex(12)}"
         loop = asyncio.get_running_loop()
+        if body.stream:
+            events: asyncio.Queue = asyncio.Queue()
+            job = Job(gen, _emitter(loop, events.put_nowait), request_id=reply_id)
+            reply = _Reply(reply_id, cfg.model_name, _submit(engine, job))
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            # the background task also frees the slot if the client leaves before the stream starts
+            return StreamingResponse(reply.sse(gen, events, include_usage, lambda: engine.cancel(job)),
+                                     media_type="text/event-stream", background=BackgroundTask(engine.cancel, job),
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        pieces: list[str] = []
         done: asyncio.Future = loop.create_future()
         finish = _emitter(loop, lambda event: done.done() or done.set_result(event))
 
@@ -348,29 +265,23 @@ def create_app(engine: Engine, cfg: ServeConfig) -> FastAPI:
             else:
                 finish(event)
 
-        _submit(engine, gen, emit, reply.id)
+        job = Job(gen, emit, request_id=reply_id)
+        reply = _Reply(reply_id, cfg.model_name, _submit(engine, job))
         gone = asyncio.ensure_future(_disconnected(request))
         try:
             await asyncio.wait({done, gone}, return_when=asyncio.FIRST_COMPLETED)
         finally:
-            if not done.done():  # the client went away (or the server stops): free the worker
-                gen.cancel()
+            if not done.done():  # the client went away (or the server stops): free its slot
+                engine.cancel(job)
             gone.cancel()
         if gone.done() and not done.done():
-            return JSONResponse(APIError(499, "client closed the request").body(), status_code=499)
+            return APIError(499, "client closed the request").response()
         kind, _ = done.result()
-        if kind == "error":  # the worker logged the failure under reply.id
+        if kind == "error":  # the engine logged the failure under reply.id
             raise internal_error(reply.id)
-        return reply.completion("".join(pieces), gen)
+        return _json(reply.completion("".join(pieces), gen))
 
     return app
-
-
-def _prepare(raw: bytes, cfg: ServeConfig, served: ServedModel) -> tuple[ChatRequest, list[int], GenerationParams]:
-    """The checked request, its prompt's token ids and final parameters (run in a worker thread)."""
-    chat = parse_chat_request(raw, cfg.model_name, cfg.default_max_tokens)
-    prompt_ids, params = fit_context(chat, served)
-    return chat, prompt_ids, params
 
 
 def _public_name(base_model: str | None) -> str | None:
@@ -380,15 +291,15 @@ def _public_name(base_model: str | None) -> str | None:
     return base_model.replace("\\", "/").rstrip("/").rsplit("/", 1)[-1]
 
 
-def _submit(engine: Engine, gen: Generation, emit, request_id: str) -> None:
+def _submit(engine: Engine, job: Job) -> ServedModel:
     try:
-        engine.submit(Job(gen, emit, request_id=request_id))
+        return engine.submit(job)
     except QueueFullError as exc:
         raise APIError(503, f"The server is busy: {exc}", type="server_error", code="queue_full") from None
 
 
 def _emitter(loop: asyncio.AbstractEventLoop, put):
-    """A callback for the worker thread that hands events to the event loop."""
+    """A callback for the engine's thread that hands events to the event loop."""
     def emit(event: tuple) -> None:
         try:
             loop.call_soon_threadsafe(put, event)
@@ -406,59 +317,52 @@ async def _disconnected(request: Request) -> None:
 class _Reply:
     """OpenAI's response objects for one request."""
 
-    def __init__(self, model_name: str, served: ServedModel) -> None:
-        self.id = f"chatcmpl-{secrets.token_hex(12)}"
+    def __init__(self, reply_id: str, model_name: str, served: ServedModel) -> None:
+        self.id, self.model_name, self.served = reply_id, model_name, served
         self.created = int(time.time())
-        self.model_name, self.served = model_name, served
         self.started = time.perf_counter()
 
-    def _base(self, obj: str) -> dict:
-        return {"id": self.id, "object": obj, "created": self.created, "model": self.model_name,
+    def _fields(self) -> dict:
+        return {"id": self.id, "created": self.created, "model": self.model_name,
                 "system_fingerprint": self.served.fingerprint()}
 
     @staticmethod
-    def usage(gen: Generation) -> dict:
-        return {"prompt_tokens": gen.prompt_tokens, "completion_tokens": gen.completion_tokens,
-                "total_tokens": gen.prompt_tokens + gen.completion_tokens}
+    def usage(gen: Generation) -> Usage:
+        return Usage(prompt_tokens=gen.prompt_tokens, completion_tokens=gen.completion_tokens,
+                     total_tokens=gen.prompt_tokens + gen.completion_tokens)
 
     def _log(self, gen: Generation) -> None:
         log.info("%s: %d prompt + %d completion tokens, %s, %.2fs (round %s)", self.id, gen.prompt_tokens,
                  gen.completion_tokens, gen.finish_reason, time.perf_counter() - self.started, self.served.round)
 
-    def completion(self, text: str, gen: Generation) -> dict:
+    def completion(self, text: str, gen: Generation) -> ChatCompletion:
         self._log(gen)
-        return {**self._base("chat.completion"),
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                             "finish_reason": gen.finish_reason}],
-                "usage": self.usage(gen)}
+        return ChatCompletion(**self._fields(), usage=self.usage(gen), choices=[
+            Choice(message=AssistantMessage(content=text), finish_reason=gen.finish_reason)])
 
-    def _chunk(self, delta: dict, finish_reason: str | None, include_usage: bool) -> str:
-        chunk = {**self._base("chat.completion.chunk"),
-                 "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]}
-        if include_usage:
-            chunk["usage"] = None
-        return f"data: {json.dumps(chunk)}\n\n"
+    def _chunk(self, delta: Delta, finish_reason: str | None = None) -> ChatCompletionChunk:
+        return ChatCompletionChunk(**self._fields(), choices=[ChunkChoice(delta=delta, finish_reason=finish_reason)])
 
-    async def sse(self, gen: Generation, events: asyncio.Queue, include_usage: bool):
+    async def sse(self, gen: Generation, events: asyncio.Queue, include_usage: bool, cancel):
         """Server-sent events in OpenAI's chunk format, ending with `data: [DONE]`."""
         try:
-            yield self._chunk({"role": "assistant", "content": ""}, None, include_usage)
+            yield self._chunk(Delta(role="assistant", content="")).sse(include_usage)
             while True:
                 kind, value = await events.get()
                 if kind == "delta":
-                    yield self._chunk({"content": value}, None, include_usage)
+                    yield self._chunk(Delta(content=value)).sse(include_usage)
                 elif kind == "done":
-                    yield self._chunk({}, gen.finish_reason, include_usage)
+                    yield self._chunk(Delta(), gen.finish_reason).sse(include_usage)
                     if include_usage:
-                        yield f"data: {json.dumps({**self._base('chat.completion.chunk'), 'choices': [], 'usage': self.usage(gen)})}\n\n"
+                        yield ChatCompletionChunk(**self._fields(), choices=[], usage=self.usage(gen)).sse(True)
                     self._log(gen)
                     break
                 else:  # the status line is sent already: report the failure in the stream, as OpenAI does
-                    yield f"data: {json.dumps(internal_error(self.id).body())}\n\n"
+                    yield f"data: {internal_error(self.id).body().model_dump_json()}\n\n"
                     break
             yield "data: [DONE]\n\n"
         finally:
-            gen.cancel()  # a client that disconnects mid-stream frees the worker (no-op once finished)
+            cancel()  # a client that disconnects mid-stream frees its slot (no-op once finished)
 
 
 # ----------------------------------------------------------------- running it
@@ -488,7 +392,7 @@ def _is_loopback(host: str) -> bool:
 
 
 def run_server(cfg: ServeConfig) -> None:
-    """Load the model, start the generation worker (and the watcher), serve until interrupted."""
+    """Load the model, start continuous batching (and the watcher), serve until interrupted."""
     import uvicorn
 
     load = model_loader(cfg.device, cfg.dtype)
@@ -502,15 +406,15 @@ def run_server(cfg: ServeConfig) -> None:
     sock = _listen(cfg.host, cfg.port)
     try:
         served = load(source)
-        engine = Engine(served, cfg.max_queue)
+        engine = Engine(served, max_queue=cfg.max_queue, max_batch=cfg.max_batch, kv_cache_tokens=cfg.kv_cache_tokens)
         app = create_app(engine, cfg)
         if not _is_loopback(cfg.host) and cfg.api_key is None:
             log.warning("listening on %s without an API key: anyone who reaches this port can use the model "
                         "(set --api-key or %s)", cfg.host, API_KEY_ENV)
         host, port = sock.getsockname()[:2]
-        log.info("serving %s as '%s' (round %s, %s, %s, context %d) on http://%s:%d/v1%s", source.describe(),
-                 cfg.model_name, served.round, served.device, str(served.model.dtype).replace("torch.", ""),
-                 served.context_length,
+        log.info("serving %s as '%s' (round %s, %s, %s, context %d, batches of up to %d) on http://%s:%d/v1%s",
+                 source.describe(), cfg.model_name, served.round, served.device,
+                 str(served.model.dtype).replace("torch.", ""), engine.context_length(served), cfg.max_batch,
                  host, port, f"; watching {link}" if link else "")
         if watcher is not None:
             watcher.start()

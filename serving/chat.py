@@ -15,7 +15,7 @@ import urllib.request
 from collections.abc import Iterator
 from typing import TextIO
 
-from serving.engine import Generation, GenerationParams
+from serving.engine import Engine, Generation, GenerationError, GenerationParams
 from serving.model import ServedModel
 from shared.errors import FedchatError
 
@@ -27,20 +27,26 @@ class ChatError(FedchatError):
 
 
 class LocalChat:
-    """Answers from a model loaded in this process."""
+    """Answers from a model loaded in this process (the server's engine, without HTTP)."""
 
     def __init__(self, served: ServedModel) -> None:
-        self.served = served
+        self.served, self.engine = served, Engine(served, max_batch=1)
         self.name = f"{served.path.name} (round {served.round})" if served.round is not None else served.path.name
 
     def reply(self, messages: list[dict], params: GenerationParams) -> Iterator[str]:
         prompt_ids = self.served.encode_chat(messages)
-        room = self.served.context_length - len(prompt_ids)
+        room = self.engine.context_length(self.served) - len(prompt_ids)
         if room < 1:
             raise ChatError(f"the conversation ({len(prompt_ids)} tokens) fills the model's context "
-                            f"({self.served.context_length}): /reset to start over.")
-        yield from Generation(self.served, prompt_ids, dataclasses.replace(params,
-                                                                           max_tokens=min(params.max_tokens, room)))
+                            f"({self.engine.context_length(self.served)}): /reset to start over.")
+        try:
+            yield from self.engine.run(Generation(prompt_ids, dataclasses.replace(
+                params, max_tokens=min(params.max_tokens, room))))
+        except GenerationError as exc:
+            raise ChatError(str(exc)) from None
+
+    def close(self) -> None:
+        self.engine.stop()
 
 
 class RemoteChat:

@@ -31,7 +31,13 @@ def add_serving_commands(sub) -> None:
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--api-key", help=f"require this bearer key (default: ${API_KEY_ENV} if set, else none)")
     serve.add_argument("--model-name", default="fedchat", help="the model id clients ask for")
-    serve.add_argument("--max-queue", type=int, default=64, help="requests that may wait; more get 503")
+    serve.add_argument("--max-batch", type=int, default=8,
+                       help="requests generated together, token by token (continuous batching); default 8")
+    serve.add_argument("--max-queue", type=int, default=64,
+                       help="requests that may wait for a place in the batch; more get 503")
+    serve.add_argument("--kv-cache-tokens", type=int,
+                       help="tokens the KV cache holds for all requests together (default: --max-batch requests at "
+                            "the model's full context); a request may hold at most this many")
     serve.add_argument("--default-max-tokens", type=int, default=512,
                        help="answer length when a request gives no max_tokens (capped by the context)")
     serve.add_argument("--max-body-bytes", type=int, default=MAX_BODY_BYTES,
@@ -59,7 +65,8 @@ def cmd_serve(args) -> int:
     run_server(ServeConfig.from_env(
         model=args.model, base=args.base, adapter=args.adapter, watch=args.watch, watch_interval=args.watch_interval,
         host=args.host, port=args.port, api_key=args.api_key, model_name=args.model_name, device=args.device,
-        dtype=args.dtype, max_queue=args.max_queue, default_max_tokens=args.default_max_tokens,
+        dtype=args.dtype, max_queue=args.max_queue, max_batch=args.max_batch,
+        kv_cache_tokens=args.kv_cache_tokens, default_max_tokens=args.default_max_tokens,
         max_body_bytes=args.max_body_bytes))
     return 0
 
@@ -90,4 +97,8 @@ def cmd_chat(args) -> int:
         cfg = ServeConfig(model=args.model, base=args.base, adapter=args.adapter, device=args.device,
                           dtype=args.dtype)
         backend = LocalChat(model_loader(cfg.device, cfg.dtype)(cfg.source()))
+        try:
+            return chat_loop(backend, params, system=args.system)
+        finally:
+            backend.close()
     return chat_loop(backend, params, system=args.system)

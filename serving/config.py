@@ -54,6 +54,8 @@ class ServeConfig:
     device: str = "auto"
     dtype: str = "auto"
     max_queue: int = 64
+    max_batch: int = 8
+    kv_cache_tokens: int | None = None
     default_max_tokens: int = 512
     max_body_bytes: int = MAX_BODY_BYTES
 
@@ -74,6 +76,12 @@ class ServeConfig:
             raise ConfigError(f"--watch-interval must be positive seconds (got {self.watch_interval}).")
         if self.max_queue < 1:
             raise ConfigError(f"--max-queue must be at least 1 (got {self.max_queue}).")
+        if self.max_batch < 1:
+            raise ConfigError(f"--max-batch must be at least 1 (got {self.max_batch}): it is how many requests "
+                              "generate together.")
+        if self.kv_cache_tokens is not None and self.kv_cache_tokens < 256:
+            raise ConfigError(f"--kv-cache-tokens must be at least 256 (got {self.kv_cache_tokens}); leave it out "
+                              "to hold --max-batch requests at the model's full context.")
         if self.default_max_tokens < 1:
             raise ConfigError(f"--default-max-tokens must be at least 1 (got {self.default_max_tokens}).")
         if self.max_body_bytes < 1024:

@@ -29,7 +29,7 @@ from fedchat.serve_process import ServeProcess
 from server.checkpoint import RunState, publish_link, round_dir, save_checkpoint
 from server.merge import merge_adapter
 from serving.config import MAX_BODY_BYTES, ModelSource, ServeConfig
-from serving.engine import Generation, GenerationParams, TextStream
+from serving.engine import Engine, Generation, GenerationParams, TextStream
 from serving.model import ModelWatcher, load_served
 from shared.adapter import attach_adapter, exchanged_names, get_arrays, set_arrays
 from shared.config import RunConfig
@@ -41,7 +41,7 @@ KEY = "test-key-123"
 CPU, F32 = torch.device("cpu"), torch.float32
 HELLO = [{"role": "user", "content": "Hello, who are you?"}]
 PROMPTS = ["What is the capital of France?", "Write a haiku about rain.", "How do plants grow?",
-           "Tell me a joke.", "What is 2 + 2?", "Name three colours."]
+           "Tell me a joke.", "What is 2 + 2?", "Name three colours.", "Why is the sky blue?", "Who wrote Hamlet?"]
 
 
 # ----------------------------------------------------------------- fixtures
@@ -234,32 +234,45 @@ def test_errors_have_openais_status_and_body(server):
 
 
 @pytest.mark.slow
-def test_concurrent_clients_get_the_answers_they_get_alone(server):
+def test_batched_greedy_answers_are_the_answers_given_alone(server):
+    """Eight users at once, each with its own `openai` client, prompt and max_tokens, half of them
+    streaming: they share the batch, and each greedy answer is exactly the one its prompt gets alone.
+    Two more users in the same batch sample (seeded): the batch honours each request's settings."""
     client = server.client()
-    # one greedy user and the rest seeded sampling, each its own prompt and seed, so that any
-    # mix-up between requests shows (two greedy users of the random tiny model can both fall
-    # into the same repetition loop, which would hide a swap)
-    settings = {i: {"temperature": 0} if i == 0 else {"temperature": 1.0, "seed": i} for i in range(len(PROMPTS))}
-    alone = {i: ask(client, p, max_tokens=32, **settings[i]).choices[0].message.content for i, p in enumerate(PROMPTS)}
-    assert len(set(alone.values())) == len(PROMPTS)
+    limits = {i: 20 + 3 * i for i in range(len(PROMPTS))}
+    alone = {i: ask(client, p, max_tokens=limits[i], temperature=0).choices[0].message.content
+             for i, p in enumerate(PROMPTS)}
+    assert len(set(alone.values())) == len(PROMPTS)  # all different: a mix-up between requests would show
     results: dict = {}
+    busiest = 0
 
     def user(i: int) -> None:
         own = server.client()  # one client (connection pool) per user
+        prompt = PROMPTS[i % len(PROMPTS)]
+        settings = {"temperature": 0} if i < len(PROMPTS) else {"temperature": 1.0, "seed": i, "top_p": 0.95}
         try:
             if i % 2:
-                results[i] = streamed(own, PROMPTS[i], max_tokens=32, **settings[i])[0]
+                text, chunks = streamed(own, prompt, max_tokens=limits[i % len(PROMPTS)], **settings)
+                results[i] = (text, chunks[-1].usage.completion_tokens)
             else:
-                results[i] = ask(own, PROMPTS[i], max_tokens=32, **settings[i]).choices[0].message.content
+                reply = ask(own, prompt, max_tokens=limits[i % len(PROMPTS)], **settings)
+                results[i] = (reply.choices[0].message.content, reply.usage.completion_tokens)
         except Exception as exc:  # noqa: BLE001 (reported below)
             results[i] = exc
 
-    threads = [threading.Thread(target=user, args=(i,)) for i in range(len(PROMPTS))]
+    threads = [threading.Thread(target=user, args=(i,)) for i in range(len(PROMPTS) + 2)]
     for t in threads:
         t.start()
+    while any(t.is_alive() for t in threads):
+        busiest = max(busiest, server.health()["running"])
+        time.sleep(0.02)
     for t in threads:
         t.join(60)
-    assert results == alone
+    assert {i: results[i][0] if isinstance(results[i], tuple) else results[i] for i in alone} == alone
+    assert busiest >= 2  # requests generated together, not one after the other
+    for i in (len(PROMPTS), len(PROMPTS) + 1):  # sampled in the same batch: its own answer, within its max_tokens
+        text, tokens = results[i]
+        assert text != alone[i % len(PROMPTS)] and 1 <= tokens <= limits[i % len(PROMPTS)]
     assert server.health()["failed"] == 0
 
 
@@ -541,7 +554,14 @@ def test_adapter_source_answers_like_its_merged_folder(run_dir):
     via_merged = load_served(ModelSource("merged", merged(run_dir, 2)), CPU, F32)
     assert (via_adapter.round, via_merged.round) == (2, 2)
     prompt = via_merged.encode_chat(HELLO)
-    assert "".join(Generation(via_adapter, prompt, params)) == "".join(Generation(via_merged, prompt, params))
+    answers = []
+    for served in (via_adapter, via_merged):
+        engine = Engine(served, max_batch=1)
+        try:
+            answers.append("".join(engine.run(Generation(prompt, params))))
+        finally:
+            engine.stop()
+    assert answers[0] == answers[1]
 
 
 def test_watcher_loads_each_newly_published_round(run_dir):
