@@ -7,9 +7,14 @@ the "sum" it unmasks is one node's update. This mod refuses, with a ``PrivacyErr
 and before the node sends anything of its update, any stage message that would allow it:
 
 * setup: fewer nodes than the node's ``secagg-min-nodes`` (never below 3: the sum of two
-  updates is the other node's update to each of them), a reconstruction threshold of half
-  the sample or less (then the coordinator could collect one node's mask seed from some
-  nodes and its secret key from the others), or fewer shares than that threshold;
+  updates is the other node's update to each of them), or key sharing that could expose the
+  node's update under the node's own assumptions (shared/secagg_graph.py): by default
+  (``secagg-colluding-fraction`` 0.5, any minority) a reconstruction threshold that is a strict
+  majority of the sample (then the coordinator cannot collect one node's mask seed from some
+  nodes and its secret key from the others) with more shares than that; a node that assumes
+  fewer colluders also accepts a sparse graph (fewer shares, threshold a strict majority of
+  them) that keeps its update hidden except with probability 2**-40 under its own assumed
+  colluding and dropout fractions, whatever the coordinator assumed;
 * share keys / collect masked vectors: fewer than the minimum nodes sharing keys with this
   node, or a key-share source listed twice or being the node itself;
 * unmask: active and dropped lists that overlap or repeat a node (Flower 1.41 does not
@@ -18,6 +23,9 @@ and before the node sends anything of its update, any stage message that would a
 
 It also refuses to add an empty update (zero examples) to a secure sum, and, for a node
 with ``require-secagg``, any training message that does not run SecAgg+.
+
+Its masked update leaves as unsigned 32-bit integers (shared/secagg_wire.py): Flower's mod
+masks modulo 2**32 but hands back int64 arrays, twice the bytes.
 
 What it cannot see: the node ids and public keys it counts come from the SuperLink. A
 coordinator that runs modified code can make up nodes whose keys it holds (or choose a
@@ -38,22 +46,31 @@ from flwr.compat.common.recorddict_compat import recorddict_to_fitres
 
 from shared.config import NodeConfig
 from shared.errors import PrivacyError
+from shared import secagg_wire
+from shared.secagg_graph import majority, sparse_refusal
 
 SECAGG_FLAG = "fedchat.secagg"  # context state: whether the current training message runs SecAgg+
 
 
-def check_stage(stage: str, configs: ConfigRecord, own_id: int, min_nodes: int) -> None:
-    """Raise a PrivacyError if this stage message could expose less than a sum of `min_nodes` updates."""
+def check_stage(stage: str, configs: ConfigRecord, own_id: int, node: NodeConfig) -> None:
+    """Raise a PrivacyError if this stage message could expose less than a sum of `node.secagg_min_nodes`
+    updates, or (setup) use key sharing that could expose one update under the node's own assumptions."""
+    min_nodes = node.secagg_min_nodes
     if stage == Stage.SETUP:
         sample, shares, threshold = (_int(configs, k) for k in (Key.SAMPLE_NUMBER, Key.SHARE_NUMBER, Key.THRESHOLD))
         if sample < min_nodes:
             _refuse(f"the coordinator started a round of {sample} node(s); this node takes part only in rounds of "
                     f"at least {min_nodes} (secagg-min-nodes): a sum of fewer updates reveals them")
-        if 2 * threshold <= sample:
-            _refuse(f"reconstruction threshold {threshold} is half the sample of {sample} or less; it must be a "
-                    f"strict majority ({sample // 2 + 1} or more), or a minority could unmask one node")
         if shares < threshold:
             _refuse(f"{shares} key shares cannot reach the reconstruction threshold {threshold}")
+        if shares >= sample and 2 * threshold <= sample:
+            _refuse(f"reconstruction threshold {threshold} is half the sample of {sample} or less; it must be a "
+                    f"strict majority ({majority(sample)} or more), or a minority could unmask one node")
+        problem = sparse_refusal(sample, min(shares, sample), threshold, node.secagg_colluding_fraction,
+                                 node.secagg_dropout_fraction)
+        if problem:
+            _refuse(f"{problem} (this node's secagg-colluding-fraction {node.secagg_colluding_fraction:g}, "
+                    f"secagg-dropout-fraction {node.secagg_dropout_fraction:g})")
     elif stage == Stage.SHARE_KEYS:
         neighbours = {k for k in configs if k != Key.STAGE}
         if len(neighbours) < min_nodes:
@@ -99,10 +116,14 @@ def secagg_guard(node_config: Callable[[Context], NodeConfig]):
             return call_next(msg, context)
         stage = configs.get(Key.STAGE)
         try:
-            check_stage(stage, configs, msg.metadata.dst_node_id, node.secagg_min_nodes)
+            check_stage(stage, configs, msg.metadata.dst_node_id, node)
         except PrivacyError as exc:
             raise PrivacyError(f"node {node.node_name} refuses SecAgg+ stage '{stage}': {exc}") from None
-        return secaggplus_mod(msg, context, _no_empty_update(node, call_next))
+        reply = secaggplus_mod(msg, context, _no_empty_update(node, call_next))
+        if stage == Stage.COLLECT_MASKED_VECTORS and not reply.has_error():
+            configs = reply.content.config_records[RECORD_KEY_CONFIGS]
+            configs[Key.MASKED_PARAMETERS] = secagg_wire.pack(configs[Key.MASKED_PARAMETERS])
+        return reply
 
     return mod
 

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 from client.app import make_client_app
@@ -13,27 +15,63 @@ from shared.config import RunConfig
 from shared.errors import FederationError
 
 log = logging.getLogger("fedchat")
+THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")  # what torch's CPU kernels read when a process starts
 
 
-def simulate(run: RunConfig, sim_nodes: dict[int, dict], *, cpus_per_node: float | None = None,
-             gpus_per_node: float = 0.0) -> dict:
-    """Run `run` with one virtual SuperNode per entry of `sim_nodes` (partition id -> node config).
+def backend_config(run: RunConfig, cores: int | None = None) -> tuple[dict, int]:
+    """Flower's Ray backend settings for `run` (its sim-cpus-per-node), and the torch threads of each
+    virtual node (sim-threads-per-node; by default the cores it reserves, rounded down, at least 1).
 
-    Nodes train one after another by default (each gets every CPU core), which is the
-    fastest on a small machine; give cpus_per_node to run several at once.
+    Nodes run one after another by default (each reserves every core); with sim-cpus-per-node
+    c, floor(cores / c) of them run at once (Ray's actors, one process each).
     """
+    cores = cores or os.cpu_count() or 1
+    cpus = run.sim_cpus_per_node or cores
+    if cpus > cores:
+        raise FederationError(f"sim-cpus-per-node={cpus:g} is more than the {cores} cores of this machine: no virtual "
+                              f"node could start; set it to {cores} or less (0 = every core).")
+    threads = run.sim_threads_per_node or max(1, math.floor(cpus))
+    backend = {
+        "client_resources": {"num_cpus": cpus, "num_gpus": 0.0},
+        "init_args": {"num_cpus": cores, "include_dashboard": False, "logging_level": "error",
+                      "_node_ip_address": "127.0.0.1", "log_to_driver": True},
+    }
+    return backend, threads
+
+
+@contextmanager
+def _environment(**values: str):
+    """Environment variables set for the duration (Ray's worker processes inherit them), then restored."""
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def simulate(run: RunConfig, sim_nodes: dict[int, dict]) -> dict:
+    """Run `run` with one virtual SuperNode per entry of `sim_nodes` (partition id -> node config)."""
+    return run_apps(run, make_server_app(run.to_flower()), make_client_app(sim_nodes), len(sim_nodes))
+
+
+def run_apps(run: RunConfig, server_app, client_app, num_nodes: int) -> dict:
+    """Run a ServerApp and a ClientApp with `num_nodes` virtual SuperNodes, with `run`'s simulation
+    resources; the report the ServerApp wrote in run.out_dir/report.json."""
     from flwr.simulation import run_simulation
 
-    cores = os.cpu_count() or 1
-    backend = {
-        "client_resources": {"num_cpus": cpus_per_node or cores, "num_gpus": gpus_per_node},
-        "init_args": {"num_cpus": cores, "include_dashboard": False, "logging_level": "error",
-                      "_node_ip_address": "127.0.0.1",
-                      "log_to_driver": True},
-    }
+    backend, threads = backend_config(run)
+    parallel = int(backend["init_args"]["num_cpus"] // backend["client_resources"]["num_cpus"])
+    log.info("simulation: %d virtual nodes, %d at a time, %d torch thread(s) each", num_nodes,
+             min(parallel, num_nodes), threads)
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-    run_simulation(server_app=make_server_app(run.to_flower()), client_app=make_client_app(sim_nodes),
-                   num_supernodes=len(sim_nodes), backend_config=backend)
+    with _environment(**{k: str(threads) for k in THREAD_VARIABLES}):
+        run_simulation(server_app=server_app, client_app=client_app, num_supernodes=num_nodes,
+                       backend_config=backend)
     report_path = Path(run.out_dir) / "report.json"
     if not report_path.exists():
         raise FederationError(f"the simulation ended without a report in {report_path}: see the log above.")

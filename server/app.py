@@ -141,6 +141,45 @@ class Coordinator:
         return self.out / "merged"
 
 
+class FitRounds:
+    """Flower's legacy fit loop (``LegacyContext`` + a fit workflow), one round at a time: the
+    strategy's round through SecAgg+ (FedchatSecAgg) or Flower's default fit workflow, timed, its
+    bytes counted by the meter (the grid every message goes through), as a report row."""
+
+    def __init__(self, context: Context, cfg: RunConfig, strategy: FedChatStrategy, meter: TrafficMeter) -> None:
+        self.cfg, self.strategy, self.meter = cfg, strategy, meter
+        self.legacy = LegacyContext(context, config=ServerConfig(num_rounds=cfg.num_rounds), strategy=strategy)
+        self.round = 0
+        self.secagg = FedchatSecAgg(cfg, lambda: len(strategy.sample(self.round, self.legacy.client_manager))) \
+            if cfg.secagg else None
+        self.run_cfg = ConfigRecord({Key.START_TIME: time.time()})
+        self.legacy.state.config_records[MAIN_CONFIGS_RECORD] = self.run_cfg
+
+    def __enter__(self) -> FitRounds:
+        """Keeps Flower's client manager in step with the connected nodes until the loop ends."""
+        self._thread, self._stop, registered = start_update_client_manager_thread(self.meter,
+                                                                                  self.legacy.client_manager)
+        registered.wait()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def run(self, rnd: int) -> dict:
+        self.round = rnd
+        self.run_cfg[Key.CURRENT_ROUND] = rnd
+        self.legacy.state.array_records[MAIN_PARAMS_RECORD] = compat.parameters_to_arrayrecord(
+            ndarrays_to_parameters(self.strategy.current), True)
+        self.meter.reset()
+        self.strategy.outcome = None
+        log.info("round %d/%d: starting (%s%s)", rnd, self.cfg.num_rounds, "SecAgg+" if self.secagg else "plaintext",
+                 ", DP" if self.cfg.dp else "")
+        started = time.perf_counter()
+        (self.secagg or default_fit_workflow)(self.meter, self.legacy)
+        return _round_row(rnd, self.strategy, self.meter, self.secagg, time.perf_counter() - started)
+
+
 def run_coordinator(grid: Grid, context: Context, cfg: RunConfig) -> dict:
     coordinator = Coordinator(cfg)
     state = coordinator.state
@@ -150,34 +189,14 @@ def run_coordinator(grid: Grid, context: Context, cfg: RunConfig) -> dict:
         for c in row["clients"]:
             if "ledger_entries" in c and "ledger_head" in c:
                 strategy.ledger_heads[c["node_id"]] = (int(c["ledger_entries"]), str(c["ledger_head"]))
-    legacy = LegacyContext(context, config=ServerConfig(num_rounds=cfg.num_rounds), strategy=strategy)
-    current = {"round": 0}
-    secagg = FedchatSecAgg(cfg, lambda: len(strategy.sample(current["round"], legacy.client_manager))) \
-        if cfg.secagg else None
-    fit_workflow = secagg or default_fit_workflow
-    thread, stop, registered = start_update_client_manager_thread(meter, legacy.client_manager)
-    registered.wait()
-    try:
+    with FitRounds(context, cfg, strategy, meter) as rounds:
         if state.round == 0 and state.base_eval_loss is None:
             state.base_eval_loss = coordinator.evaluate()
             if state.base_eval_loss is not None:
                 log.info("round 0 (initial adapter = base model): held-out loss %.4f", state.base_eval_loss)
             coordinator.checkpoint()
-        run_cfg = ConfigRecord({Key.START_TIME: time.time()})
-        legacy.state.config_records[MAIN_CONFIGS_RECORD] = run_cfg
         for rnd in range(state.round + 1, cfg.num_rounds + 1):
-            current["round"] = rnd
-            run_cfg[Key.CURRENT_ROUND] = rnd
-            legacy.state.array_records[MAIN_PARAMS_RECORD] = compat.parameters_to_arrayrecord(
-                ndarrays_to_parameters(strategy.current), True)
-            meter.reset()
-            strategy.outcome = None
-            log.info("round %d/%d: starting (%s%s)", rnd, cfg.num_rounds, "SecAgg+" if secagg else "plaintext",
-                     ", DP" if cfg.dp else "")
-            started = time.perf_counter()
-            fit_workflow(meter, legacy)
-            seconds = time.perf_counter() - started
-            row = _round_row(rnd, strategy, meter, secagg, seconds)
+            row = rounds.run(rnd)
             set_arrays(coordinator.model, coordinator.names, strategy.current)
             t_eval = time.perf_counter()
             row["eval_loss"] = coordinator.evaluate()
@@ -187,9 +206,6 @@ def run_coordinator(grid: Grid, context: Context, cfg: RunConfig) -> dict:
             coordinator.checkpoint()
             coordinator.report("running")
             _log_round(row, cfg)
-    finally:
-        stop.set()
-        thread.join()
     merged = coordinator.merge() if cfg.merge else None
     return coordinator.report("finished", merged, coordinator.compare_with_base(merged) if merged else None)
 

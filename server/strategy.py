@@ -149,7 +149,10 @@ class FedChatStrategy(Strategy):
 
     def aggregate_fit(self, server_round: int, results: list[tuple[ClientProxy, FitRes]], failures):
         outcome = self.outcome or RoundOutcome(server_round)
-        updates, weights, losses = [], [], []
+        # SecAgg+ hands every node's result the same unmasked average: it is decoded and checked once, weighted once.
+        updates: dict[int, tuple[list[np.ndarray], str | None]] = {}
+        weights: dict[int, int] = {}
+        losses = []
         for proxy, res in results:
             m = dict(res.metrics)
             if "ledger-entries" in m and "ledger-head" in m:
@@ -167,14 +170,16 @@ class FedChatStrategy(Strategy):
                             "out from now on", server_round, client["node"], client["epsilon"] or 0,
                             client["target_epsilon"] or 0)
             elif res.num_examples > 0:
-                update = parameters_to_ndarrays(res.parameters)
-                problem = update_problem(update, self.shapes, self.cfg.update_bound)
+                key = id(res.parameters)
+                if key not in updates:
+                    update = parameters_to_ndarrays(res.parameters)
+                    updates[key] = (update, update_problem(update, self.shapes, self.cfg.update_bound))
+                problem = updates[key][1]
                 if problem:
                     client["status"] = f"rejected: {problem}"
                     log.error("round %d: update from node %s rejected: %s", server_round, client["node"], problem)
                 else:
-                    updates.append(update)
-                    weights.append(res.num_examples)
+                    weights[key] = weights.get(key, 0) + res.num_examples
                     if client.get("train_loss") is not None:
                         losses.append((res.num_examples, client["train_loss"]))
             outcome.clients.append({k: v for k, v in client.items() if v is not None})
@@ -184,10 +189,11 @@ class FedChatStrategy(Strategy):
             outcome.failures.append(text)
             log.error("round %d: a node failed: %s", server_round, text)
         self.outcome = outcome
-        if not updates:
+        if not weights:
             log.error("round %d: no usable update; the global adapter is unchanged", server_round)
             return None, {}
-        self.current = apply_update(self.current, weighted_average(updates, weights))
+        self.current = apply_update(self.current, weighted_average([updates[k][0] for k in weights],
+                                                                   list(weights.values())))
         outcome.applied = True
         outcome.train_loss = sum(w * l for w, l in losses) / sum(w for w, _ in losses) if losses else None
         return ndarrays_to_parameters(self.current), {}

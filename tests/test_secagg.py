@@ -104,12 +104,15 @@ def test_secure_aggregate_equals_plaintext_average_and_reveals_no_update(tmp_pat
         configs = content.config_records.get(RECORD_KEY_CONFIGS, {})
         if Key.MASKED_PARAMETERS in configs:
             vec = [bytes_to_ndarray(b) for b in configs[Key.MASKED_PARAMETERS]]
-            assert all(v.dtype.kind in "iu" for v in vec)
+            assert all(v.dtype == np.uint32 for v in vec)  # packed: 4 bytes a value, not Flower's int64
             masked.append(np.concatenate([v.ravel() for v in vec[1:]]).astype(np.float64))
         wire = recorddict_to_proto(content).SerializeToString()
         for update in plaintext_updates.values():
             assert update[0].tobytes()[:64] not in wire
     assert len(masked) == 3
+    update_bytes = secure["adapter_update_bytes"]  # the float32 update, as it travels in plaintext
+    for c in secure["rounds"][0]["clients"]:
+        assert update_bytes < c["bytes_up"] <= 1.1 * update_bytes + 4096
     modulus = protocol_parameters(cfg, 3)
     for vec in masked:
         assert vec.min() >= 0 and vec.max() < 2**32
@@ -160,17 +163,17 @@ def test_a_two_node_secagg_round_is_refused(tmp_path):
     RunConfig(min_nodes=2, secagg=False)  # plaintext with two nodes is the operators' explicit choice
 
 
-def test_explicit_num_shares_never_lowers_the_threshold():
+def test_explicit_shares_or_threshold_never_expose_one_update():
     cfg = RunConfig(secagg_num_shares=3)
-    with pytest.raises(ConfigError, match="secagg-num-shares=3 is too few for a round of 5 nodes: the reconstruction "
-                                          "threshold stays a strict majority \\(3\\).*to 0 .* or to 4 or more"):
+    with pytest.raises(ConfigError, match="secagg-num-shares=3 .*could expose one node's update: 3 shares with "
+                                          "threshold 2 for 5 nodes hold only if fewer than half the nodes collude"):
         protocol_parameters(cfg, 5)
-    with pytest.raises(ConfigError, match="secagg-num-shares=3 is too few"):
+    with pytest.raises(ConfigError, match="secagg-num-shares=3 "):
         FedchatSecAgg(cfg, lambda: 5)(None, None)  # refused before the workflow sends anything
-    with pytest.raises(ConfigError, match="secagg-reconstruction-threshold=2 is not a strict majority of the 4"):
+    with pytest.raises(ConfigError, match="secagg-reconstruction-threshold=2 could expose one node's update"):
         protocol_parameters(RunConfig(secagg_reconstruction_threshold=2), 4)
-    for n, shares, threshold in ((3, 3, 2), (4, 4, 3), (5, 5, 3), (8, 8, 5)):
-        p = protocol_parameters(RunConfig(), n)
-        assert (p["num_shares"], p["reconstruction_threshold"]) == (shares, threshold)
+    for n, shares, threshold in ((3, 3, 2), (4, 4, 3), (5, 5, 3), (8, 8, 5), (100, 100, 51), (1000, 1000, 501)):
+        p = protocol_parameters(RunConfig(), n)  # by default: all pairs, whatever the size
+        assert (p["num_shares"], p["reconstruction_threshold"], p["graph"]) == (shares, threshold, "all-pairs")
     p = protocol_parameters(RunConfig(secagg_num_shares=5), 7)  # fewer shares than nodes: the threshold stays 4
-    assert (p["num_shares"], p["reconstruction_threshold"]) == (5, 4)
+    assert (p["num_shares"], p["reconstruction_threshold"], p["assumption"]) == (5, 4, "any minority colludes")
