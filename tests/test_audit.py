@@ -8,7 +8,7 @@ from fedchat.cli import main
 from shared import ledger
 from shared.audit import audit_ledger, check_against_report
 from shared.crypto import key_fingerprint, load_or_create_signing_key, new_signing_key, public_pem
-from tests.test_ledger import entry, rewrite, signed_lines, write_ledger
+from tests.support.ledger import entry, rewrite, signed_lines, write_ledger
 
 
 def _write_ledger(tmp_path, rounds=4, name="org-1", **over):

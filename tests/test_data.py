@@ -11,7 +11,7 @@ from client.data import load_local_data
 from fedchat.cli import main
 from shared.dialogue import IGNORE, encode_conversation, read_dialogues
 from shared.errors import DataError
-from tests.conftest import conversation, write_jsonl
+from tests.support.data import conversation, write_jsonl
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -30,7 +30,7 @@ from fedchat.deployment import (LOOPBACK, FlowerCLI, SuperLinkTLS, free_port, ht
 from fedchat.processes import Supervisor, survivors
 from shared.certs import CertError, cert_hosts, load_cert, write_certs
 from shared.errors import FederationError
-from tests.conftest import Child
+from tests.support.processes import Child
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "deploy" / "local-federation.sh"

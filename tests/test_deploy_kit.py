@@ -15,35 +15,38 @@ compose-spec, schema/compose-spec.json at 170098b, Apache-2.0).
 
 from __future__ import annotations
 
-import configparser
 import json
 import os
 import re
 import shlex
 import shutil
-import signal
 import subprocess
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
-import psutil
 import pytest
 import yaml
 
 from fedchat.cli import build_parser
 from fedchat.deployment import LOOPBACK, SuperLinkTLS, free_port, write_toml
 from fedchat.local_federation import LocalFederation, service_command
-from fedchat.processes import Service, Supervisor, survivors
+from fedchat.processes import Supervisor, survivors
 from fedchat.service_config import coordinator_command, node_command, read_coordinator_file, read_node_file
+from tests.support.deploy_files import (
+    COMPOSE,
+    DEPLOY,
+    DOCKERFILE,
+    ROOT,
+    SYSTEMD,
+    compose,
+    dockerfile_stages,
+    fedchat_commands,
+    systemd_unit,
+    volumes,
+)
+from tests.support.runbooks import RUNBOOKS, Terminal, checkout_snapshot, clean_path, crash, ctrl_c, runbook
 
-ROOT = Path(__file__).resolve().parents[1]
-DEPLOY = ROOT / "deploy"
-COMPOSE = DEPLOY / "compose.yaml"
-DOCKERFILE = DEPLOY / "docker" / "Dockerfile"
-SYSTEMD = DEPLOY / "systemd"
 EXAMPLES = DEPLOY / "examples"
-RUNBOOKS = ROOT / "docs" / "runbooks"
 
 CONFIG = {"coordinator": "/etc/fedchat/coordinator.toml", "node": "/etc/fedchat/node.toml"}
 NODES = ("org-1", "org-2", "org-3")
@@ -59,72 +62,6 @@ def _expected(role: str) -> list[str]:
 
 
 # ------------------------------------------------------------------ files
-
-def compose() -> dict:
-    return yaml.safe_load(COMPOSE.read_text())
-
-
-def dockerfile_stages(path: Path = DOCKERFILE) -> dict[str, dict]:
-    """Each stage's base and the argv it runs (ENTRYPOINT + CMD, inherited from its base stage)."""
-    lines, joined = [], ""
-    for raw in path.read_text().splitlines():
-        if not joined and (not raw.strip() or raw.lstrip().startswith("#")):
-            continue
-        joined += raw.rstrip("\\").strip() + " "
-        if not raw.rstrip().endswith("\\"):
-            lines.append(joined.strip())
-            joined = ""
-    stages: dict[str, dict] = {}
-    current = None
-    for line in lines:
-        word, _, rest = line.partition(" ")
-        word = word.upper()
-        if word == "FROM":
-            parts = rest.split()
-            base = parts[0]
-            name = parts[2] if len(parts) >= 3 and parts[1].upper() == "AS" else f"stage-{len(stages)}"
-            inherited = stages.get(base, {"entrypoint": [], "cmd": [], "user": "root"})
-            current = stages[name] = {"base": base, "entrypoint": list(inherited["entrypoint"]),
-                                      "cmd": list(inherited["cmd"]), "user": inherited["user"]}
-        elif word in ("CMD", "ENTRYPOINT"):
-            assert rest.startswith("["), f"{path}: use the exec form (a JSON list) for {word}: {line}"
-            current[word.lower()] = json.loads(rest)
-            if word == "ENTRYPOINT":
-                current["cmd"] = []
-        elif word == "USER":
-            current["user"] = rest.strip()
-    for stage in stages.values():
-        stage["argv"] = stage["entrypoint"] + stage["cmd"]
-    return stages
-
-
-def systemd_unit(name: str) -> configparser.ConfigParser:
-    unit = configparser.ConfigParser(strict=False, interpolation=None, delimiters=("=",))
-    unit.optionxform = str  # keys are case-sensitive
-    unit.read_string((SYSTEMD / name).read_text(), source=name)
-    return unit
-
-
-def _volumes(service: dict) -> dict[str, tuple[str, bool]]:
-    """Mount target -> (source, read-only) for a service's short-syntax volumes."""
-    out = {}
-    for spec in service.get("volumes", []):
-        parts = spec.split(":")
-        out[parts[1]] = (parts[0], len(parts) > 2 and "ro" in parts[2].split(","))
-    return out
-
-
-def _fedchat_commands(script: str, env: dict[str, str]) -> list[list[str]]:
-    """Every `fedchat ...` command line in a compose job's `sh -ec` script, its environment substituted."""
-    found = []
-    script = re.sub(r"\$\$\{?(\w+)\}?", lambda m: env.get(m.group(1), m.group(0)), script)
-    for line in script.splitlines():
-        for part in re.split(r"&&|\|\||;|\bthen\b", line):
-            words = shlex.split(part.strip().lstrip("{").strip()) if part.strip() else []
-            if words and words[0] == "fedchat":
-                found.append(words)
-    return found
-
 
 # ------------------------------------------------------------------ (a) compose
 
@@ -169,7 +106,7 @@ def test_compose_has_tls_node_authentication_and_the_volumes():
     spec = compose()
     services, declared = spec["services"], set(spec["volumes"])
     # The coordinator: TLS and node authentication from its config file, certificates from a volume.
-    coord = _volumes(services["coordinator"])
+    coord = volumes(services["coordinator"])
     cf = read_coordinator_file(DEPLOY / coord[CONFIG["coordinator"]][0])
     assert cf.supernode_auth and cf.certfile and cf.keyfile and cf.ca_certfile
     assert coord["/var/lib/fedchat/certs"] == ("coordinator-certs", True)
@@ -182,7 +119,7 @@ def test_compose_has_tls_node_authentication_and_the_volumes():
         services["coordinator-init"]["command"][2]  # the bundle `submit` sends (`flwr run /opt/fedchat`)
     # The nodes: each its own config, key, ledger (state) and data volume; the CA from the exchange volume.
     for n in NODES:
-        vols = _volumes(services[n])
+        vols = volumes(services[n])
         nf = read_node_file(DEPLOY / vols[CONFIG["node"]][0])
         assert nf.node.node_name == n and nf.superlink == "coordinator:9093"
         assert nf.root_certificates == Path("/var/lib/fedchat/exchange/ca.pem")
@@ -194,23 +131,23 @@ def test_compose_has_tls_node_authentication_and_the_volumes():
         assert nf.node.require_dp and nf.node.require_secagg
         # approvals: written by the init job (`fedchat node approve`), read-only to the running node
         assert vols["/var/lib/fedchat/approval"] == (f"{n}-approval", True)
-        assert _volumes(services[f"{n}-init"])["/var/lib/fedchat/approval"] == (f"{n}-approval", False)
+        assert volumes(services[f"{n}-init"])["/var/lib/fedchat/approval"] == (f"{n}-approval", False)
         assert "fedchat node approve /etc/fedchat/node.toml /var/lib/fedchat/exchange/fedchat.fab" in \
             services[f"{n}-init"]["command"][2]
         init = services[f"{n}-init"]
-        assert init["environment"]["NODE"] == n and _volumes(init)[CONFIG["node"]] == vols[CONFIG["node"]]
-        assert _volumes(init)["/var/lib/fedchat/keys"] == (f"{n}-keys", False)
+        assert init["environment"]["NODE"] == n and volumes(init)[CONFIG["node"]] == vols[CONFIG["node"]]
+        assert volumes(init)["/var/lib/fedchat/keys"] == (f"{n}-keys", False)
     register = services["register"]["command"][2]
     assert "flwr supernode register /var/lib/fedchat/exchange/$$node.pub fedchat --name $$node" in register
     assert "for node in " + " ".join(NODES) + ";" in register
     # Every named volume is declared, every bind-mounted file exists, no private key is put in `exchange`.
     for name, service in services.items():
-        for target, (source, _) in _volumes(service).items():
+        for target, (source, _) in volumes(service).items():
             if source.startswith("."):
                 assert (DEPLOY / source).is_file(), f"{name}: {source}"
             else:
                 assert source in declared, f"{name}: volume {source} is not declared"
-    assert _volumes(services["serve"])["/var/lib/fedchat/run"] == ("coordinator-run", True)
+    assert volumes(services["serve"])["/var/lib/fedchat/run"] == ("coordinator-run", True)
     assert services["serve"]["environment"]["FEDCHAT_API_KEY"].startswith("${FEDCHAT_API_KEY:?")
     published = [p for s in services.values() for p in s.get("ports", [])]
     assert published and all(p.startswith("127.0.0.1:") for p in published)
@@ -296,10 +233,10 @@ def test_containers_and_units_run_exactly_the_local_federations_commands():
         exec_start = shlex.split(systemd_unit(unit)["Service"]["ExecStart"])
         assert exec_start[0] == "/opt/fedchat/.venv/bin/fedchat" and _program(exec_start) == expected, unit
     assert services["coordinator"]["command"] == _expected("coordinator")
-    assert _volumes(services["coordinator"])[CONFIG["coordinator"]][0] == "./examples/coordinator.toml"
+    assert volumes(services["coordinator"])[CONFIG["coordinator"]][0] == "./examples/coordinator.toml"
     for n in NODES:
         assert services[n]["command"] == _expected("node"), n
-        assert _volumes(services[n])[CONFIG["node"]][0] == f"./examples/compose/{n}.toml"
+        assert volumes(services[n])[CONFIG["node"]][0] == f"./examples/compose/{n}.toml"
     assert services["serve"]["command"] == stages["serve"]["argv"]
     serve_unit = shlex.split(systemd_unit("fedchat-serve.service")["Service"]["ExecStart"])
     assert _program(serve_unit)[:4] == stages["serve"]["argv"][:4] == ["fedchat", "serve", "--watch",
@@ -340,7 +277,7 @@ def test_every_fedchat_command_of_the_kit_is_one_fedchat_accepts():
     for service in compose()["services"].values():
         command = service.get("command")
         if command and command[0] == "sh":
-            commands += _fedchat_commands(command[-1], service.get("environment", {}))
+            commands += fedchat_commands(command[-1], service.get("environment", {}))
         elif command and command[0] == "fedchat":
             commands.append(command)
     assert len(commands) >= 15
@@ -383,52 +320,6 @@ def test_the_local_federation_starts_its_services_with_those_commands(tmp_path):
 
 # ------------------------------------------------------------------ runbooks (static)
 
-@dataclass
-class Block:
-    runbook: str
-    section: str
-    text: str
-    first: str = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.first = self.text.splitlines()[0].strip() if self.text.strip() else ""
-
-    @property
-    def keeps_running(self) -> bool:
-        return self.first.startswith("# keeps running")
-
-    @property
-    def ready(self) -> str | None:
-        match = re.search(r'ready when it prints "([^"]+)"', self.first)
-        return match.group(1) if match else None
-
-    @property
-    def for_a_real_host(self) -> bool:
-        return self.first.startswith(("# once per host", "# production host"))
-
-
-def runbook(name: str) -> dict[str, list[Block]]:
-    """Section number ("## 5. Start ...") -> its ```bash blocks, in order."""
-    sections: dict[str, list[Block]] = {}
-    section, block = None, None
-    for line in (RUNBOOKS / f"{name}.md").read_text().splitlines():
-        if block is not None:
-            if line.strip() == "```":
-                sections.setdefault(section, []).append(Block(name, section, "\n".join(block) + "\n"))
-                block = None
-            else:
-                block.append(line)
-            continue
-        heading = re.match(r"^## (\d+)\. ", line)
-        if heading:
-            section = heading.group(1)
-        elif line.startswith("## "):
-            section = line[3:].strip()
-        elif line.strip() == "```bash":
-            block = []
-    return sections
-
-
 def test_runbooks_cover_every_step_the_issue_names_and_are_linked():
     node, coord = runbook("node-operator"), runbook("coordinator")
     node_text = "".join(b.text for blocks in node.values() for b in blocks)
@@ -468,105 +359,6 @@ def test_links_in_the_runbooks_and_the_deploy_readme_resolve():
 
 # ------------------------------------------------------------------ (d) following the runbooks
 
-class Terminal:
-    """A shell a person types a runbook's blocks into: variables and the folder carry over between blocks."""
-
-    def __init__(self, name: str, sup: Supervisor, env: dict[str, str], cwd: Path, scripts: Path) -> None:
-        self.name, self.sup, self.env, self.cwd, self.scripts = name, sup, dict(env), cwd, scripts
-        self.initial = dict(env)
-        self.count = 0
-        self.transcript: list[str] = []
-
-    def run(self, block: Block, timeout: float = 300) -> str:
-        self.count += 1
-        script = self.scripts / f"{self.name}-{self.count:02d}.sh"
-        state = script.with_suffix(".env")
-        script.write_text(f"set -eo pipefail\n{block.text}\nenv -0 > {shlex.quote(str(state))}\n"
-                          f"pwd >> {shlex.quote(str(state))}\n")
-        started = time.monotonic()
-        done = self.sup.run(self.name, ["bash", str(script)], env=self.env, cwd=self.cwd, timeout=timeout)
-        out = done.stdout + done.stderr
-        self.transcript.append(f"$ [{block.runbook} {block.section}] ({time.monotonic() - started:.0f} s)\n"
-                               f"{block.text}{out}")
-        assert done.returncode == 0, (f"{block.runbook}.md section {block.section}, in {self.name}'s terminal, "
-                                      f"exit {done.returncode}:\n{block.text}\n--- output:\n{out[-4000:]}")
-        *pairs, cwd = state.read_bytes().split(b"\0")
-        self.env = {k.decode(): v.decode() for k, _, v in (p.partition(b"=") for p in pairs)}
-        for drop in ("PWD", "OLDPWD", "SHLVL", "_", "PS1", "PS2", "PS4"):
-            self.env.pop(drop, None)
-        self.env.pop("FEDCHAT_SUPERVISOR_TOKEN", None)  # the supervisor adds it to every run
-        self.cwd = Path(cwd.decode().strip())
-        return out
-
-    def start(self, block: Block, timeout: float = 180) -> Service:
-        """A block marked `# keeps running`: a new terminal of its own; wait until it prints it is ready."""
-        self.count += 1
-        script = self.scripts / f"{self.name}-{self.count:02d}-service.sh"
-        script.write_text(f"set -eo pipefail\n{block.text}")
-        service = self.sup.start(f"{self.name}-{block.runbook}-{block.section}-{self.count}", ["bash", str(script)],
-                                 env=self.initial, cwd=Path(self.initial["HOME"]))
-        deadline = time.monotonic() + timeout
-        # (the log's first line is the Supervisor's "$ bash SCRIPT": only what the block printed counts)
-        while block.ready not in service.log_path.read_text(errors="replace").partition("\n")[2]:
-            assert service.exited() is None, f"{block.runbook} section {block.section} exited:\n{service.log_tail(40)}"
-            assert time.monotonic() < deadline, (f"{block.runbook} section {block.section} did not print "
-                                                 f"{block.ready!r} within {timeout} s:\n{service.log_tail(40)}")
-            time.sleep(0.5)
-        self.transcript.append(f"$ [{block.runbook} {block.section}] (in a terminal of its own)\n{block.text}")
-        return service
-
-    def follow(self, blocks: list[Block], timeout: float = 300) -> list[Service]:
-        started = []
-        for block in blocks:
-            if block.for_a_real_host:
-                continue
-            if block.keeps_running:
-                started.append(self.start(block))
-            else:
-                self.run(block, timeout)
-        return started
-
-
-def _ctrl_c(service: Service, timeout: float = 60) -> None:
-    """What Ctrl-C in the service's terminal does: SIGINT to its foreground process group."""
-    os.killpg(service.pid, signal.SIGINT)
-    try:
-        service.popen.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        pytest.fail(f"{service.name} did not stop within {timeout} s of Ctrl-C:\n{service.log_tail(30)}")
-
-
-def _crash(service: Service) -> None:
-    """The coordinator host dies: SIGKILL to the SuperLink and everything it started."""
-    root = psutil.Process(service.pid)
-    procs = [root, *root.children(recursive=True)]
-    for proc in procs:
-        try:
-            proc.kill()
-        except psutil.Error:
-            pass
-    psutil.wait_procs(procs, timeout=10)
-
-
-def _clean_path() -> str:
-    venv = str(ROOT / ".venv")
-    return os.pathsep.join(p for p in os.environ.get("PATH", "/usr/bin:/bin").split(os.pathsep)
-                           if p and not p.startswith(venv))
-
-
-def _checkout_snapshot(dest: Path) -> Path:
-    """FEDCHAT_SRC for the runbooks: the app's files as `flwr run` packs them, and this venv.
-
-    Other work on this checkout while the test runs would change the app bundle between the
-    coordinator's `fedchat app build` and its `flwr run .` (and the nodes would rightly refuse it).
-    """
-    from fedchat.app_bundle import build_bundle, unpack_bundle
-
-    unpack_bundle(build_bundle(ROOT), dest)
-    (dest / ".venv").symlink_to(ROOT / ".venv")
-    return dest
-
-
 @pytest.mark.slow
 def test_following_the_runbooks_on_one_machine_gives_a_finished_run(tmp_path):
     """A coordinator and three node operators on 127.0.0.1 follow their runbooks word for word.
@@ -574,7 +366,7 @@ def test_following_the_runbooks_on_one_machine_gives_a_finished_run(tmp_path):
     Each person has terminals (a shell for the steps, one per service); the only values set from
     outside are the ones the runbooks say to set for a quick try-out (test model, 2 rounds of 2
     steps), free ports instead of the default ones, and FEDCHAT_SRC, a snapshot of this checkout
-    (_checkout_snapshot). HOME is a temporary folder: the runbooks' folders, the model cache and
+    (checkout_snapshot). HOME is a temporary folder: the runbooks' folders, the model cache and
     Flower's files all land there. Each node approves the coordinator's app bundle (and runs only
     it). After round 1 the coordinator crashes (SIGKILL) and is resumed as its runbook says; the
     run must finish all rounds.
@@ -585,9 +377,9 @@ def test_following_the_runbooks_on_one_machine_gives_a_finished_run(tmp_path):
     scripts.mkdir()
     (tmp_path / "logs").mkdir()
     sup = Supervisor(tmp_path / "logs", record=tmp_path / "processes.json")
-    base = {"HOME": str(home), "PATH": _clean_path(), "LANG": "C.UTF-8", "TERM": "dumb",
+    base = {"HOME": str(home), "PATH": clean_path(), "LANG": "C.UTF-8", "TERM": "dumb",
             "TMPDIR": os.environ.get("TMPDIR", "/tmp"), "BASE_MODEL": "tiny",
-            "FEDCHAT_SRC": str(_checkout_snapshot(tmp_path / "fedchat"))}
+            "FEDCHAT_SRC": str(checkout_snapshot(tmp_path / "fedchat"))}
     superlink_port = free_port(LOOPBACK)
     coordinator = Terminal("coordinator", sup, {**base, "ROUNDS": "2", "LOCAL_STEPS": "2",
                                                 "SUPERLINK_PORT": str(superlink_port)}, ROOT, scripts)
@@ -622,7 +414,7 @@ def test_following_the_runbooks_on_one_machine_gives_a_finished_run(tmp_path):
                 assert service.exited() is None, f"{service.name} exited:\n{service.log_tail(40)}"
             assert time.monotonic() < deadline, "round 1 was not checkpointed within 300 s"
             time.sleep(0.2)
-        _crash(superlink)
+        crash(superlink)
         [superlink] = coordinator.follow(C["11"])
         watched = coordinator.run(C["10"][0], timeout=420)  # flwr log --stream: returns when the run ends
         assert "resuming run" in watched and "round 2/2 done" in watched
@@ -665,7 +457,7 @@ def test_following_the_runbooks_on_one_machine_gives_a_finished_run(tmp_path):
         # Ctrl-C in each service's terminal (node-operator section 11, coordinator 13, serving 4): each stops
         # with everything it started (the supervisor finds nothing left to kill).
         for service in (server, *node_services, superlink):
-            _ctrl_c(service)
+            ctrl_c(service)
         deadline = time.monotonic() + 20
         while (left := sup.marked()) and time.monotonic() < deadline:
             time.sleep(0.5)

@@ -12,7 +12,7 @@ from shared.adapter import attach_adapter, save_adapter
 from shared.config import RunConfig
 from shared.evaluation import greedy_answers, last_exchange, load_heldout, text_scores
 from shared.model import load_model
-from tests.conftest import conversation, write_jsonl
+from tests.support.data import conversation, write_jsonl
 
 
 def test_scores_are_the_libraries_on_known_strings():

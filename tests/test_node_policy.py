@@ -13,7 +13,7 @@ from client.policy import RoundRefused
 from shared.adapter import get_arrays
 from shared.config import NodeConfig, RunConfig
 from shared.protocol import fit_config
-from tests.conftest import conversation, write_jsonl
+from tests.support.data import conversation, write_jsonl
 
 SECRET = "the patient's name is Zebulon Quaxworth"
 

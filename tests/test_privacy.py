@@ -16,7 +16,7 @@ from shared.config import NodeConfig, RunConfig
 from shared.errors import PrivacyError
 from shared.model import load_model, resolve_base_model
 from shared.protocol import fit_config
-from tests.conftest import conversation, write_jsonl
+from tests.support.data import conversation, write_jsonl
 
 
 @pytest.mark.parametrize("accountant", ["prv", "rdp"])

@@ -21,7 +21,7 @@ import pytest
 from fedchat.cli import main
 from shared.errors import ConfigError, DataError
 from shared.one_run_audit import audit_scores, epsilon_lower_bound, make_guesses, p_value, rank_exposure
-from tests.conftest import conversation, write_jsonl
+from tests.support.data import conversation, write_jsonl
 
 # ----------------------------------------------------------------- the bound
 

@@ -9,7 +9,7 @@ from fedchat.deployment import superlink_command, supernode_command
 from fedchat.service_config import ConfigFileError, check_node_file, read_coordinator_file, read_node_file
 from shared.certs import write_certs
 from shared.errors import ConfigError
-from tests.conftest import conversation, write_jsonl
+from tests.support.data import conversation, write_jsonl
 
 
 @pytest.fixture

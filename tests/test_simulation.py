@@ -19,7 +19,7 @@ from server.traffic import TrafficMeter
 from shared.config import RunConfig
 from shared.model import load_model
 from shared.protocol import META_LEDGER_ENTRIES, META_LEDGER_HEAD, META_ROUND
-from tests.conftest import Child
+from tests.support.processes import Child
 
 pytestmark = pytest.mark.slow
 

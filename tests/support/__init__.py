@@ -1,0 +1,3 @@
+"""What several test modules share: dialogue files (data), privacy ledgers (ledger), child processes
+(processes), the deploy kit's files (deploy_files) and the runbook runner (runbooks). Fixtures stay in
+tests/conftest.py."""
