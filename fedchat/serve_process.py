@@ -1,5 +1,6 @@
-"""`fedchat serve` as a child process on 127.0.0.1 and a free port: what the serving tests and
-the serving benchmark drive with a real HTTP client. Stopped by its PID, never by name."""
+"""`fedchat serve` (or another OpenAI-compatible server) as a child process on 127.0.0.1 and a free
+port: what the serving tests and the serving benchmark drive with a real HTTP client. Stopped by its
+PID, never by name."""
 
 from __future__ import annotations
 
@@ -15,21 +16,24 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 class ServeProcess:
-    """`python -m fedchat serve ARGS --host 127.0.0.1 --port FREE`, output in `log`; the
-    constructor returns once /health answers (or stops the process and raises)."""
+    """`python -m fedchat serve ARGS --host 127.0.0.1 --port FREE` (or `PROGRAM ARGS --host ...`: any
+    server with those two options and GET /health), output in `log`; the constructor returns once
+    /health answers (or stops the process and raises)."""
 
     def __init__(self, args: list[str], log: Path, *, env: dict[str, str] | None = None,
-                 timeout: float = 90.0) -> None:
+                 timeout: float = 90.0, program: list[str] | None = None) -> None:
         self.port = free_port(LOOPBACK)
         self.url = f"http://{LOOPBACK}:{self.port}"
         self.log = log
         with open(log, "wb") as f:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "fedchat", "serve", *args, "--host", LOOPBACK, "--port", str(self.port)],
+                [*(program or [sys.executable, "-m", "fedchat", "serve"]), *args, "--host", LOOPBACK,
+                 "--port", str(self.port)],
                 cwd=REPO, stdout=f, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
         try:
             wait_until(lambda: http_ready(LOOPBACK, self.port), timeout=timeout, interval=0.2,
-                       what="fedchat serve did not answer /health", alive=self._exited)
+                       what=f"{Path(self.proc.args[0]).name} {' '.join(self.proc.args[1:4])} did not answer /health",
+                       alive=self._exited)
         except FederationError as exc:
             self.stop()
             raise FederationError(f"{exc}\n--- {log}:\n{log.read_text(errors='replace')[-4000:]}") from None

@@ -36,8 +36,8 @@ def add_serving_commands(sub) -> None:
     serve.add_argument("--max-queue", type=int, default=64,
                        help="requests that may wait for a place in the batch; more get 503")
     serve.add_argument("--kv-cache-tokens", type=int,
-                       help="tokens the KV cache holds for all requests together (default: --max-batch requests at "
-                            "the model's full context); a request may hold at most this many")
+                       help="tokens the KV cache holds for all requests together (default: --max-batch requests of "
+                            "2048 tokens, and at least the model's context); a request may hold at most this many")
     serve.add_argument("--default-max-tokens", type=int, default=512,
                        help="answer length when a request gives no max_tokens (capped by the context)")
     serve.add_argument("--max-body-bytes", type=int, default=MAX_BODY_BYTES,

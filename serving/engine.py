@@ -47,6 +47,7 @@ log = logging.getLogger("fedchat.serve")
 
 PAGE_TOKENS = 256  # KV cache page; a request holds whole pages
 PREFILL_TOKENS = 512  # prompt tokens per forward pass: a long prompt is prefilled in chunks, between decode steps
+CACHE_TOKENS_PER_REQUEST = 2048  # the default KV cache holds --max-batch requests of this many tokens
 
 
 class QueueFullError(FedchatError):
@@ -338,7 +339,7 @@ class Engine:
     """The served model's batcher, swapped atomically on hot reload, and the request counters.
 
     At most `max_batch` requests run in one batch; `max_queue` more may wait; the KV cache holds
-    `kv_cache_tokens` tokens (default: `max_batch` requests at the model's full context).
+    `kv_cache_tokens` tokens (default: see cache_tokens).
     """
 
     def __init__(self, served: ServedModel, max_queue: int = 64, max_batch: int = 8,
@@ -356,7 +357,12 @@ class Engine:
         return self._batcher.served
 
     def cache_tokens(self, served: ServedModel) -> int:
-        return self.kv_cache_tokens or self.max_batch * served.context_length
+        """The KV cache's size: --kv-cache-tokens, else room for one request at the model's full context and
+        for `max_batch` requests of 2048 tokens at once (more wait, or are set aside and resumed, by the
+        manager's scheduler)."""
+        if self.kv_cache_tokens:
+            return self.kv_cache_tokens
+        return max(served.context_length, self.max_batch * min(served.context_length, CACHE_TOKENS_PER_REQUEST))
 
     def context_length(self, served: ServedModel) -> int:
         """The most tokens (prompt and answer) one request may hold: the model's context, or the whole
