@@ -63,5 +63,7 @@ def refusal(node_name: str, exc: BaseException) -> RoundRefused:
     error_id = uuid.uuid4().hex[:8]
     log.error("node %s: the round failed (error %s): %s", node_name, error_id, exc, exc_info=exc)
     kind = type(exc).__name__ if isinstance(exc, FedchatError) else "internal error"
+    if isinstance(exc, OSError) and exc.strerror:  # the system's words for it (a full disk...), never its path
+        kind = f"{exc.strerror}: its state dir or data could not be read or written"
     return RoundRefused(f"node {node_name}: the round failed on the node ({kind}, error {error_id}); the node's "
                         "operator finds the details under that error id in the node's log.")

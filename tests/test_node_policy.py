@@ -83,6 +83,20 @@ def test_a_failed_round_sends_no_local_path_or_data_back(tmp_path):
     _assert_nothing_private(message, tmp_path)
 
 
+def test_a_full_disk_is_named_in_the_refusal_without_its_path(tmp_path):
+    """A node whose state dir is full refuses with the system's words for it (tests/test_faults.py fills one for
+    real before the ledger append), not as an "internal error", and still names no path."""
+    import errno
+    import os
+
+    from client.policy import refusal
+
+    full = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp_path / "private-org" / "ledger.jsonl"))
+    message = str(refusal("org-1", full))
+    assert "No space left on device" in message and "error " in message
+    _assert_nothing_private(message, tmp_path)
+
+
 def test_under_dp_no_statistic_of_the_data_leaves_the_node(tmp_path):
     """Threat: a coordinator that crafts the adapter it sends reads membership from each node's train loss
     (or from data-dependent timings). Under DP only the update, the weight and DP-safe bookkeeping leave."""
