@@ -36,16 +36,22 @@ def plan_round(entries: list[dict], run_id: str, *, target_epsilon: float, delta
     """Calibrate the noise for the run's planned participation, and price this round.
 
     `entries` is the node's ledger so far. The noise multiplier is calibrated once per
-    run (the run's first ledger entry keeps it) so that training every remaining round
-    fits what is left of the budget; the guard then prices the actual next round.
+    run (the run's ledger entries keep it) so that training every remaining round fits
+    what is left of the budget; the guard then prices the actual next round. A run that
+    trained more rounds than it planned (a coordinator that stopped mid-round and resumed
+    runs that round again, and the node has a line for each time) is calibrated again for
+    the rounds it has left, with what is left of the budget: it goes on with more noise
+    instead of running out before its last round, and never past the budget.
     """
     check_delta(delta, num_conversations)
     history = ledger_history(entries)
     sample_rate = min(1.0, batch_size / num_conversations)
     same_run = [e for e in entries if e["run"] == run_id]
-    if same_run:
-        sigma = float(same_run[0]["noise_multiplier"])
-    else:
+    sigma = float(same_run[-1]["noise_multiplier"]) if same_run else None
+    if sigma is not None and rounds_left >= 1 and compute_epsilon(
+            history + [(sigma, sample_rate, local_steps * rounds_left)], delta, accountant) > target_epsilon:
+        sigma = None  # the plan no longer fits the rounds left
+    if sigma is None:
         try:
             sigma = calibrate_noise(target_epsilon, delta, sample_rate, local_steps * max(rounds_left, 1),
                                     history, accountant)

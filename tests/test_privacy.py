@@ -85,6 +85,22 @@ def test_plan_round_keeps_the_runs_noise_and_prices_the_next_round():
     assert not fits_budget(fourth, 8.0)  # a round beyond the planned three would overspend
 
 
+def test_a_round_run_again_after_a_resume_is_paid_for_by_the_rounds_left():
+    """A coordinator killed after the nodes trained round 1 resumes from its last checkpoint and runs round 1
+    again: each node's ledger holds round 1 twice. The run still fits its budget: the rounds left get more noise,
+    and the last round is not refused (fedchat.drill, fault 'coordinator-killed')."""
+    kw = dict(target_epsilon=8.0, delta=1e-5, num_conversations=400, batch_size=8, local_steps=10, accountant="prv")
+    first = plan_round([], "r1", rounds_left=2, **kw)
+    twice = _entries([(first.noise_multiplier, first.sample_rate, first.steps)] * 2)  # round 1, then round 1 again
+    on_plan = plan_round(twice[:1], "r1", rounds_left=1, **kw)
+    assert on_plan.noise_multiplier == first.noise_multiplier  # on plan: the run's noise is kept
+    last = plan_round(twice, "r1", rounds_left=1, **kw)
+    assert fits_budget(last, 8.0) and last.epsilon_after <= 8.0
+    assert last.noise_multiplier > first.noise_multiplier  # what is left, spread over the round left
+    history = [(e["noise_multiplier"], e["sample_rate"], e["steps"]) for e in twice]
+    assert compute_epsilon(history + [(last.noise_multiplier, last.sample_rate, last.steps)], 1e-5, "prv") <= 8.0
+
+
 def test_a_lowered_budget_below_what_was_spent_refuses_every_round():
     entries = _entries([(0.8, 0.02, 30)])
     plan = plan_round(entries, "r2", target_epsilon=0.5, delta=1e-5, num_conversations=400, batch_size=8,
