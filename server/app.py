@@ -67,6 +67,12 @@ class Coordinator:
                                   "continue that run, or choose a new out-dir.")
         state = load_state(checkpoint)
         check_resumable(state, self.cfg, checkpoint)
+        if state.round < self.cfg.num_rounds:  # the report says so: a run that stopped and goes on
+            state.resumed.append({"at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                                  "from_round": state.round,
+                                  "note": f"the run stopped after round {state.round} (its last checkpoint); round "
+                                          f"{state.round + 1} runs again, and a node that had trained it before the "
+                                          "stop keeps that line in its ledger too"})
         from peft import set_peft_model_state_dict
         from safetensors.torch import load_file
 
@@ -102,7 +108,7 @@ class Coordinator:
             "adapter": str((self.out / "adapter").absolute()),
             "merged_model": str(merged.absolute()) if merged else None,
             "full_model_bytes": self.model_bytes, "adapter_update_bytes": update_bytes,
-            "config": self.cfg.to_flower(), "rounds": s.rounds,
+            "config": self.cfg.to_flower(), "rounds": s.rounds, "resumed": s.resumed,
         }
         if generation is not None:
             report["generation"] = generation
@@ -228,9 +234,12 @@ def _round_row(rnd: int, strategy: FedChatStrategy, meter: TrafficMeter, secagg,
         elif secagg is not None and "halted_at" in secagg.last_parameters:
             p = secagg.last_parameters
             stage = p["halted_at"]
+            dropped = "; ".join(f"{len(ids)} dropped out at '{at}' ({', '.join(map(str, ids))})"
+                                for at, ids in p.get("dropped_at_stage", {}).items())
             row["error"] = (f"secure aggregation halted at stage '{stage}': {p['active_after_stage'][stage]} of the "
                             f"{p['nodes']} sampled nodes remained, {p['reconstruction_threshold']} are needed to "
-                            "unmask; no node's update was revealed and the global adapter is unchanged")
+                            f"unmask{f' ({dropped})' if dropped else ''}; no node's update was revealed and the global "
+                            "adapter is unchanged" + ("; the nodes' errors are in 'failures'" if row["failures"] else ""))
         else:
             row["error"] = "no usable update this round; the global adapter is unchanged"
         log.error("round %d failed: %s", rnd, row["error"])

@@ -33,6 +33,7 @@ class RunState:
     base_eval_loss: float | None = None
     rounds: list[dict] = field(default_factory=list)  # report rows, one per completed round
     started: str = ""
+    resumed: list[dict] = field(default_factory=list)  # each restart of the run from a checkpoint
 
 
 def round_dir(out: Path, rnd: int) -> Path:

@@ -131,11 +131,18 @@ class FedchatSecAgg(SecAggPlusWorkflow):
 
     def _timed(self, name: str, stage, grid, context, state) -> bool:
         started = time.perf_counter()
+        before = set(state.active_node_ids)
         ok = stage(grid, context, state)
         self.last_parameters["stage_seconds"][name] = round(time.perf_counter() - started, 3)
         self.last_parameters["active_after_stage"][name] = len(state.active_node_ids)
+        gone = (before or set(state.sampled_node_ids)) - set(state.active_node_ids)  # setup starts from none
+        if gone:
+            self.last_parameters.setdefault("dropped_at_stage", {})[name] = sorted(gone)
         if not ok:
             self.last_parameters["halted_at"] = name
+            record = getattr(context.strategy, "record_halt", None)
+            if record is not None:  # who had sent a masked update, and why nodes failed, for the report
+                record(state.legacy_results, state.failures)
         return ok
 
     # Each protocol stage, timed: where the round's time goes, and where a round halted.

@@ -16,12 +16,14 @@ from __future__ import annotations
 
 import logging
 import random
+import re
 import time
 from dataclasses import dataclass, field
 
 import numpy as np
 import flwr.compat.common.recorddict_compat as compat
 from flwr.app import Message
+from flwr.common.constant import ErrorCode
 from flwr.common import (FitIns, FitRes, GetPropertiesIns, MessageTypeLegacy, Parameters, ndarrays_to_parameters,
                          parameters_to_ndarrays)
 from flwr.server.client_manager import ClientManager
@@ -34,6 +36,8 @@ from shared.errors import FederationError
 from shared.protocol import CAN_TRAIN, fit_config
 
 log = logging.getLogger("fedchat.coordinator")
+UNAVAILABLE_RETRY_SECONDS = 5.0
+NOT_AGGREGATED = "not aggregated: its masked update arrived, then the round halted"
 
 
 @dataclass
@@ -48,6 +52,16 @@ class RoundOutcome:
     error: str | None = None  # why the round was not run
 
 
+def _unavailable(reply: Message) -> bool:
+    """The SuperLink's answer for a node it has had no heartbeat from (Flower's node availability check)."""
+    return reply.has_error() and reply.error.code == ErrorCode.NODE_UNAVAILABLE
+
+
+def _can_train(reply: Message) -> bool:
+    return not reply.has_error() and \
+        compat.recorddict_to_getpropertiesres(reply.content).properties.get(CAN_TRAIN) is True
+
+
 def _failure_text(failure) -> str:
     """The node's own error message, without Flower's wrapping."""
     if isinstance(failure, BaseException):
@@ -55,6 +69,8 @@ def _failure_text(failure) -> str:
         text = str(getattr(error, "reason", error)).strip()
         if "Message: " in text:
             text = text.split("Message: ", 1)[1].removesuffix("'>")
+        elif wrapped := re.fullmatch(r"<class '[\w.]+'>:<'(.*)'>", text, re.DOTALL):  # a ClientApp's exception
+            text = wrapped.group(1)
         return text[:500]
     proxy, res = failure
     return f"node {proxy.node_id}: {res.status.message}"
@@ -101,14 +117,32 @@ class FedChatStrategy(Strategy):
 
     def _able_to_train(self, rnd: int, candidates: list[ClientProxy]) -> tuple[list[ClientProxy], list[dict]]:
         """Ask every candidate at once whether it can train round `rnd` (its budget guard answers
-        one bit, before any key is shared); a node that cannot is never asked again in this run."""
+        one bit, before any key is shared); a node that cannot is never asked again in this run.
+
+        A node the SuperLink answers for as unavailable (no heartbeat within two intervals: it lost
+        its link, or it was restarted and its old connection has not timed out yet) is asked again
+        every UNAVAILABLE_RETRY_SECONDS while fewer than min-nodes can train, until node-wait-timeout:
+        a node back within that time takes part instead of failing the round."""
         if not candidates:
             return [], []
+        deadline = time.monotonic() + self.cfg.node_wait_timeout
         ins = GetPropertiesIns(fit_config(self.cfg, rnd, self.run_id, self.frozen_a))
-        queries = [Message(content=compat.getpropertiesins_to_recorddict(ins), dst_node_id=c.node_id,
-                           message_type=MessageTypeLegacy.GET_PROPERTIES, group_id=str(rnd)) for c in candidates]
-        replies = {m.metadata.src_node_id: m for m in
-                   self.grid.send_and_receive(queries, timeout=self.cfg.node_wait_timeout)}
+        replies: dict[int, Message] = {}
+        pending = [c.node_id for c in candidates]
+        while True:
+            queries = [Message(content=compat.getpropertiesins_to_recorddict(ins), dst_node_id=node_id,
+                               message_type=MessageTypeLegacy.GET_PROPERTIES, group_id=str(rnd)) for node_id in pending]
+            answered = self.grid.send_and_receive(queries, timeout=max(1.0, deadline - time.monotonic()))
+            # By the query each answers: the SuperLink's own error replies (a node unavailable) come from it.
+            asked = {q.metadata.message_id: q.metadata.dst_node_id for q in queries}
+            replies.update({asked.get(m.metadata.reply_to_message_id, m.metadata.src_node_id): m for m in answered})
+            pending = [n for n in pending if n not in replies or _unavailable(replies[n])]
+            able = sum(_can_train(r) for r in replies.values())
+            if not pending or able >= self.cfg.min_nodes or time.monotonic() + UNAVAILABLE_RETRY_SECONDS > deadline:
+                break
+            log.warning("round %d: %d node(s) unavailable, %d can train: asking them again in %.0fs (until "
+                        "node-wait-timeout)", rnd, len(pending), able, UNAVAILABLE_RETRY_SECONDS)
+            time.sleep(UNAVAILABLE_RETRY_SECONDS)
         able, left_out = [], []
         for node in candidates:
             reply = replies.get(node.node_id)
@@ -116,7 +150,7 @@ class FedChatStrategy(Strategy):
                 why = f"no answer within {self.cfg.node_wait_timeout:.0f}s (node-wait-timeout)"
             elif reply.has_error():
                 why = _failure_text(Exception(reply.error.reason))
-            elif compat.recorddict_to_getpropertiesres(reply.content).properties.get(CAN_TRAIN) is True:
+            elif _can_train(reply):
                 able.append(node)
                 continue
             else:
@@ -147,6 +181,32 @@ class FedChatStrategy(Strategy):
                                                      self.ledger_heads.get(node.node_id))))
                 for node in nodes]
 
+    def _client(self, proxy: ClientProxy, res: FitRes) -> dict:
+        """A node's row of the report from its reply; the ledger head it reports is recorded."""
+        m = dict(res.metrics)
+        if "ledger-entries" in m and "ledger-head" in m:
+            self.ledger_heads[proxy.node_id] = (int(m["ledger-entries"]), str(m["ledger-head"]))
+        client = {"node": m.get("node", str(proxy.node_id)), "node_id": proxy.node_id,
+                  "ledger_key": m.get("ledger-key"), "num_examples": res.num_examples,
+                  "status": m.get("status", "ok"), "epsilon": m.get("epsilon"),
+                  "target_epsilon": m.get("target-epsilon"), "ledger_head": m.get("ledger-head"),
+                  "ledger_entries": m.get("ledger-entries"), "clipped_values": m.get("clipped-values")}
+        if not self.cfg.dp:  # under DP no statistic of a node's data is kept, whatever a node sends
+            client.update({"train_loss": m.get("train-loss"), "train_seconds": m.get("seconds")})
+        return client
+
+    def record_halt(self, results: list[tuple[ClientProxy, FitRes]], failures) -> None:
+        """A SecAgg+ round that halted before aggregation: the nodes whose masked updates had arrived (each
+        charged to its node's ledger, whose head it reported: the report binds them) and why nodes failed."""
+        outcome = self.outcome
+        if outcome is None:
+            return
+        for proxy, res in results:
+            client = self._client(proxy, res)
+            client["status"] = NOT_AGGREGATED
+            outcome.clients.append({k: v for k, v in client.items() if v is not None})
+        outcome.failures += [t for t in dict.fromkeys(_failure_text(f) for f in failures) if t not in outcome.failures]
+
     def aggregate_fit(self, server_round: int, results: list[tuple[ClientProxy, FitRes]], failures):
         outcome = self.outcome or RoundOutcome(server_round)
         # SecAgg+ hands every node's result the same unmasked average: it is decoded and checked once, weighted once.
@@ -154,16 +214,7 @@ class FedChatStrategy(Strategy):
         weights: dict[int, int] = {}
         losses = []
         for proxy, res in results:
-            m = dict(res.metrics)
-            if "ledger-entries" in m and "ledger-head" in m:
-                self.ledger_heads[proxy.node_id] = (int(m["ledger-entries"]), str(m["ledger-head"]))
-            client = {"node": m.get("node", str(proxy.node_id)), "node_id": proxy.node_id,
-                      "ledger_key": m.get("ledger-key"), "num_examples": res.num_examples,
-                      "status": m.get("status", "ok"), "epsilon": m.get("epsilon"),
-                      "target_epsilon": m.get("target-epsilon"), "ledger_head": m.get("ledger-head"),
-                      "ledger_entries": m.get("ledger-entries"), "clipped_values": m.get("clipped-values")}
-            if not self.cfg.dp:  # under DP no statistic of a node's data is kept, whatever a node sends
-                client.update({"train_loss": m.get("train-loss"), "train_seconds": m.get("seconds")})
+            client = self._client(proxy, res)
             if client["status"] == "budget-exhausted":
                 self.exhausted.add(proxy.node_id)
                 log.warning("round %d: node %s has exhausted its privacy budget (epsilon %.3f of %.3f); it is left "
