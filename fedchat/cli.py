@@ -13,7 +13,7 @@ from fedchat.eval_cli import add_eval_command
 from fedchat.tune import add_tune_command
 from fedchat.service_cli import add_service_commands
 from serving.cli import add_serving_commands
-from shared.config import parse_overrides
+from shared.config import AGGREGATIONS, RunConfig, parse_overrides
 from shared.errors import FedchatError
 from shared.logs import setup_logging
 
@@ -176,12 +176,13 @@ def build_parser() -> argparse.ArgumentParser:
     demo_data.add_argument("--seed", type=int, default=0)
     demo_data.set_defaults(func=cmd_data_demo)
 
+    recipe = RunConfig()  # the demo runs the run config's defaults: the DP recipe
     demo = sub.add_parser("demo", help="the whole pipeline on the embedded model and demo data")
     demo.add_argument("--clients", type=int, default=3, help="simulated organisations (SuperNodes)")
-    demo.add_argument("--rounds", type=int, default=3)
-    demo.add_argument("--local-steps", type=int, default=10)
-    demo.add_argument("--base-model", default="smollm2-135m", help="smollm2-135m, tiny, or a local HF model folder")
-    demo.add_argument("--aggregation", choices=("fedavg", "ffa"), default="fedavg")
+    demo.add_argument("--rounds", type=int, default=recipe.num_rounds)
+    demo.add_argument("--local-steps", type=int, default=recipe.local_steps)
+    demo.add_argument("--base-model", default=recipe.base_model, help="smollm2-135m, tiny, or a local HF model folder")
+    demo.add_argument("--aggregation", choices=AGGREGATIONS, default=recipe.aggregation)
     demo.add_argument("--target-epsilon", type=float, default=8.0, help="every node's privacy budget")
     demo.add_argument("--no-dp", action="store_true", help="train without differential privacy (for comparison)")
     demo.add_argument("--no-secagg", action="store_true", help="send plaintext updates (for comparison)")
