@@ -39,12 +39,14 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 from fedchat.app_bundle import AppBundleError, approved_hashes
 
 TASK_POLL_SECONDS = 0.5
+ACTIVATION_RETRY_SECONDS = 5.0
 
 
 class UnapprovedApp(Exception):
@@ -151,11 +153,59 @@ def _acquire(client):
     return (res.task, res.token) if res.HasField("task") and res.token else (None, None)
 
 
-def run_node(supernode: list[str], runtime_api_address: str, node_file: Path, env: dict[str, str]) -> int:
-    """Run the SuperNode (a child) and a guarded runner per ClientApp task until it ends; its exit code."""
-    from fedchat.processes import _die_with_parent
+def _activation_window() -> tuple[float, float]:
+    """(how long the SuperLink keeps a silent node online, how long to retry an activation it refuses)."""
+    from flwr.common.constant import HEARTBEAT_DEFAULT_INTERVAL, HEARTBEAT_PATIENCE
 
-    child = subprocess.Popen(supernode, env=env, preexec_fn=_die_with_parent)
+    online = HEARTBEAT_PATIENCE * HEARTBEAT_DEFAULT_INTERVAL
+    return online, 2 * online
+
+
+class _SuperNode:
+    """The SuperNode child, its output passed on line by line to ours (the node's log) and watched for
+    the SuperLink's refusal to activate it."""
+
+    def __init__(self, argv: list[str], env: dict[str, str]) -> None:
+        from flwr.supercore.error.base import ApiErrorCode
+
+        from fedchat.processes import _die_with_parent
+
+        self.marker = f"[code: {int(ApiErrorCode.FLEET_NODE_ACTIVATION_FAILED)}]".encode()
+        self.refused = False
+        self.started = time.monotonic()
+        self.proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                     preexec_fn=_die_with_parent)
+        self._pump = threading.Thread(target=self._pass_on, daemon=True)
+        self._pump.start()
+
+    def _pass_on(self) -> None:
+        out = sys.stdout.buffer
+        for line in iter(self.proc.stdout.readline, b""):
+            self.refused = self.refused or self.marker in line
+            out.write(line)
+            out.flush()
+
+    def ended(self) -> bool:
+        """It exited (and all its output is passed on)."""
+        if self.proc.poll() is None:
+            return False
+        self._pump.join(timeout=10)
+        return True
+
+
+def run_node(supernode: list[str], runtime_api_address: str, node_file: Path, env: dict[str, str]) -> int:
+    """Run the SuperNode (a child) and a guarded runner per ClientApp task until it ends; its exit code.
+
+    A node restarted right after a crash finds the SuperLink still holding its previous connection
+    online (until two heartbeat intervals without a heartbeat, 60 s in Flower 1.41), and Flower's
+    SuperNode exits at once when its activation is refused (`[code: 2004] Failed to activate
+    SuperNode`, exit code 1). So a SuperNode that exits for that reason is started again, every
+    ACTIVATION_RETRY_SECONDS, for twice that window; then the node gives up with its exit code.
+    """
+    online, window = _activation_window()
+    node = _SuperNode(supernode, env)
+    child = node.proc
+    refused_since: float | None = None
     runners: list[subprocess.Popen] = []
     stop = {"signal": None}
 
@@ -166,7 +216,30 @@ def run_node(supernode: list[str], runtime_api_address: str, node_file: Path, en
     os.environ.update(env)  # the runners inherit FLWR_HOME and the rest
     client = None
     try:
-        while child.poll() is None and stop["signal"] is None:
+        while stop["signal"] is None:
+            if node.ended():
+                if not node.refused:
+                    break
+                if refused_since is None or time.monotonic() - node.started > online:  # it ran: a new episode
+                    refused_since = time.monotonic()
+                if time.monotonic() - refused_since > window:
+                    print(f"fedchat node: the SuperLink refused this node for {window:.0f} s: is its public key "
+                          "registered (`flwr supernode register`), and the SuperLink reachable? Giving up.",
+                          file=sys.stderr, flush=True)
+                    break
+                print("fedchat node: the SuperLink refused to activate this node (Failed to activate SuperNode). "
+                      f"After a crash it keeps the node's previous connection online for up to {online:.0f} s: "
+                      f"starting the SuperNode again in {ACTIVATION_RETRY_SECONDS:.0f} s (for at most "
+                      f"{window:.0f} s).", file=sys.stderr, flush=True)
+                deadline = time.monotonic() + ACTIVATION_RETRY_SECONDS
+                while stop["signal"] is None and time.monotonic() < deadline:
+                    time.sleep(0.2)
+                if stop["signal"] is not None:
+                    break
+                node = _SuperNode(supernode, env)
+                child = node.proc
+                client = None
+                continue
             runners = [r for r in runners if r.poll() is None]
             try:
                 client = client or _runtime_client(runtime_api_address)

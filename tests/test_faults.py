@@ -1,0 +1,404 @@
+"""Faults on a real network (issue 13): separate hosts, cut links, stalls, killed processes, a full disk.
+
+The slow tests run the drill of fedchat.drill: the coordinator (SuperLink with TLS and node
+authentication, its ServerApp) and three nodes (`fedchat node start`, approved bundle only) each
+on a host of its own, a network namespace with its own address and name, talking real TCP over
+veth pairs through a fault proxy (fedchat.netproxy) on a "wan" host; the certificate is issued
+for coordinator.fedchat.test, which each node resolves through its own hosts file. One topology
+(namespaces, certificates, SuperLink) serves the module; each test starts fresh nodes (new state
+dirs and ledgers), runs two rounds under SecAgg+ and DP with one fault in round 1, and checks:
+
+* the run completes, or the faulted round fails with an error that says what happened and the
+  next round runs with every node;
+* no ledger line is lost, duplicated or corrupt, and every update (or masked update) that reached
+  the coordinator is bound to its node's ledger line (fedchat.drill.check_ledgers: each ledger
+  verified with shared/ledger.py and audited against the report with shared/audit.py);
+* no process is left: after each test none runs on any node host, and at the end no process,
+  namespace, hosts file or mount of the drill survives.
+
+They skip, saying why, where network namespaces cannot be made (not root, no `ip`). The fast
+tests check the proxy's modes and the namespaces themselves.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from fedchat.netns import Network, unavailable
+from fedchat.netproxy import ProxyControl
+
+NETNS = unavailable()
+needs_netns = pytest.mark.skipif(NETNS is not None, reason=f"no network namespaces here: {NETNS}")
+OTHERS = ("org-1", "org-3")  # the faulted node is org-2 (fedchat.drill.VICTIM)
+
+
+# ------------------------------------------------------------------ the fault proxy (fast, loopback)
+
+class Echo:
+    """A TCP echo server on 127.0.0.1 (a thread)."""
+
+    def __init__(self) -> None:
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.port = self.server.getsockname()[1]
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.server.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._echo, args=(conn,), daemon=True).start()
+
+    @staticmethod
+    def _echo(conn: socket.socket) -> None:
+        with conn:
+            try:
+                while data := conn.recv(4096):
+                    conn.sendall(data)
+            except OSError:
+                pass
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def proxy(tmp_path):
+    echo = Echo()
+    port = _free_port()
+    control = ProxyControl(tmp_path / "proxy.sock")
+    proc = subprocess.Popen([sys.executable, "-m", "fedchat.netproxy", "--control", str(control.path), "--route",
+                             f"a=127.0.0.1:{port},127.0.0.1:{echo.port}"], stdout=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 20
+        while not control.ready():
+            assert proc.poll() is None and time.monotonic() < deadline, "the proxy did not start"
+            time.sleep(0.1)
+        yield port, control
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=10)
+        echo.server.close()
+
+
+def _roundtrip(port: int, timeout: float = 5.0, payload: bytes = b"ping") -> tuple[bytes, float]:
+    started = time.monotonic()
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+        s.sendall(payload)
+        data = s.recv(100)
+    return data, time.monotonic() - started
+
+
+def _broken(s: socket.socket) -> bool:
+    """The connection was reset (or closed) under us: nothing echoes back any more."""
+    try:
+        s.sendall(b"?")
+        return s.recv(100) == b""
+    except OSError:
+        return True
+
+
+def test_the_fault_proxy_passes_delays_holds_and_breaks_connections(proxy):
+    port, control = proxy
+    assert _roundtrip(port)[0] == b"ping"
+    control.mode("a", "delay", 0.6)
+    data, seconds = _roundtrip(port)
+    assert data == b"ping" and seconds >= 1.2  # 0.6 s each way
+    control.mode("a", "pause")  # held, not lost: the bytes come through once the route passes again
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        s.sendall(b"held")
+        s.settimeout(0.8)
+        with pytest.raises(socket.timeout):
+            s.recv(100)
+        control.mode("a", "pass")
+        s.settimeout(5)
+        assert s.recv(100) == b"held"
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        s.sendall(b"x")
+        assert s.recv(100) == b"x"
+        control.mode("a", "drop")  # open connections are reset...
+        assert _broken(s)
+    assert _roundtrip(port)[0] == b"ping"  # ...and new ones go through
+    control.mode("a", "cut")  # every connection, new ones too
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        assert _broken(s)
+    routes = control.mode("a", "pass")
+    assert routes["a"]["refused"] >= 1 and routes["a"]["reset"] >= 1 and routes["a"]["bytes_up"] >= 10
+    with pytest.raises(ValueError, match="no route"):
+        control.mode("b", "cut")
+
+
+# ------------------------------------------------------------------ the coordinator's side of a reconnecting node (fast)
+
+class FlakyGrid:
+    """A grid on which `late` is unavailable the first `times` it is asked (the SuperLink answers for it, as
+    Flower 1.41 does for a node with no recent heartbeat: a node restarting after a crash), then can train."""
+
+    def __init__(self, late: int, times: int) -> None:
+        self.late, self.times, self.asked = late, times, []
+
+    def send_and_receive(self, messages, *, timeout=None):
+        import uuid
+
+        import flwr.compat.common.recorddict_compat as compat
+        from flwr.app import Message
+        from flwr.common import Code, GetPropertiesRes, Status
+        from flwr.server.superlink.linkstate.utils import (
+            create_message_error_unavailable_res_message,
+        )
+
+        replies = []
+        for q in messages:
+            q.metadata.__dict__["_message_id"] = uuid.uuid4().hex  # what pushing it does
+            self.asked.append(q.metadata.dst_node_id)
+            if q.metadata.dst_node_id == self.late and self.asked.count(self.late) <= self.times:
+                replies.append(create_message_error_unavailable_res_message(q.metadata, "node_unavail"))
+            else:
+                res = GetPropertiesRes(Status(Code.OK, ""), {"can-train": True})
+                replies.append(Message(compat.getpropertiesres_to_recorddict(res), reply_to=q))
+        return replies
+
+
+class Proxy:
+    def __init__(self, node_id: int) -> None:
+        self.node_id = node_id
+
+
+@pytest.fixture
+def coordinator_identity(monkeypatch):
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for name, value in (("_task_id", 1), ("_run_id", 1), ("_node_id", 0)):
+        monkeypatch.setattr(TaskIdentity, name, value)
+
+
+def _strategy(grid, **run):
+    from server.strategy import FedChatStrategy
+    from shared.config import RunConfig
+
+    cfg = RunConfig.from_flower({"base-model": "tiny", "node-wait-timeout": 30.0, **run})
+    return FedChatStrategy(cfg, "run-1", [], "", grid)
+
+
+def test_a_node_restarting_after_a_crash_is_asked_again_while_too_few_can_train(coordinator_identity, monkeypatch):
+    """Fault 'kill-before-masked-update': the node's old connection is still timing out when the next round asks.
+    The SuperLink answers for it (node unavailable); while fewer than min-nodes can train the coordinator asks it
+    again instead of failing the round, and a node that stays away is left out saying why."""
+    import server.strategy
+
+    monkeypatch.setattr(server.strategy, "UNAVAILABLE_RETRY_SECONDS", 0.01)
+    nodes = [Proxy(11), Proxy(22), Proxy(33)]
+    grid = FlakyGrid(late=22, times=2)
+    able, left_out = _strategy(grid)._able_to_train(2, nodes)
+    assert [n.node_id for n in able] == [11, 22, 33] and left_out == []
+    assert grid.asked == [11, 22, 33, 22, 22]  # only the unavailable node is asked again
+
+    grid = FlakyGrid(late=22, times=10**6)  # it never comes back: left out when node-wait-timeout is spent
+    able, left_out = _strategy(grid, **{"node-wait-timeout": 0.5})._able_to_train(2, nodes)
+    assert [n.node_id for n in able] == [11, 33]
+    assert left_out[0]["node_id"] == 22 and "Node Unavailable" in left_out[0]["reason"]  # the SuperLink's words
+
+    grid = FlakyGrid(late=22, times=10**6)  # enough nodes can train without it: the round does not wait
+    able, _ = _strategy(grid, **{"min-nodes": 3, "nodes-per-round": 0})._able_to_train(2, [*nodes, Proxy(44)])
+    assert len(able) == 3 and grid.asked.count(22) == 1
+
+
+# ------------------------------------------------------------------ the node's side of a restart after a crash (fast)
+
+FAKE_SUPERNODE = """
+import pathlib, sys, time
+starts = pathlib.Path(sys.argv[1])
+n = int(starts.read_text() or 0) + 1 if starts.exists() else 1
+starts.write_text(str(n))
+if n <= int(sys.argv[2]):
+    print("Exit Code: 305\\n[code: 2004] Failed to activate SuperNode.", flush=True)  # what Flower 1.41 prints
+    sys.exit(1)
+if sys.argv[3] == "fail":
+    print("Exit Code: 302\\nInvalid SuperNode authentication key.", flush=True)
+    sys.exit(1)
+time.sleep(1)
+"""
+
+
+def test_a_node_refused_after_a_crash_starts_its_supernode_again(tmp_path, monkeypatch, capfd):
+    """Fault 'kill-*': a node restarted at once finds the SuperLink still holding its old connection online and
+    Flower's SuperNode exits on the refusal; `fedchat node start` starts it again until the SuperLink lets it in,
+    gives up after its window, and does not retry any other failure."""
+    import fedchat.node_runtime as runtime
+
+    monkeypatch.setattr(runtime, "ACTIVATION_RETRY_SECONDS", 0.1)
+    monkeypatch.setattr(runtime, "_activation_window", lambda: (60.0, 3.0))
+
+    def node(refusals: int, then: str = "run") -> tuple[int, int]:
+        starts = tmp_path / f"starts-{refusals}-{then}"
+        code = runtime.run_node([sys.executable, "-c", FAKE_SUPERNODE, str(starts), str(refusals), then],
+                                "127.0.0.1:9", tmp_path / "node.toml", dict(os.environ))
+        return code, int(starts.read_text())
+
+    assert node(2) == (0, 3)  # refused twice, let in the third time
+    assert "starting the SuperNode again" in capfd.readouterr().err
+    code, starts = node(10**6)  # refused for longer than the window: it gives up, with the SuperNode's exit code
+    assert code == 1 and 2 < starts < 60
+    assert "Giving up" in capfd.readouterr().err
+    assert node(0, "fail") == (1, 1)  # another failure: no retry
+
+
+# ------------------------------------------------------------------ namespaces (fast, root)
+
+@needs_netns
+def test_a_network_of_namespaces_is_made_and_removed_entirely(tmp_path):
+    net = Network({"a": ["10.77.0.1"], "b": ["10.77.0.2"]})
+    with net:
+        net.set_hosts("b", {"server.test": "10.77.0.1"})
+        server = subprocess.Popen(net.exec_argv("a", [sys.executable, "-c", (
+            "import socket\ns = socket.create_server(('10.77.0.1', 9000))\nwhile True:\n    s.accept()[0].sendall(b'hi')")]))
+        try:
+            client = ("import socket, sys\nfor _ in range(50):\n    try:\n"
+                      "        print(socket.create_connection(('server.test', 9000), timeout=2).recv(10).decode())\n"
+                      "        sys.exit(0)\n    except ConnectionRefusedError:\n        __import__('time').sleep(0.1)\n"
+                      "sys.exit(1)")
+            done = net.run("b", [sys.executable, "-c", client], timeout=30)
+            assert done.stdout.strip() == "hi", done.stderr  # by name, from b's own hosts file
+            assert socket.gethostbyname("localhost")  # the machine's resolver is untouched
+            assert net.pids("a") == [server.pid]
+            net.link("b", up=False)
+            done = net.run("b", [sys.executable, "-c", "import socket; socket.create_connection(('10.77.0.1', 9), "
+                                                       "timeout=1)"], timeout=30)
+            assert "timed out" in done.stderr  # a pulled cable: packets dropped, no refusal
+        finally:
+            server.kill()
+            server.wait(timeout=10)
+        assert len(net.leftovers()) == 5  # the switch, a and b, and a's and b's hosts files
+    assert net.leftovers() == [] and net.problems == []
+
+
+# ------------------------------------------------------------------ the drill (slow, root)
+
+@pytest.fixture(scope="module")
+def fed(tmp_path_factory, model_cache):
+    from fedchat.drill import DrillSettings, NetworkFederation
+
+    if NETNS is not None:
+        pytest.skip(f"no network namespaces here: {NETNS}")
+    net = NetworkFederation(tmp_path_factory.mktemp("faults"), DrillSettings())
+    try:
+        net.open()
+        yield net
+    finally:
+        left = net.close()
+        assert left == [], f"left behind: {left}"
+
+
+def _drill(fed, name: str):
+    from fedchat.drill import node_host, run_scenario
+
+    out = run_scenario(fed, name)
+    report = out.facts.get("report") or {}
+    assert out.problems == [], f"{out.detail}\n--- ServerApp log:\n{out.facts.get('server_log', '')[-4000:]}"
+    assert out.survived and out.ledger_entries_lost == 0
+    assert report.get("status") == "finished" and out.flower_status == "finished:completed"
+    for i in range(1, fed.settings.nodes + 1):  # no process left on any node host
+        assert fed.net.pids(node_host(i)) == [], f"processes left on {node_host(i)}"
+    return out
+
+
+def _failed_then_ok(out) -> tuple[dict, dict]:
+    """Round 1 failed, saying why; round 2 ran with every node."""
+    first, second = out.rows
+    assert first["status"] == "failed" and first["error"], first
+    assert second["status"] == "ok" and sorted(second["clients"]) == ["org-1", "org-2", "org-3"], second
+    assert set(second["clients"].values()) == {"ok"}
+    return first, second
+
+
+def _not_aggregated(row: dict) -> None:
+    """The faulted node's masked update never reached the coordinator; the others' that did (on a loaded machine
+    one may miss the round's timeout too) are in the halted round's row, and check_ledgers bound each to its line."""
+    assert "org-2" not in row["clients"] and set(row["clients"]) <= set(OTHERS) and row["clients"], row
+    assert all(s.startswith("not aggregated") for s in row["clients"].values()), row
+
+
+@pytest.mark.slow
+@needs_netns
+def test_a_link_cut_while_a_node_trains_fails_the_round_clearly_and_the_next_round_runs(fed):
+    out = _drill(fed, "link-down")
+    first, _ = _failed_then_ok(out)
+    assert "dropped out at 'collect_masked_vectors'" in first["error"]
+    _not_aggregated(first)
+    assert out.facts["entries_while_down"] == 1  # it trained and recorded round 1 while cut off...
+    assert out.facts["ledger_rounds"]["org-2"] == [1, 2]  # ...and that line is kept (over-count, never under)
+
+
+@pytest.mark.slow
+@needs_netns
+def test_a_node_stalled_past_the_round_timeout_fails_the_round_clearly_and_the_next_round_runs(fed):
+    out = _drill(fed, "node-stall")
+    first, _ = _failed_then_ok(out)
+    assert "dropped out at" in first["error"]
+    stalled = out.facts["proxy_while_stalled"]
+    assert stalled["mode"] == "delay" and stalled["delay"] > fed.settings.secagg_timeout
+
+
+@pytest.mark.slow
+@needs_netns
+def test_a_node_killed_after_key_sharing_is_restarted_and_the_next_round_runs(fed):
+    out = _drill(fed, "kill-after-key-sharing")
+    first, _ = _failed_then_ok(out)
+    assert out.facts["entries_at_kill"] == 0  # killed before it trained: nothing to record
+    assert out.facts["ledger_rounds"]["org-2"] == [2]
+    assert "dropped out at 'collect_masked_vectors'" in first["error"]
+
+
+@pytest.mark.slow
+@needs_netns
+def test_a_node_killed_before_sending_its_masked_update_keeps_its_ledger_line(fed):
+    out = _drill(fed, "kill-before-masked-update")
+    first, _ = _failed_then_ok(out)
+    assert out.facts["entries_at_kill"] == 1  # killed after its ledger append
+    assert out.facts["ledger_rounds"]["org-2"] == [1, 2]  # the line survived the kill, whole
+    _not_aggregated(first)  # its masked update never arrived; the others' did, and are bound to their ledgers
+    assert any("refuses SecAgg+ stage 'unmask'" in f for f in first["failures"])
+
+
+@pytest.mark.slow
+@needs_netns
+def test_the_coordinator_killed_mid_round_resumes_and_completes(fed):
+    out = _drill(fed, "coordinator-killed")
+    report = out.facts["report"]
+    assert [r["status"] for r in out.rows] == ["ok", "ok"]
+    assert report["resumed"] and report["resumed"][0]["from_round"] == 0  # the report says it was interrupted
+    for name in ("org-1", "org-2", "org-3"):  # round 1 was trained twice: both lines are kept
+        assert out.facts["ledger_rounds"][name] == [1, 1, 2]
+
+
+@pytest.mark.slow
+@needs_netns
+def test_a_full_disk_before_the_ledger_append_sends_no_update_and_the_next_round_runs(fed):
+    out = _drill(fed, "disk-full")
+    first, _ = _failed_then_ok(out)
+    assert out.facts["fill"] == "No space left on device"
+    assert out.facts["entries_after_round_1"] == 0 and out.facts["temporary_files"] == []
+    assert any("org-2" in f and "No space left on device" in f for f in first["failures"]), first["failures"]
+    _not_aggregated(first)
+    assert out.facts["ledger_rounds"]["org-2"] == [2]  # no line for an update that never left
+
+
+@pytest.mark.slow
+@needs_netns
+def test_nodes_reconnect_to_a_restarted_superlink_and_the_run_resumes(fed):
+    out = _drill(fed, "superlink-restart")
+    assert out.facts["same_node_processes"] is True  # the SuperNodes reconnected by themselves (Flower #4844)
+    assert [r["status"] for r in out.rows] == ["ok", "ok"]
+    assert all(rounds == [1, 2] for rounds in out.facts["ledger_rounds"].values())
