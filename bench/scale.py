@@ -41,6 +41,7 @@ import json
 import math
 import os
 import random
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -125,7 +126,6 @@ def run_deployment(spec: dict, out: Path) -> dict:
 
 def _synthetic_bundle_folder(folder: Path, params: int) -> Path:
     """A copy of this project whose Flower app components are bench/scale_app.py's, adapter size in its config."""
-    import shutil
     import tomllib
 
     import tomli_w
@@ -158,7 +158,12 @@ def one(spec: dict) -> None:
     runner = {"synthetic": run_synthetic, "train": run_train, "parallel": run_train,
               "deployment": run_deployment}[spec["kind"]]
     with tempfile.TemporaryDirectory(prefix="fedchat-scale-") as tmp:
-        report = runner(spec, Path(tmp))
+        try:
+            report = runner(spec, Path(tmp))
+        except BaseException:
+            if spec.get("keep_logs") and (Path(tmp) / "fed" / "logs").exists():  # the processes' logs, kept
+                shutil.copytree(Path(tmp) / "fed" / "logs", spec["keep_logs"], dirs_exist_ok=True)
+            raise
     last = report["rounds"][-1]
     clients = last["clients"]
     result = {"round_seconds": last["seconds"], "status": last["status"],
@@ -207,7 +212,7 @@ def measure(spec: dict, log: Path) -> dict:
     """Run `spec` in a child process; its result, with the peak RSS of each process role it started."""
     import psutil
 
-    argv = [sys.executable, "-m", "bench.scale", "--one", json.dumps(spec)]
+    argv = [sys.executable, "-m", "bench.scale", "--one", json.dumps({**spec, "keep_logs": str(log) + ".d"})]
     peaks: dict[str, float] = {}
     started = time.perf_counter()
     with open(log, "w") as f:
@@ -497,9 +502,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--nodes", type=int, nargs="+", default=[5])
     parser.add_argument("--adapter-params", type=int, nargs="+", default=[500_000])
-    parser.add_argument("--colluding", type=float, nargs="+", default=[0.5],
+    parser.add_argument("--colluding", type=float, nargs="*", default=[0.5],
                         help="secagg-colluding-fraction of the coordinator and every node: one SecAgg+ row each "
-                             "(0.5: keys shared between all pairs)")
+                             "(0.5: keys shared between all pairs; none: plaintext only)")
     parser.add_argument("--sparse-from", type=int, default=40, help="secagg-sparse-from")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--secagg-only", action="store_true", help="no plaintext row")

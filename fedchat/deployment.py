@@ -27,6 +27,13 @@ What Flower 1.41 expects (established from its source and by running it):
   with ``--isolation process`` instead and starts the ClientApps itself, from approved bundles
   only (fedchat.node_runtime).
 
+* The SuperLink keeps its state and every message's payload in SQLite (``--database``), whose
+  connections wait at most 5 s for a lock (``flwr.supercore.constant.SQLITE_PRAGMAS``). Three
+  nodes pushing 160 MB updates (a 40M-parameter adapter) hold it longer on a busy host: requests
+  fail with "database is locked" and the run with them. `fedchat coordinator start` therefore
+  runs ``flower-superlink`` in its own process (``run_superlink``: same PID and arguments as an
+  exec) with that wait raised to ``SQLITE_BUSY_TIMEOUT_MS``.
+
 Everything here builds commands and files; starting and stopping processes is
 ``fedchat.processes``; a whole federation on one machine is ``fedchat.local_federation``.
 """
@@ -96,6 +103,37 @@ class SuperLinkTLS:
     certfile: Path
     keyfile: Path
     ca_certfile: Path
+
+
+SQLITE_BUSY_TIMEOUT_MS = 120_000
+
+
+def wait_longer_for_sqlite_locks() -> None:
+    """Every SQLite connection Flower opens from now on in this process waits SQLITE_BUSY_TIMEOUT_MS for a lock."""
+    import flwr.supercore.sql_mixin as sql
+
+    pragmas = getattr(sql, "SQLITE_PRAGMAS", None)
+    if not isinstance(pragmas, tuple) or "busy_timeout" not in dict(pragmas):
+        raise FederationError("Flower's SQLite settings are not where Flower 1.41 keeps them "
+                              "(flwr.supercore.sql_mixin.SQLITE_PRAGMAS): install flwr 1.41.0.")
+    sql.SQLITE_PRAGMAS = tuple((k, str(SQLITE_BUSY_TIMEOUT_MS) if k == "busy_timeout" else v) for k, v in pragmas)
+
+
+def run_superlink(argv: list[str]) -> None:
+    """Run `argv` (a superlink_command) as Flower's ``flower-superlink`` entry point in this process,
+    with SQLite's lock wait raised from Flower's 5 s to SQLITE_BUSY_TIMEOUT_MS. Refuses to start if
+    Flower's SQLite settings are not where 1.41 keeps them (rather than run with the short wait)."""
+    import logging
+
+    from flwr.supercore.logger import FLOWER_LOGGER, update_console_handler
+    from flwr.superlink.cli.flower_superlink import flower_superlink
+
+    wait_longer_for_sqlite_locks()
+    # Flower's own logging, as the command would have it (fedchat's CLI quiets Flower's INFO lines).
+    FLOWER_LOGGER.setLevel(logging.DEBUG)
+    update_console_handler(level=(os.getenv("FLWR_LOG_LEVEL") or "INFO").upper())
+    sys.argv = list(argv)
+    flower_superlink()
 
 
 def superlink_command(*, host: str, port: int, tls: SuperLinkTLS | None, node_auth: bool = True,

@@ -16,18 +16,6 @@ from fedchat.service_config import (check_coordinator_file, check_node_file, coo
 from shared.errors import ConfigError
 
 
-def _exec(cmd: list[str], flwr_home: str, print_only: bool) -> int:
-    """Replace this process with the service (same PID: supervisors and systemd keep tracking it)."""
-    if print_only:
-        print(shlex.join(cmd))
-        return 0
-    print(f"starting: {shlex.join(cmd)}", file=sys.stderr, flush=True)  # what runs, in the service's log
-    env = process_env()  # this venv first on PATH (Flower starts its helpers from there), no phoning home
-    env.setdefault("FLWR_HOME", flwr_home)
-    os.execvpe(cmd[0], cmd, env)
-    return 1  # not reached
-
-
 def cmd_node_check(args) -> int:
     nf = read_node_file(args.file)
     for line in check_node_file(nf):
@@ -146,10 +134,23 @@ def cmd_coordinator_check(args) -> int:
 
 
 def cmd_coordinator_start(args) -> int:
+    """Check the file, then become the SuperLink: Flower's flower-superlink, run in this process (same
+    PID, like an exec) with a longer SQLite lock wait (fedchat.deployment.run_superlink)."""
+    from fedchat.deployment import run_superlink
+
     cf = read_coordinator_file(args.file)
     _report(check_coordinator_file(cf))
     home = (cf.database.parent if cf.database else cf.path.parent) / "flwr-home"
-    return _exec(coordinator_command(cf), str(home), args.print)
+    cmd = coordinator_command(cf)
+    if args.print:
+        print(shlex.join(cmd))
+        return 0
+    print(f"starting: {shlex.join(cmd)}", file=sys.stderr, flush=True)  # what runs, in the service's log
+    env = process_env()
+    env.setdefault("FLWR_HOME", str(home))
+    os.environ.update(env)
+    run_superlink(cmd)
+    return 0
 
 
 def add_service_commands(sub: argparse._SubParsersAction) -> None:

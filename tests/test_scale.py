@@ -162,6 +162,27 @@ def test_masked_vectors_travel_as_uint32_and_sum_the_same():
         secagg_wire.shapes([packed[0][1][:-4]])
 
 
+# ------------------------------------------------------------------ the SuperLink's database
+
+
+def test_the_superlinks_database_waits_two_minutes_for_a_lock(tmp_path, monkeypatch):
+    """Flower 1.41 waits 5 s; three nodes pushing 160 MB updates hold the lock longer on a busy host."""
+    import flwr.supercore.sql_mixin as sql
+    from flwr.supercore.object_store.sql_object_store import SqlObjectStore
+
+    from fedchat.deployment import SQLITE_BUSY_TIMEOUT_MS, wait_longer_for_sqlite_locks
+
+    def busy_timeout(name: str) -> int:
+        store = SqlObjectStore(str(tmp_path / name))
+        store.initialize()
+        return store.query("PRAGMA busy_timeout")[0]["timeout"]
+
+    assert busy_timeout("flower.db") == 5000
+    monkeypatch.setattr(sql, "SQLITE_PRAGMAS", sql.SQLITE_PRAGMAS)  # restored after the test
+    wait_longer_for_sqlite_locks()
+    assert busy_timeout("fedchat.db") == SQLITE_BUSY_TIMEOUT_MS == 120_000
+
+
 # ------------------------------------------------------------------ simulation resources
 
 
