@@ -249,7 +249,7 @@ def create_app(engine: Engine, cfg: ServeConfig) -> FastAPI:
         if body.stream:
             events: asyncio.Queue = asyncio.Queue()
             job = Job(gen, _emitter(loop, events.put_nowait), request_id=reply_id)
-            reply = _Reply(reply_id, cfg.model_name, _submit(engine, job))
+            reply = _Reply(reply_id, cfg.model_name, _submit(engine, job, served))
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             # the background task also frees the slot if the client leaves before the stream starts
             return StreamingResponse(reply.sse(gen, events, include_usage, lambda: engine.cancel(job)),
@@ -266,7 +266,7 @@ def create_app(engine: Engine, cfg: ServeConfig) -> FastAPI:
                 finish(event)
 
         job = Job(gen, emit, request_id=reply_id)
-        reply = _Reply(reply_id, cfg.model_name, _submit(engine, job))
+        reply = _Reply(reply_id, cfg.model_name, _submit(engine, job, served))
         gone = asyncio.ensure_future(_disconnected(request))
         try:
             await asyncio.wait({done, gone}, return_when=asyncio.FIRST_COMPLETED)
@@ -291,9 +291,10 @@ def _public_name(base_model: str | None) -> str | None:
     return base_model.replace("\\", "/").rstrip("/").rsplit("/", 1)[-1]
 
 
-def _submit(engine: Engine, job: Job) -> ServedModel:
+def _submit(engine: Engine, job: Job, served: ServedModel) -> ServedModel:
+    """Start the job (on `served` while it is served); the model it runs on."""
     try:
-        return engine.submit(job)
+        return engine.submit(job, served)
     except QueueFullError as exc:
         raise APIError(503, f"The server is busy: {exc}", type="server_error", code="queue_full") from None
 

@@ -31,6 +31,7 @@ from server.merge import merge_adapter
 from serving.config import MAX_BODY_BYTES, ModelSource, ServeConfig
 from serving.engine import Engine, Generation, GenerationParams, TextStream
 from serving.model import ModelWatcher, load_served
+from serving.sampling import request_rng, sample
 from shared.adapter import attach_adapter, exchanged_names, get_arrays, set_arrays
 from shared.config import RunConfig
 from shared.errors import ConfigError
@@ -546,6 +547,21 @@ def test_text_stream_never_splits_characters_or_leaks_a_stop_string(tokenizer):
             break
     assert stopping.stopped and "".join(pieces) == text[:text.index("END")]
     assert not any("E" in p for p in pieces)  # never streamed a piece of the stop string
+
+
+def test_sampling_keeps_every_bit_of_the_seed_and_stays_in_the_nucleus():
+    logits = torch.randn(1000, generator=torch.Generator().manual_seed(0))
+
+    def draws(seed: int, temperature: float = 1.0, top_p: float = 1.0) -> list[int]:
+        rng = request_rng(seed)
+        return [sample(logits, temperature, top_p, rng) for _ in range(30)]
+
+    assert draws(1) == draws(1) and draws(1) != draws(1 + 2**32) and draws(-1) != draws(1)  # 64-bit seeds
+    probs = torch.softmax(logits, dim=-1)
+    top5 = torch.topk(probs, 5)
+    nucleus = float(top5.values.sum()) - 1e-6  # the five likeliest tokens and no other
+    assert set(draws(3, top_p=nucleus)) <= set(top5.indices.tolist()) and len(set(draws(3, top_p=nucleus))) > 1
+    assert set(draws(4, temperature=1e-45)) == {int(logits.argmax())}  # no NaN from logits / 1e-45
 
 
 def test_adapter_source_answers_like_its_merged_folder(run_dir):
