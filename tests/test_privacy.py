@@ -11,7 +11,7 @@ from client.app import FedChatClient
 from client.policy import RoundRefused
 from client.privacy import calibrate_noise, check_delta, compute_epsilon, fits_budget, plan_round
 from shared import ledger
-from shared.adapter import attach_adapter, exchanged_names, get_arrays
+from shared.adapter import attach_adapter, exchanged_names, frozen_a_fingerprint, get_arrays
 from shared.config import NodeConfig, RunConfig
 from shared.errors import PrivacyError
 from shared.model import load_model, resolve_base_model
@@ -113,7 +113,7 @@ def _fit(node: NodeConfig, cfg: RunConfig, rnd: int, run: str):
     model = attach_adapter(load_model(resolve_base_model("tiny"), torch.device("cpu"), torch.float32), cfg)
     params = get_arrays(model, exchanged_names(model, cfg.aggregation))
     client = FedChatClient(node, secagg_active=False)
-    return client.fit(params, fit_config(cfg, rnd, run, ""))
+    return client.fit(params, fit_config(cfg, rnd, run, frozen_a_fingerprint(model)))
 
 
 def test_epsilon_accumulates_across_rounds_and_restarts(tmp_path, tiny_dir):

@@ -234,7 +234,7 @@ def _train(tmp_path: Path, name: str, data_file: Path, *, broken: bool) -> tuple
 
     # The tiny random model's logits barely move through q/v alone; LoRA on lm_head lets it memorise.
     cfg = RunConfig(base_model="tiny", local_steps=40, batch_size=8, learning_rate=0.02, secagg=False,
-                    lora_target_modules="q_proj,v_proj,lm_head")
+                    lora_target_modules="q_proj,v_proj,lm_head", aggregation="fedavg", lora_r=8, lora_alpha=16)
     base = resolve_base_model("tiny")
     tokenizer = load_tokenizer(base)
     torch.manual_seed(0)

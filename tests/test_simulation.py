@@ -32,7 +32,7 @@ def _nodes(data: Path, state: Path, n: int, **extra) -> dict:
 def test_plaintext_fedavg_run_writes_report_checkpoints_and_merged_model(tmp_path):
     write_demo_data(tmp_path / "data", 2)
     run = RunConfig(base_model="tiny", num_rounds=2, local_steps=3, batch_size=4, dp=False, secagg=False,
-                    min_nodes=2, eval_data=str(tmp_path / "data" / "eval.jsonl"), eval_max_conversations=30,
+                    aggregation="fedavg", lora_r=8, lora_alpha=16, learning_rate=2e-3, min_nodes=2, eval_data=str(tmp_path / "data" / "eval.jsonl"), eval_max_conversations=30,
                     out_dir=str(tmp_path / "run"))
     report = simulate(run, _nodes(tmp_path / "data", tmp_path / "nodes", 2, **{"require-dp": False,
                                                                               "require-secagg": False}))
