@@ -95,7 +95,8 @@ def main() -> None:
     compute = {name: args.rounds * c.local_steps * c.batch_size for name, c in (("recipe", recipe), ("reference", ref))}
     if compute["recipe"] != compute["reference"]:
         parser.error(f"--reference processes {compute['reference']} conversations per node and the recipe "
-                     f"{compute['recipe']}: set its batch-size x local-steps to {recipe.local_steps * recipe.batch_size} "
+                     f"{compute['recipe']}: set its batch-size x local-steps to "
+                     f"{recipe.local_steps * recipe.batch_size} "
                      "so the comparison is at matched compute")
 
     from shared.evaluation import load_heldout

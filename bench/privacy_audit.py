@@ -67,7 +67,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--learning-rate", type=float, default=1e-2)
-    parser.add_argument("--epsilons", type=float, nargs="*", default=[8.0], help="DP settings after the run without DP (e.g. 8 1)")
+    parser.add_argument("--epsilons", type=float, nargs="*", default=[8.0],
+                        help="DP settings after the run without DP (e.g. 8 1)")
     parser.add_argument("--base-model", default="smollm2-135m")
     parser.add_argument("--lora-target-modules", default="q_proj,v_proj,lm_head",
                         help="LoRA on lm_head too lets 40 steps memorise rare-word secrets (q/v alone: 31/40 "

@@ -58,7 +58,8 @@ def main() -> None:
                                             local_steps=args.local_steps, secagg=secagg, **common)
         seconds = {s: statistics.mean(r["seconds"] for r in warm_rounds(reports[s])) for s in reports}
         up = {s: statistics.mean(c["bytes_up"] for r in warm_rounds(reports[s]) for c in r["clients"]) for s in reports}
-        down = {s: statistics.mean(c["bytes_down"] for r in warm_rounds(reports[s]) for c in r["clients"]) for s in reports}
+        down = {s: statistics.mean(c["bytes_down"] for r in warm_rounds(reports[s]) for c in r["clients"])
+                for s in reports}
         stages = []
         for n in args.scale:
             print(f"== protocol stages at {n} nodes", flush=True)

@@ -38,9 +38,9 @@ import torch
 
 from bench.common import RESULTS
 from fedchat.serve_process import ServeProcess
-from serving.engine import PAGE_TOKENS, PREFILL_TOKENS
 from server.checkpoint import RunState, round_dir, save_checkpoint
 from server.merge import merge_adapter
+from serving.engine import PAGE_TOKENS, PREFILL_TOKENS
 from shared.adapter import attach_adapter, exchanged_names, get_arrays, set_arrays
 from shared.config import RunConfig
 from shared.logs import quiet_library_warnings
@@ -225,7 +225,7 @@ def main() -> int:
                 server.stop()
 
     rows = []
-    for (name, clients), runs in tries.items():
+    for runs in tries.values():
         best = {k: v for k, v in max(runs, key=lambda row: row["tokens_per_s"]).items() if k != "results"}
         rows.append({**best, "tokens_per_s_all_tries": [row["tokens_per_s"] for row in runs]})
     rows.sort(key=lambda row: (SERVERS.index(row["server"]), row["clients"]))

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -29,8 +29,15 @@ from shared.config import NodeConfig, RunConfig, org_name
 from shared.crypto import key_fingerprint
 from shared.errors import ConfigError
 from shared.logs import setup_logging
-from shared.protocol import (CAN_TRAIN, META_FROZEN_A, META_LEDGER_ENTRIES, META_LEDGER_HEAD, META_ROUND, META_RUN,
-                             split_fit_config)
+from shared.protocol import (
+    CAN_TRAIN,
+    META_FROZEN_A,
+    META_LEDGER_ENTRIES,
+    META_LEDGER_HEAD,
+    META_ROUND,
+    META_RUN,
+    split_fit_config,
+)
 from shared.seeds import derive_seed
 
 if TYPE_CHECKING:
@@ -233,7 +240,7 @@ def _ledger_entry(node: NodeConfig, cfg: RunConfig, run: str, rnd: int, n: int, 
     from shared.adapter import fingerprint
 
     entry = {"node": node.node_name, "run": run, "round": rnd,
-             "time": datetime.now(timezone.utc).isoformat(timespec="seconds"), "num_examples": n,
+             "time": datetime.now(UTC).isoformat(timespec="seconds"), "num_examples": n,
              "max_grad_norm": cfg.dp_max_grad_norm, "delta": node.target_delta, "accountant": cfg.dp_accountant,
              "target_epsilon": node.target_epsilon, "update_sha256": fingerprint(update)}
     if plan is None:

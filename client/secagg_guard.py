@@ -44,9 +44,9 @@ from flwr.client.mod import secaggplus_mod
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
 from flwr.compat.common.recorddict_compat import recorddict_to_fitres
 
+from shared import secagg_wire
 from shared.config import NodeConfig
 from shared.errors import PrivacyError
-from shared import secagg_wire
 from shared.secagg_graph import majority, sparse_refusal
 
 SECAGG_FLAG = "fedchat.secagg"  # context state: whether the current training message runs SecAgg+

@@ -7,7 +7,6 @@ two words into it before parsing).
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import sys

@@ -10,8 +10,8 @@ import sys
 from fedchat.canary_cli import add_canary_commands, empirical_argv
 from fedchat.certs_cli import add_certs_command
 from fedchat.eval_cli import add_eval_command
-from fedchat.tune import add_tune_command
 from fedchat.service_cli import add_service_commands
+from fedchat.tune import add_tune_command
 from serving.cli import add_serving_commands
 from shared.config import AGGREGATIONS, RunConfig, parse_overrides
 from shared.errors import FedchatError
@@ -43,8 +43,10 @@ def cmd_data_check(args) -> int:
     t = stats["tokens_per_conversation"]
     print(f"{stats['file']}: OK")
     print(f"  conversations        {stats['conversations']}")
-    print(f"  turns                {stats['turns']} ({', '.join(f'{k} {v}' for k, v in stats['turns_by_role'].items())})")
-    print(f"  tokens               {stats['tokens']} (mean {t['mean']}, min {t['min']}, max {t['max']} per conversation)")
+    by_role = ", ".join(f"{k} {v}" for k, v in stats["turns_by_role"].items())
+    print(f"  turns                {stats['turns']} ({by_role})")
+    print(f"  tokens               {stats['tokens']} (mean {t['mean']}, min {t['min']}, max {t['max']} "
+          "per conversation)")
     print(f"  assistant tokens     {stats['assistant_tokens']} (the ones the model learns)")
     print(f"  truncated at {stats['max_seq_len']:<6}  {stats['truncated']} conversation(s)"
           + (f", {stats['truncated_without_assistant_tokens']} of them lose every assistant token"

@@ -73,7 +73,8 @@ def run_demo(*, out: str, clients: int, rounds: int, local_steps: int, base_mode
         ledgers.mkdir(exist_ok=True)
         for c in manifest["clients"]:
             state = out_dir / "nodes" / c["node"]
-            for src, dst in ((state / "ledger.jsonl", f"{c['node']}.jsonl"), (state / "ledger-key.pub", f"{c['node']}.pub")):
+            for src, dst in ((state / "ledger.jsonl", f"{c['node']}.jsonl"),
+                             (state / "ledger-key.pub", f"{c['node']}.pub")):
                 if src.exists():
                     shutil.copyfile(src, ledgers / dst)
         report["ledgers"] = str(ledgers.absolute())

@@ -40,8 +40,18 @@ from importlib.metadata import version
 from pathlib import Path
 
 from fedchat.demo_data import demo_node_config, write_demo_data
-from fedchat.deployment import (LOOPBACK, FlowerCLI, SuperLinkTLS, free_port, https_ready, process_env, tool,
-                                wait_until, write_cli_config, write_toml)
+from fedchat.deployment import (
+    LOOPBACK,
+    FlowerCLI,
+    SuperLinkTLS,
+    free_port,
+    https_ready,
+    process_env,
+    tool,
+    wait_until,
+    write_cli_config,
+    write_toml,
+)
 from fedchat.processes import Service, Supervisor, become_subreaper, survivors
 from shared.certs import DEFAULT_HOSTS, write_certs
 from shared.config import AGGREGATIONS, NodeConfig, RunConfig, org_name, parse_overrides
@@ -316,8 +326,8 @@ class Runner:
             name = org_name(i)
             state = self.out / "nodes" / name
             self._start_service(name, "node", state / "node.toml",
-                                lambda port: fed.node_file(i, self.address, self.certs.ca_cert,
-                                                           self.certs.node_key(name), port),
+                                lambda port, i=i, name=name: fed.node_file(i, self.address, self.certs.ca_cert,
+                                                                           self.certs.node_key(name), port),
                                 state, ready=lambda service, port: time.sleep(0.5), configure=self.approve_app)
 
         wanted = set(self.node_ids.values())

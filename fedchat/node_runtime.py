@@ -88,8 +88,9 @@ class BundleGuard:
         return install_from_fab
 
     def check(self, content: bytes) -> str:
-        from flwr.supercore import log
         from logging import ERROR, INFO
+
+        from flwr.supercore import log
 
         digest = hashlib.sha256(content).hexdigest()
         try:

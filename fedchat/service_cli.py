@@ -9,10 +9,17 @@ import shlex
 import sys
 from pathlib import Path
 
-from fedchat.app_bundle import (SHA256, AppBundle, build_bundle, compare, load_bundle_file, write_approvals)
+from fedchat.app_bundle import SHA256, AppBundle, build_bundle, compare, load_bundle_file, write_approvals
 from fedchat.deployment import process_env
-from fedchat.service_config import (check_coordinator_file, check_node_file, coordinator_command, node_command,
-                                    read_coordinator_file, read_node_file, write_node_config)
+from fedchat.service_config import (
+    check_coordinator_file,
+    check_node_file,
+    coordinator_command,
+    node_command,
+    read_coordinator_file,
+    read_node_file,
+    write_node_config,
+)
 from shared.errors import ConfigError
 
 

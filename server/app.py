@@ -10,18 +10,18 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
+import flwr.compat.common.recorddict_compat as compat
 from flwr.app import ConfigRecord, Context
+from flwr.common import ndarrays_to_parameters
 from flwr.server import ServerConfig
 from flwr.server.compat.app_utils import start_update_client_manager_thread
 from flwr.server.compat.legacy_context import LegacyContext
 from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD, Key
 from flwr.server.workflow.default_workflows import default_fit_workflow
 from flwr.serverapp import Grid, ServerApp
-from flwr.common import ndarrays_to_parameters
-import flwr.compat.common.recorddict_compat as compat
 
 from server.checkpoint import RunState, check_resumable, latest_checkpoint, load_state, publish_link, save_checkpoint
 from server.evaluate import HeldOutEvaluator
@@ -61,14 +61,14 @@ class Coordinator:
         checkpoint = latest_checkpoint(self.out)
         if checkpoint is None:
             return RunState(run_id=uuid.uuid4().hex[:12], config=self.cfg.to_flower(),
-                            started=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+                            started=datetime.now(UTC).isoformat(timespec="seconds"))
         if not self.cfg.resume:
             raise CheckpointError(f"{self.out} already holds checkpoints (up to {checkpoint.name}). Set resume=true to "
                                   "continue that run, or choose a new out-dir.")
         state = load_state(checkpoint)
         check_resumable(state, self.cfg, checkpoint)
         if state.round < self.cfg.num_rounds:  # the report says so: a run that stopped and goes on
-            state.resumed.append({"at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            state.resumed.append({"at": datetime.now(UTC).isoformat(timespec="seconds"),
                                   "from_round": state.round,
                                   "note": f"the run stopped after round {state.round} (its last checkpoint); round "
                                           f"{state.round + 1} runs again, and a node that had trained it before the "
@@ -239,7 +239,8 @@ def _round_row(rnd: int, strategy: FedChatStrategy, meter: TrafficMeter, secagg,
             row["error"] = (f"secure aggregation halted at stage '{stage}': {p['active_after_stage'][stage]} of the "
                             f"{p['nodes']} sampled nodes remained, {p['reconstruction_threshold']} are needed to "
                             f"unmask{f' ({dropped})' if dropped else ''}; no node's update was revealed and the global "
-                            "adapter is unchanged" + ("; the nodes' errors are in 'failures'" if row["failures"] else ""))
+                            "adapter is unchanged"
+                            + ("; the nodes' errors are in 'failures'" if row["failures"] else ""))
         else:
             row["error"] = "no usable update this round; the global adapter is unchanged"
         log.error("round %d failed: %s", rnd, row["error"])

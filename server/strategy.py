@@ -20,12 +20,19 @@ import re
 import time
 from dataclasses import dataclass, field
 
-import numpy as np
 import flwr.compat.common.recorddict_compat as compat
+import numpy as np
 from flwr.app import Message
+from flwr.common import (
+    FitIns,
+    FitRes,
+    GetPropertiesIns,
+    MessageTypeLegacy,
+    Parameters,
+    ndarrays_to_parameters,
+    parameters_to_ndarrays,
+)
 from flwr.common.constant import ErrorCode
-from flwr.common import (FitIns, FitRes, GetPropertiesIns, MessageTypeLegacy, Parameters, ndarrays_to_parameters,
-                         parameters_to_ndarrays)
 from flwr.server.client_manager import ClientManager
 from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import Strategy
@@ -246,7 +253,7 @@ class FedChatStrategy(Strategy):
         self.current = apply_update(self.current, weighted_average([updates[k][0] for k in weights],
                                                                    list(weights.values())))
         outcome.applied = True
-        outcome.train_loss = sum(w * l for w, l in losses) / sum(w for w, _ in losses) if losses else None
+        outcome.train_loss = sum(w * loss for w, loss in losses) / sum(w for w, _ in losses) if losses else None
         return ndarrays_to_parameters(self.current), {}
 
     def configure_evaluate(self, server_round, parameters, client_manager):

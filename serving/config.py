@@ -81,7 +81,8 @@ class ServeConfig:
                               "generate together.")
         if self.kv_cache_tokens is not None and self.kv_cache_tokens < 256:
             raise ConfigError(f"--kv-cache-tokens must be at least 256 (got {self.kv_cache_tokens}); leave it out "
-                              "for the default (--max-batch requests of 2048 tokens, and at least the model's context).")
+                              "for the default (--max-batch requests of 2048 tokens, and at least the model's "
+                              "context).")
         if self.default_max_tokens < 1:
             raise ConfigError(f"--default-max-tokens must be at least 1 (got {self.default_max_tokens}).")
         if self.max_body_bytes < 1024:

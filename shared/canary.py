@@ -3,8 +3,8 @@
 A canary is a conversation in the node's data format whose assistant turn holds a secret: a
 sequence of random rare words, each one token of the base model's vocabulary (Panda et al.,
 arXiv 2503.06808, audit LLM fine-tuning with canaries of new or rare tokens), so that the
-secrets of two canaries share almost no token and learning one says little about another. Each canary is included in the node's
-training data by an independent fair coin; the auditor keeps every canary and its coin in a
+secrets of two canaries share almost no token and learning one says little about another. Each canary
+is included in the node's training data by an independent fair coin; the auditor keeps every canary and its coin in a
 secret file and later measures how much training lowered each canary's loss on its secret
 (`shared.one_run_audit` turns that into a lower bound on epsilon).
 
@@ -19,7 +19,7 @@ import random
 import re
 import secrets as _secrets
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -137,7 +137,7 @@ def mixed_in(node_conversations: list[list[dict[str, str]]], canaries: CanarySet
 
 def write_secret(path: str | Path, canaries: CanarySet) -> None:
     """The auditor's secret file: every canary and its coin (0600: it tells which canaries were trained on)."""
-    data = {"format": FORMAT, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    data = {"format": FORMAT, "created": datetime.now(UTC).isoformat(timespec="seconds"),
             "seed": canaries.seed, "template": canaries.template, "k_plus": canaries.k_plus,
             "k_minus": canaries.k_minus, "canaries": [c.to_dict() for c in canaries.canaries]}
     atomic_write_text(path, json.dumps(data, indent=1, ensure_ascii=False) + "\n", mode=0o600)

@@ -48,7 +48,7 @@ class CertError(ConfigError):
 # ------------------------------------------------------------------ generation
 
 def _now() -> _dt.datetime:
-    return _dt.datetime.now(_dt.timezone.utc)
+    return _dt.datetime.now(_dt.UTC)
 
 
 def _name(common_name: str) -> x509.Name:

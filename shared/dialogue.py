@@ -84,7 +84,8 @@ def read_dialogues(path: str | Path, *, skip_bad_lines: bool = False) -> Dialogu
         try:
             record = json.loads(text)
         except json.JSONDecodeError as exc:
-            problems.append((number, f"not valid JSON ({exc.msg} at column {exc.colno}): each line must be one JSON object"))
+            problems.append((number, f"not valid JSON ({exc.msg} at column {exc.colno}): each line must be one JSON "
+                                     "object"))
             continue
         except RecursionError:  # json's decoder recurses once per level of nesting
             problems.append((number, "JSON nested too deeply to read: a line must be one flat object "
@@ -107,7 +108,8 @@ def read_dialogues(path: str | Path, *, skip_bad_lines: bool = False) -> Dialogu
         )
     if not conversations:
         detail = f" ({len(problems)} bad line(s) skipped)" if problems else ""
-        raise DataError(f"{path}: no usable conversation in the file{detail}: it needs at least one JSONL conversation.")
+        raise DataError(f"{path}: no usable conversation in the file{detail}: it needs at least one JSONL "
+                        "conversation.")
     return DialogueFile(path, conversations, numbers, problems, max(blank, 0))
 
 

@@ -51,7 +51,8 @@ def node_file(folder: Path, extra: str = "") -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "d.jsonl").write_text(json.dumps(CONVERSATION) + "\n")
     path = folder / "node.toml"
-    path.write_text('# the operator\'s comment\n[node]\nnode-name = "org-1"\ndata-path = "d.jsonl"\nstate-dir = "state"\n'
+    path.write_text('# the operator\'s comment\n[node]\nnode-name = "org-1"\ndata-path = "d.jsonl"\n'
+                    'state-dir = "state"\n'
                     '\n[connection]  # kept\nsuperlink = "127.0.0.1:9093"\ninsecure = true\n' + extra)
     return path
 

@@ -25,8 +25,19 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from fedchat.cli import main as fedchat_main
-from fedchat.deployment import (LOOPBACK, FlowerCLI, SuperLinkTLS, free_port, https_ready, process_env,
-                                superlink_command, supernode_command, wait_until, write_cli_config, write_toml)
+from fedchat.deployment import (
+    LOOPBACK,
+    FlowerCLI,
+    SuperLinkTLS,
+    free_port,
+    https_ready,
+    process_env,
+    superlink_command,
+    supernode_command,
+    wait_until,
+    write_cli_config,
+    write_toml,
+)
 from fedchat.processes import Supervisor, survivors
 from shared.certs import CertError, cert_hosts, load_cert, write_certs
 from shared.errors import FederationError
@@ -83,8 +94,12 @@ def test_superlink_certificate_verifies_against_the_ca_for_its_hosts_only(tmp_pa
 
 def test_node_keys_are_what_flower_reads_and_verifies(tmp_path):
     from flwr.cli.supernode.register import try_load_public_key
-    from flwr.supercore.primitives.asymmetric import (bytes_to_public_key, public_key_to_bytes, sign_message,
-                                                      verify_signature)
+    from flwr.supercore.primitives.asymmetric import (
+        bytes_to_public_key,
+        public_key_to_bytes,
+        sign_message,
+        verify_signature,
+    )
 
     certs = write_certs(tmp_path, nodes=["org-1", "org-2"], superlink=False)
     assert not certs.ca_cert.exists()  # node-only: no CA on a node's host
@@ -289,7 +304,8 @@ def test_local_federation_completes_two_rounds_and_leaves_no_process(tmp_path, t
     assert "starting: " in superlink_log and "flower-superlink" in superlink_log  # fedchat coordinator start's exec
     for node in ("org-1", "org-2", "org-3"):
         node_log = (out / "logs" / f"{node}.log").read_text()
-        assert "starting: " in node_log and "flower-supernode" in node_log and "--auth-supernode-private-key" in node_log
+        assert "starting: " in node_log and "flower-supernode" in node_log
+        assert "--auth-supernode-private-key" in node_log
         assert "--isolation process" in node_log and f"app bundle sha256 {d['app_sha256']} is approved" in node_log
     commands = (out / "commands.sh").read_text()
     assert commands.count(" coordinator start ") == 1 and commands.count(" supernode register ") == 3

@@ -142,7 +142,7 @@ def test_compose_has_tls_node_authentication_and_the_volumes():
     assert "for node in " + " ".join(NODES) + ";" in register
     # Every named volume is declared, every bind-mounted file exists, no private key is put in `exchange`.
     for name, service in services.items():
-        for target, (source, _) in volumes(service).items():
+        for source, _ in volumes(service).values():
             if source.startswith("."):
                 assert (DEPLOY / source).is_file(), f"{name}: {source}"
             else:

@@ -10,9 +10,9 @@ from flwr.compat.common.recorddict_compat import recorddict_to_fitres
 from safetensors.numpy import load_file
 
 import server.app
+from fedchat.demo import run_demo
 from fedchat.demo_data import write_demo_data
 from fedchat.simulation import simulate
-from fedchat.demo import run_demo
 from server.secagg import FedchatSecAgg, protocol_parameters, quantisation_error_bound
 from server.traffic import TrafficMeter
 from shared.config import RunConfig

@@ -5,9 +5,9 @@ protocol run between real nodes for as far as it needs), then one crafted the wa
 modified ServerApp could, to the node's mod stack as the ClientApp runs it.
 """
 
+import flwr.compat.common.recorddict_compat as compat
 import numpy as np
 import pytest
-import flwr.compat.common.recorddict_compat as compat
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.app.message_type import MessageType
 from flwr.client.mod import secaggplus_mod

@@ -22,7 +22,8 @@ def site(tmp_path):
         'auth-private-key = "certs/nodes/org-1"\nruntime-port = 9100\n\n'
         f'[approval]\napp-sha256 = ["{"ab" * 32}"]\n')
     (tmp_path / "coordinator.toml").write_text(
-        '[superlink]\nhost = "0.0.0.0"\nport = 9093\ncertfile = "certs/superlink.pem"\nkeyfile = "certs/superlink.key"\n'
+        '[superlink]\nhost = "0.0.0.0"\nport = 9093\ncertfile = "certs/superlink.pem"\n'
+        'keyfile = "certs/superlink.key"\n'
         'ca-certfile = "certs/ca.pem"\ndatabase = "db/superlink.db"\n')
     return tmp_path
 

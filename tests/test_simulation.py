@@ -9,13 +9,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from flwr.app.message_type import MessageType
 
+import server.app
 from fedchat.demo_data import write_demo_data
 from fedchat.simulation import simulate
-from shared.audit import audit_ledger, check_against_report
-import server.app
-from flwr.app.message_type import MessageType
 from server.traffic import TrafficMeter
+from shared.audit import audit_ledger, check_against_report
 from shared.config import RunConfig
 from shared.model import load_model
 from shared.protocol import META_LEDGER_ENTRIES, META_LEDGER_HEAD, META_ROUND
@@ -32,7 +32,8 @@ def _nodes(data: Path, state: Path, n: int, **extra) -> dict:
 def test_plaintext_fedavg_run_writes_report_checkpoints_and_merged_model(tmp_path):
     write_demo_data(tmp_path / "data", 2)
     run = RunConfig(base_model="tiny", num_rounds=2, local_steps=3, batch_size=4, dp=False, secagg=False,
-                    aggregation="fedavg", lora_r=8, lora_alpha=16, learning_rate=2e-3, min_nodes=2, eval_data=str(tmp_path / "data" / "eval.jsonl"), eval_max_conversations=30,
+                    aggregation="fedavg", lora_r=8, lora_alpha=16, learning_rate=2e-3, min_nodes=2,
+                    eval_data=str(tmp_path / "data" / "eval.jsonl"), eval_max_conversations=30,
                     out_dir=str(tmp_path / "run"))
     report = simulate(run, _nodes(tmp_path / "data", tmp_path / "nodes", 2, **{"require-dp": False,
                                                                               "require-secagg": False}))
@@ -105,7 +106,8 @@ def test_secure_dp_ffa_run_keeps_budgets_and_ledgers(tmp_path, monkeypatch):
 
 def _demo(out: Path, rounds: int, log: Path) -> Child:
     cmd = [sys.executable, "-m", "fedchat", "demo", "--base-model", "tiny", "--clients", "2", "--rounds", str(rounds),
-           "--local-steps", "2", "--no-dp", "--no-secagg", "--out", str(out), "--run-config", "eval-max-conversations=10"]
+           "--local-steps", "2", "--no-dp", "--no-secagg", "--out", str(out),
+           "--run-config", "eval-max-conversations=10"]
     return Child.start(cmd, log)
 
 

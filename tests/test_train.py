@@ -12,8 +12,8 @@ from shared.model import load_model
 
 
 def _data(tokenizer, n=24):
-    convs = [[{"role": "user", "content": "word " * (1 + (i * 7) % 40)}, {"role": "assistant", "content": f"answer {i}"}]
-             for i in range(n)]
+    convs = [[{"role": "user", "content": "word " * (1 + (i * 7) % 40)},
+              {"role": "assistant", "content": f"answer {i}"}] for i in range(n)]
     return [encode_conversation(tokenizer, m, 128) for m in convs]
 
 
