@@ -133,7 +133,8 @@ class NetworkFederation:
         self.settings = settings or DrillSettings()
         self.app = Path(app).resolve() if app else None
         n = self.settings.nodes
-        hosts = {"coordinator": [f"{SUBNET}.1"], "wan": [f"{SUBNET}.2", *(f"{SUBNET}.{10 + i}" for i in range(1, n + 1))]}
+        hosts = {"coordinator": [f"{SUBNET}.1"],
+                 "wan": [f"{SUBNET}.2", *(f"{SUBNET}.{10 + i}" for i in range(1, n + 1))]}
         hosts.update({node_host(i): [f"{SUBNET}.{100 + i}"] for i in range(1, n + 1)})
         self.net = Network(hosts)
         self.logs = self.root / "logs"
@@ -183,7 +184,8 @@ class NetworkFederation:
             resolve_base_model("tiny")  # prepared once, in the cache every process shares
             bundle = build_bundle(self.app or find_app())
             self.app_sha256 = bundle.sha256
-            self.app_src = unpack_bundle(bundle, self.root / "app")  # what `flwr run` submits, whatever the checkout does
+            # what `flwr run` submits, whatever the checkout does
+            self.app_src = unpack_bundle(bundle, self.root / "app")
             self.start_superlink()
             write_cli_config(self.root / "flwr", f"{COORDINATOR}:{PORT}", self.certs.ca_cert)
             for name in names:
@@ -210,7 +212,8 @@ class NetworkFederation:
 
     def superlink_answers(self) -> bool:
         return self._on("coordinator", "import sys; from fedchat.deployment import https_ready; "
-                                       f"sys.exit(0 if https_ready({COORDINATOR!r}, {PORT}, {str(self.certs.ca_cert)!r}) "
+                                       f"sys.exit(0 if https_ready({COORDINATOR!r}, {PORT}, "
+                                       f"{str(self.certs.ca_cert)!r}) "
                                        "else 1)")
 
     def start_superlink(self) -> Service:
@@ -223,7 +226,8 @@ class NetworkFederation:
             "database": str(folder / "state.db"), "supernode-auth": True}})
         if self.superlink is not None:
             self.sup.forget(self.superlink)
-        self.superlink = self.sup.start("superlink", self.net.exec_argv("coordinator", service_command("coordinator", config)),
+        self.superlink = self.sup.start("superlink",
+                                        self.net.exec_argv("coordinator", service_command("coordinator", config)),
                                         env={**self.env, "FLWR_HOME": str(folder / "flwr-home")}, cwd=folder)
         self.down.discard("superlink")
         self.wait(self.superlink_answers, self.settings.startup_timeout, "the SuperLink did not answer over TLS",
@@ -507,7 +511,8 @@ def check_ledgers(fed: NetworkFederation, report: dict | None) -> LedgerCheck:
             entries = ledger.verify_lines(node.ledger, lines, key)
             recorded = ledger._read_head_file(node.ledger)
             if recorded and recorded[0] > len(lines):
-                out.problems.append(f"{name}: its head file records {recorded[0]} entries, the ledger holds {len(lines)}")
+                out.problems.append(f"{name}: its head file records {recorded[0]} entries, "
+                                    f"the ledger holds {len(lines)}")
         except LedgerError as exc:
             out.problems.append(f"{name}: ledger corrupt: {exc}")
             continue
@@ -538,7 +543,8 @@ def check_ledgers(fed: NetworkFederation, report: dict | None) -> LedgerCheck:
             count, head = c.get("ledger_entries"), c.get("ledger_head")
             if found is None or count is None or not head:
                 out.lost += 1
-                out.problems.append(f"{where}: bound to no ledger (key {str(c.get('ledger_key'))[:12]}, entries {count})")
+                out.problems.append(f"{where}: bound to no ledger (key {str(c.get('ledger_key'))[:12]}, "
+                                    f"entries {count})")
                 continue
             name, lines, entries = found
             if not 0 < int(count) <= len(lines) or ledger.line_hash(lines[int(count) - 1]) != head:
@@ -784,7 +790,8 @@ def run_scenario(fed: NetworkFederation, name: str) -> Outcome:
             if r["status"] != "ok" and not r["error"]:
                 out.problems.append(f"round {r['round']} failed without saying why")
         if len(out.rows) != spec.rounds or report.get("status") != "finished":
-            out.problems.append(f"the report holds {len(out.rows)} of {spec.rounds} rounds, status {report.get('status')}")
+            out.problems.append(f"the report holds {len(out.rows)} of {spec.rounds} rounds, "
+                                f"status {report.get('status')}")
     if out.flower_status and out.flower_status != "finished:completed":
         out.problems.append(f"the run ended as {out.flower_status}")
     check = check_ledgers(fed, report)

@@ -140,7 +140,7 @@ def test_the_fault_proxy_passes_delays_holds_and_breaks_connections(proxy):
         control.mode("b", "cut")
 
 
-# ------------------------------------------------------------------ the coordinator's side of a reconnecting node (fast)
+# ---------------------------------------------------------- the coordinator's side of a reconnecting node (fast)
 
 class FlakyGrid:
     """A grid on which `late` is unavailable the first `times` it is asked (the SuperLink answers for it, as
@@ -263,7 +263,8 @@ def test_a_network_of_namespaces_is_made_and_removed_entirely(tmp_path):
     with net:
         net.set_hosts("b", {"server.test": "10.77.0.1"})
         server = subprocess.Popen(net.exec_argv("a", [sys.executable, "-c", (
-            "import socket\ns = socket.create_server(('10.77.0.1', 9000))\nwhile True:\n    s.accept()[0].sendall(b'hi')")]))
+            "import socket\ns = socket.create_server(('10.77.0.1', 9000))\n"
+            "while True:\n    s.accept()[0].sendall(b'hi')")]))
         try:
             client = ("import socket, sys\nfor _ in range(50):\n    try:\n"
                       "        print(socket.create_connection(('server.test', 9000), timeout=2).recv(10).decode())\n"
