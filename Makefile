@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.fedchat-installed
 
-.PHONY: install demo test test-fast bench clean
+.PHONY: install demo lint test test-fast bench clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -24,10 +24,13 @@ install: $(STAMP)
 demo: install
 	$(VENV)/bin/fedchat demo --out runs/demo --fresh
 
-test: install
+lint: install
+	$(PY) -m ruff check .
+
+test: lint
 	$(PY) -m pytest -q
 
-test-fast: install
+test-fast: lint
 	$(PY) -m pytest -q -m "not slow"
 
 clean:
