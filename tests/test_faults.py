@@ -332,6 +332,7 @@ def _not_aggregated(row: dict) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.faults
 @needs_netns
 def test_a_link_cut_while_a_node_trains_fails_the_round_clearly_and_the_next_round_runs(fed):
     out = _drill(fed, "link-down")
@@ -343,6 +344,7 @@ def test_a_link_cut_while_a_node_trains_fails_the_round_clearly_and_the_next_rou
 
 
 @pytest.mark.slow
+@pytest.mark.faults
 @needs_netns
 def test_a_node_stalled_past_the_round_timeout_fails_the_round_clearly_and_the_next_round_runs(fed):
     out = _drill(fed, "node-stall")
@@ -353,6 +355,7 @@ def test_a_node_stalled_past_the_round_timeout_fails_the_round_clearly_and_the_n
 
 
 @pytest.mark.slow
+@pytest.mark.faults
 @needs_netns
 def test_a_node_killed_after_key_sharing_is_restarted_and_the_next_round_runs(fed):
     out = _drill(fed, "kill-after-key-sharing")
@@ -363,6 +366,7 @@ def test_a_node_killed_after_key_sharing_is_restarted_and_the_next_round_runs(fe
 
 
 @pytest.mark.slow
+@pytest.mark.faults
 @needs_netns
 def test_a_node_killed_before_sending_its_masked_update_keeps_its_ledger_line(fed):
     out = _drill(fed, "kill-before-masked-update")
@@ -374,6 +378,7 @@ def test_a_node_killed_before_sending_its_masked_update_keeps_its_ledger_line(fe
 
 
 @pytest.mark.slow
+@pytest.mark.faults
 @needs_netns
 def test_the_coordinator_killed_mid_round_resumes_and_completes(fed):
     out = _drill(fed, "coordinator-killed")
@@ -385,6 +390,7 @@ def test_the_coordinator_killed_mid_round_resumes_and_completes(fed):
 
 
 @pytest.mark.slow
+@pytest.mark.faults
 @needs_netns
 def test_a_full_disk_before_the_ledger_append_sends_no_update_and_the_next_round_runs(fed):
     out = _drill(fed, "disk-full")
@@ -397,6 +403,7 @@ def test_a_full_disk_before_the_ledger_append_sends_no_update_and_the_next_round
 
 
 @pytest.mark.slow
+@pytest.mark.faults
 @needs_netns
 def test_nodes_reconnect_to_a_restarted_superlink_and_the_run_resumes(fed):
     out = _drill(fed, "superlink-restart")
