@@ -47,6 +47,7 @@ from fedchat.deployment import FlowerCLI, process_env, write_cli_config, write_t
 from fedchat.netns import Network, sweep_stale
 from fedchat.netproxy import ProxyControl
 from fedchat.processes import Service, Supervisor, survivors
+from shared.config import org_name
 from shared.errors import FederationError
 
 log = logging.getLogger("fedchat.drill")
@@ -60,10 +61,6 @@ SERVERAPP = "flwr-serverapp"
 
 def node_host(i: int) -> str:
     return f"node-{i}"
-
-
-def org(i: int) -> str:
-    return f"org-{i}"
 
 
 @dataclass
@@ -93,7 +90,7 @@ class Node:
 
     @property
     def name(self) -> str:
-        return org(self.i)
+        return org_name(self.i)
 
     @property
     def ledger(self) -> Path:
@@ -173,7 +170,7 @@ class NetworkFederation:
             self.net.set_hosts("coordinator", {COORDINATOR: coordinator_ip})
             for i in range(1, self.settings.nodes + 1):  # node i reaches "the coordinator" through its proxy route
                 self.net.set_hosts(node_host(i), {COORDINATOR: self._route_address(i)})
-            names = [org(i) for i in range(1, self.settings.nodes + 1)]
+            names = [org_name(i) for i in range(1, self.settings.nodes + 1)]
             self.certs = write_certs(self.root / "certs", hosts=[COORDINATOR, coordinator_ip, "127.0.0.1", "localhost"],
                                      nodes=names)
             write_demo_data(self.root / "data", self.settings.nodes)
@@ -245,7 +242,7 @@ class NetworkFederation:
         self.superlink.popen.wait(timeout=10)
 
     def _start_proxy(self) -> None:
-        routes = [f"{org(i)}={self._route_address(i)}:{PORT},{self.net.address('coordinator')}:{PORT}"
+        routes = [f"{org_name(i)}={self._route_address(i)}:{PORT},{self.net.address('coordinator')}:{PORT}"
                   for i in range(1, self.settings.nodes + 1)]
         argv = [sys.executable, "-m", "fedchat.netproxy", "--control", str(self.proxy.path)]
         for route in routes:
@@ -261,7 +258,7 @@ class NetworkFederation:
         self.stop_nodes()
         self.proxy.mode("*", "pass")
         for i in range(1, self.settings.nodes + 1):
-            name = org(i)
+            name = org_name(i)
             folder = self.root / "sessions" / session / name
             state = folder / "state"
             state.mkdir(parents=True, exist_ok=True)
@@ -290,8 +287,8 @@ class NetworkFederation:
     def _start_node_service(self, i: int, folder: Path) -> Service:
         from fedchat.local_federation import service_command
 
-        return self.sup.start(org(i), self.net.exec_argv(node_host(i), service_command("node", folder / "node.toml")),
-                              env={**self.env, "FLWR_HOME": str(folder / "flwr-home")}, cwd=folder)
+        argv = self.net.exec_argv(node_host(i), service_command("node", folder / "node.toml"))
+        return self.sup.start(org_name(i), argv, env={**self.env, "FLWR_HOME": str(folder / "flwr-home")}, cwd=folder)
 
     def online(self) -> set[str]:
         return {str(n["node-id"]) for n in self.cli.nodes() if n.get("status") == "online"}
