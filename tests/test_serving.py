@@ -53,7 +53,7 @@ def run_dir(tmp_path_factory, tiny_dir) -> Path:
     """A coordinator output folder with rounds 1 and 2 (different adapters), checkpointed and
     merged as the coordinator lays them out; OUT/merged and OUT/adapter point at round 1."""
     out = tmp_path_factory.mktemp("run")
-    cfg = RunConfig(base_model="tiny")
+    cfg = RunConfig(base_model="tiny", aggregation="fedavg", lora_r=8)  # the old recipe: rounds that answer apart
     for rnd in (1, 2):
         model = attach_adapter(load_model(tiny_dir, CPU, F32), cfg)
         names = exchanged_names(model, "fedavg")
