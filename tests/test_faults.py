@@ -255,6 +255,54 @@ def test_a_node_refused_after_a_crash_starts_its_supernode_again(tmp_path, monke
     assert node(0, "fail") == (1, 1)  # another failure: no retry
 
 
+# ------------------------------------------------------------------ the drill's ledger check (fast)
+
+def test_the_ledger_check_finds_lost_duplicated_and_unbound_lines(tmp_path):
+    """fedchat.drill.check_ledgers can fail: a line removed at the end, an update recorded twice, a report row
+    that names a line the ledger does not hold are each found and counted."""
+    import json
+    from types import SimpleNamespace
+
+    from fedchat.drill import Node, Run, check_ledgers
+    from shared import ledger
+    from shared.accounting import compute_epsilon
+    from shared.crypto import key_fingerprint
+    from tests.support.ledger import entry, rewrite, signed_lines
+
+    state = tmp_path / "org-1" / "state"
+    key = ledger.signing_key_for(state / "ledger.jsonl", state / "ledger-key.pem")
+    history, lines = [], []
+    with ledger.open_for_training(state / "ledger.jsonl", key) as book:
+        for rnd in (1, 2):
+            history.append((0.9, 0.02, 10))
+            book.append(entry(rnd, history, update_sha256=f"{rnd:064x}"))
+            lines.append(ledger.read_lines(state / "ledger.jsonl")[-1])
+    log = "".join(f"node org-1 round {r}: trained 10 steps in 1.0s, train loss 1.0, epsilon 1/8\n" for r in (1, 2))
+    rows = [{"round": r, "status": "ok", "clients": [{"node": "org-1", "status": "ok", "ledger_entries": r,
+                                                       "ledger_key": key_fingerprint(key.public_key()),
+                                                       "ledger_head": ledger.line_hash(lines[r - 1]),
+                                                       "epsilon": compute_epsilon(history[:r], 1e-5, "prv")}]}
+            for r in (1, 2)]
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "report.json").write_text(json.dumps({"run_id": "run-1", "rounds": rows}))
+    fed = SimpleNamespace(nodes={"org-1": Node(1, tmp_path / "org-1", state, None, "1", 0)},
+                          node_log=lambda name: log, runs=[Run("run", tmp_path / "run", "1")])
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+
+    check = check_ledgers(fed, report)
+    assert check.problems == [] and check.lost == 0 and check.bound_rows == 2
+
+    rewrite(state / "ledger.jsonl", lines[:1])  # the last line lost (its head file still says 2)
+    check = check_ledgers(fed, report)
+    assert check.lost == 2  # the training the node logged, and the update the coordinator received
+    assert any("head file records 2" in p for p in check.problems)
+
+    twice = dict(ledger.parse(lines[0]), round=2)  # the same update recorded for two rounds
+    (state / "ledger.head").unlink()
+    rewrite(state / "ledger.jsonl", signed_lines([ledger.parse(lines[0]), twice], key))
+    assert any("recorded twice" in p for p in check_ledgers(fed, report).problems)
+
+
 # ------------------------------------------------------------------ namespaces (fast, root)
 
 @needs_netns
