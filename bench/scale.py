@@ -254,7 +254,8 @@ def row_for(spec: dict, result: dict) -> dict:
            "round_seconds": result.pop("round_seconds"), "peak_rss_mb": round(max(coordinator, node), 1),
            "peak_rss_mb_coordinator": round(coordinator, 1), "peak_rss_mb_node": round(node, 1),
            "peak_rss_mb_by_role": peaks, "bytes_up_per_node": round(result.pop("bytes_up_per_node")),
-           "rounds": spec["rounds"], **{k: v for k, v in spec.items() if k in ("label", "at_once", "threads", "sparse_from")}, **result,
+           "rounds": spec["rounds"],
+           **{k: v for k, v in spec.items() if k in ("label", "at_once", "threads", "sparse_from")}, **result,
            "date": time.strftime("%Y-%m-%d %H:%M")}
     return row
 
@@ -421,9 +422,11 @@ def plots(data: dict) -> None:
         ax.set_yscale("log")
         ax.set_xlabel("nodes in the round")
         ax.set_ylabel("round seconds")
-        ax.set_title({"synthetic": "synthetic updates (protocol only)", "train": "tiny model, every node training"}[kind]
+        titles = {"synthetic": "synthetic updates (protocol only)", "train": "tiny model, every node training"}
+        ax.set_title(titles[kind]
                      + (f", {params[0]:,} params" if len(params) == 1 else ""))
-        ax.legend(fontsize=7)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
         ax.grid(True, which="both", alpha=0.3)
     fig.tight_layout()
     fig.savefig(RESULTS / "scale_nodes.png", dpi=110)
@@ -449,7 +452,8 @@ def plots(data: dict) -> None:
                 ax.set_xlabel("adapter parameters (millions)")
                 ax.set_ylabel(label)
     for ax in axes:
-        ax.legend(fontsize=7)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
         ax.grid(True, alpha=0.3)
     fig.tight_layout()
     fig.savefig(RESULTS / "scale_adapter.png", dpi=110)

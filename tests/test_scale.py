@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.app.message_type import MessageType
-from flwr.client.mod import secaggplus_mod
 from flwr.common import bytes_to_ndarray, ndarray_to_bytes
 from flwr.common.secure_aggregation.ndarrays_arithmetic import parameters_addition, parameters_mod
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
@@ -22,7 +21,6 @@ from shared import secagg_wire
 from shared.config import NodeConfig, RunConfig
 from shared.errors import ConfigError, FederationError, PrivacyError
 from shared.secagg_graph import failure_bounds, sparse_refusal
-
 
 # ------------------------------------------------------------------ choosing the graph
 
@@ -203,8 +201,14 @@ def test_simulation_resources_come_from_the_run_config():
 def test_a_sparse_secagg_round_unmasks_the_exact_weighted_mean(tmp_path):
     """Seven nodes of bench/scale_app.py (fedchat's coordinator and node guard around seeded random updates),
     each assuming at most 10% colluders: 5 key shares each, not 7; the unmasked mean is the true one."""
-    from bench.scale_app import ADAPTER_KEY, CONVERSATIONS, adapter_shapes, make_client_app, make_server_app, \
-        synthetic_update
+    from bench.scale_app import (
+        ADAPTER_KEY,
+        CONVERSATIONS,
+        adapter_shapes,
+        make_client_app,
+        make_server_app,
+        synthetic_update,
+    )
     from fedchat.simulation import run_apps
     from server.secagg import quantisation_error_bound
 
