@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 import sys
 import tempfile
 import time
@@ -79,15 +80,38 @@ def main(argv: list[str] | None = None) -> int:
     return 0 if all(o.survived for o in outcomes) and not left else 1
 
 
+REFUSED = re.compile(r"node (\S+) refuses SecAgg\+ stage '(\w+)'")
+ERROR_ID = re.compile(r", error [0-9a-f]+\).*")  # the node's error id and where to find it: its operator's business
+
+
 def _what_happened(out) -> str:
-    """The table's last column: each round's outcome in a few words."""
+    """The table's last column: each round's outcome in a few words, the nodes by name."""
     parts = []
     for r in out.rows:
         if r["status"] == "ok":
             parts.append(f"round {r['round']} ok ({len(r['clients'])} nodes)")
-        else:
-            cause = (r["error"] or "").split(";")[0].split(" (")[0]
-            parts.append(f"round {r['round']} failed: {cause}")
+            continue
+        refused: dict[str, list[str]] = {}
+        for node, stage in (m.groups() for f in r["failures"] if (m := REFUSED.search(f))):
+            refused.setdefault(stage, []).append(node)
+        said = []
+        for stage, names in r.get("dropped", {}).items():
+            gone = [n for n in names if n not in refused.get(stage, [])]
+            if gone:
+                said.append(f"{', '.join(gone)} dropped out at {stage}")
+        said += [f"{', '.join(names)} refused {stage} (fewer than 3 left)" for stage, names in refused.items()]
+        for error in (f for f in r["failures"] if not REFUSED.search(f)):
+            said.append('"' + ERROR_ID.sub(")", error) + '"')
+        listed = sorted(n for n, status in r["clients"].items() if status.startswith("not aggregated"))
+        if listed:
+            said.append(f"masked updates of {', '.join(listed)} listed, not aggregated")
+        parts.append(f"round {r['round']} failed at {r.get('halted_at') or 'sampling'}: "
+                     + ("; ".join(said) or (r["error"] or "")[:100]))
+    if "reconnect_seconds" in out.facts:
+        parts.insert(0, f"the SuperNodes reconnected in {out.facts['reconnect_seconds']:.0f} s"
+                        + (" (same processes)" if out.facts.get("same_node_processes") else ""))
+    for resume in (out.facts.get("report") or {}).get("resumed", []):
+        parts.insert(0, f"the run, submitted again, resumed after round {resume['from_round']}")
     return "; ".join(parts) or "no round ran" + (f" ({out.problems[0][:120]})" if out.problems else "")
 
 

@@ -776,9 +776,13 @@ def run_scenario(fed: NetworkFederation, name: str) -> Outcome:
     if run is not None:
         out.facts["server_log"] = fed.server_log(run)[-20000:]
     if report:
+        names = {c["node_id"]: c["node"] for r in report.get("rounds", []) for c in r.get("clients", [])}
         out.rows = [{"round": r["round"], "status": r["status"], "error": r.get("error"),
                      "clients": {c["node"]: c.get("status") for c in r.get("clients", [])},
-                     "failures": r.get("failures", [])} for r in report.get("rounds", [])]
+                     "failures": r.get("failures", []), "halted_at": r.get("secagg", {}).get("halted_at"),
+                     "dropped": {stage: [names.get(i, str(i)) for i in ids]
+                                 for stage, ids in r.get("secagg", {}).get("dropped_at_stage", {}).items()}}
+                    for r in report.get("rounds", [])]
         out.rounds_completed = sum(r["status"] == "ok" for r in report.get("rounds", []))
         out.facts["report"] = report
         for r in out.rows:
