@@ -18,7 +18,8 @@ Kinds of rows (each configuration runs in a process of its own, so peak memory i
 * train (--train): the real ServerApp and ClientApp, every node training the tiny model
   (local-steps 2, batch 4, no DP: DP's accountant would add the same seconds to both sides and
   flatter the ratio) on its share of the demo corpus.
-* parallel (--parallel): a 3-node round of the embedded model with DP, as the demo runs it,
+* parallel (--parallel): a 3-node round of the embedded model with DP (2 local steps of 8, micro-batches
+  of 512 tokens so three copies fit in memory),
   nodes one after another (today's default) against all three at once (sim-cpus-per-node 2/3,
   one torch thread each), back to back.
 * deployment (--deployment): Flower's deployment engine as deploy/local-federation.sh runs it
@@ -52,7 +53,8 @@ from bench.common import RESULTS, machine, md_table
 
 RESULT_TAG = "SCALE-RESULT "
 TINY_TRAIN = {"base-model": "tiny", "local-steps": 2, "batch-size": 4, "dp": False, "merge": False, "eval-data": ""}
-DEMO_ROUND = {"base-model": "smollm2-135m", "local-steps": 3, "dp": True, "merge": False, "eval-data": ""}
+DEMO_ROUND = {"base-model": "smollm2-135m", "local-steps": 2, "micro-batch-tokens": 512, "dp": True, "merge": False,
+              "eval-data": ""}
 
 
 # ------------------------------------------------------------------ one configuration (child process)
