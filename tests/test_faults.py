@@ -16,8 +16,11 @@ dirs and ledgers), runs two rounds under SecAgg+ and DP with one fault in round 
 * no process is left: after each test none runs on any node host, and at the end no process,
   namespace, hosts file or mount of the drill survives.
 
-They skip, saying why, where network namespaces cannot be made (not root, no `ip`). The fast
-tests check the proxy's modes and the namespaces themselves.
+They skip, saying why, where network namespaces cannot be made (not root, no `ip`), and carry the
+marker `faults` as well as `slow`. The fast tests check the tools (the proxy's modes, the namespaces,
+the ledger check, which must be able to fail) and the two fixes for a node restarted after a crash on
+their own: the node starts its SuperNode again while the SuperLink refuses it, and the coordinator asks
+a node the SuperLink reports unavailable again while too few can train.
 """
 
 from __future__ import annotations
