@@ -28,7 +28,7 @@ lint: install
 	$(PY) -m ruff check .
 
 test: lint
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=25
 
 test-fast: lint
 	$(PY) -m pytest -q -m "not slow"

@@ -24,7 +24,7 @@ def _trained_adapter(tiny_dir, cfg):
 
 
 def test_checkpoint_is_peft_loadable_and_resumable(tmp_path, tiny_dir):
-    cfg = RunConfig(base_model="tiny", out_dir=str(tmp_path))
+    cfg = RunConfig(base_model="tiny", aggregation="fedavg", out_dir=str(tmp_path))
     model, names = _trained_adapter(tiny_dir, cfg)
     state = RunState(run_id="abc", config=cfg.to_flower(), round=2, base_eval_loss=3.0,
                      rounds=[{"round": 1}, {"round": 2}])
