@@ -352,9 +352,16 @@ def ratios(rows: list[dict]) -> list[dict]:
             p = plain[0]
             out.append({"kind": r["kind"], "nodes": r["nodes"], "adapter_params": r["adapter_params"],
                         "graph": r.get("graph"), "num_shares": r.get("num_shares"),
+                        "colluding_fraction": r.get("colluding_fraction"),
                         "time_ratio": round(r["round_seconds"] / p["round_seconds"], 3),
                         "upload_ratio": round(r["bytes_up_per_node"] / p["bytes_up_per_node"], 3)})
     return out
+
+
+def _graph(row: dict) -> str:
+    """The SecAgg+ graph of a row, with the colluding fraction every party assumed when it was below 0.5."""
+    colluding = row.get("colluding_fraction") or 0.5
+    return f"{row.get('graph', '')}" + (f" (colluding {colluding:g})" if colluding < 0.5 else "")
 
 
 def _mb(b: float) -> str:
@@ -371,13 +378,13 @@ def tables(data: dict) -> str:
         st = r.get("stage_seconds") or {}
         stages = ", ".join(f"{st[k]:.2f}" for k in ("setup", "share_keys", "collect_masked_vectors", "unmask")
                            if k in st)
-        transport = "plaintext" if not r["secagg"] else f"SecAgg+ {r.get('graph', '')}"
+        transport = "plaintext" if not r["secagg"] else f"SecAgg+ {_graph(r)}"
         shares = f"{r['num_shares']} / {r['threshold']}" if r["secagg"] and r.get("num_shares") else ""
         body.append([r["kind"], r["nodes"], f"{r['adapter_params']:,}", transport, shares, f"{r['round_seconds']:.1f}",
                      stages, f"{r['peak_rss_mb_coordinator']:.0f} / {r['peak_rss_mb_node']:.0f}",
                      _mb(r["bytes_up_per_node"])])
     out = md_table(header, body)
-    ratio_rows = [[x["kind"], x["nodes"], f"{x['adapter_params']:,}", x["graph"], x["num_shares"],
+    ratio_rows = [[x["kind"], x["nodes"], f"{x['adapter_params']:,}", _graph(x), x["num_shares"],
                    f"{x['time_ratio']:.3f}", f"{x['upload_ratio']:.3f}"] for x in data.get("ratios", [])]
     if ratio_rows:
         out += "\n\n" + md_table(["kind", "nodes", "adapter params", "SecAgg+ graph", "shares",
@@ -531,7 +538,8 @@ def main(argv: list[str] | None = None) -> None:
     logs = Path(tempfile.mkdtemp(prefix="fedchat-scale-logs-"))
     rows = []
     for i, spec in enumerate(specs(args)):
-        what = (f"{spec['kind']} {spec['nodes']} nodes, {spec['adapter_params']:,} params, "
+        size = "the tiny model's adapter" if spec["kind"] == "train" else f"{spec['adapter_params']:,} params"
+        what = (f"{spec['kind']} {spec['nodes']} nodes, {size}, "
                 + ("plaintext" if not spec["secagg"] else f"SecAgg+ colluding {spec.get('colluding', 0.5):g}")
                 + (f" ({spec['label']})" if spec.get("label") else ""))
         print(f"== {what}", flush=True)
