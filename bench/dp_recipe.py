@@ -1,7 +1,7 @@
 """One DP recipe, measured fast: the demo's nodes trained in this process, without Flower.
 
     .venv/bin/python -m bench.dp_recipe [--epsilon 8] [--rounds 3] [--local-steps 2] [--batch-size 40]
-        [--learning-rate 0.08] [--lora-r 1] [--aggregation ffa] [--eval-conversations 100]
+        [--learning-rate 0.15] [--lora-r 1] [--aggregation ffa] [--eval-conversations 100]
 
 What the search for the default recipe (issue 10) ran, one candidate a call: each round every
 demo node (runs/demo/data unless --data) trains with client.train.train_round, the code a node
@@ -29,7 +29,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--local-steps", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=40)
-    parser.add_argument("--learning-rate", type=float, default=0.08)
+    parser.add_argument("--learning-rate", type=float, default=0.15)
     parser.add_argument("--dp-max-grad-norm", type=float, default=1.0)
     parser.add_argument("--lora-r", type=int, default=1)
     parser.add_argument("--lora-target-modules", default="q_proj,v_proj")

@@ -54,6 +54,22 @@ def _environment(**values: str):
                 os.environ[k] = v
 
 
+@contextmanager
+def one_ray_session():
+    """Keep one Ray session for every simulation run inside (fedchat tune's trials, all with the same
+    resources): Flower 1.41's Ray backend shuts Ray down at the end of each run, and starting it again
+    costs tens of seconds on 2 cores. The virtual nodes (Ray actors) are still made anew for each run."""
+    import ray
+
+    shutdown = ray.shutdown
+    ray.shutdown = lambda *args, **kwargs: None
+    try:
+        yield
+    finally:
+        ray.shutdown = shutdown
+        shutdown()
+
+
 def simulate(run: RunConfig, sim_nodes: dict[int, dict]) -> dict:
     """Run `run` with one virtual SuperNode per entry of `sim_nodes` (partition id -> node config)."""
     return run_apps(run, make_server_app(run.to_flower()), make_client_app(sim_nodes), len(sim_nodes))
@@ -69,6 +85,9 @@ def run_apps(run: RunConfig, server_app, client_app, num_nodes: int) -> dict:
     log.info("simulation: %d virtual nodes, %d at a time, %d torch thread(s) each", num_nodes,
              min(parallel, num_nodes), threads)
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    # Ray starts its workers (the virtual nodes) at nice 15: any other process on the machine, even the
+    # coordinator's own, would then starve the federation's training of CPU.
+    os.environ.setdefault("RAY_worker_niceness", "0")
     with _environment(**{k: str(threads) for k in THREAD_VARIABLES}):
         run_simulation(server_app=server_app, client_app=client_app, num_supernodes=num_nodes,
                        backend_config=backend)

@@ -253,8 +253,11 @@ def run_tune(*, out: str, trials: int, base_model: str, clients: int, rounds: in
     sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=min(10, max(3, trials // 4)))
     study = optuna.create_study(direction="minimize", sampler=sampler, study_name="fedchat-tune")
     started = time.perf_counter()
-    study.optimize(search, n_trials=trials, timeout=timeout, catch=(FedchatError,), callbacks=[progress],
-                   show_progress_bar=True)
+    from fedchat.simulation import one_ray_session
+
+    with one_ray_session():
+        study.optimize(search, n_trials=trials, timeout=timeout, catch=(FedchatError,), callbacks=[progress],
+                       show_progress_bar=True)
     rows = _rows(study)
     write_trials(rows, out_dir)
     done = [t for t in study.trials if t.value is not None]

@@ -113,7 +113,7 @@ class RunConfig(_FlowerConfig):
     local_steps: int = field(default=2, metadata=_doc("optimizer steps each node takes per round"))
     batch_size: int = field(default=40, metadata=_doc("conversations per step (expected batch size under Poisson sampling)"))
     micro_batch_tokens: int = field(default=2048, metadata=_doc("padded tokens per forward pass (memory bound); batches are split by length"))
-    learning_rate: float = field(default=0.08, metadata=_doc("AdamW learning rate for the LoRA tensors"))
+    learning_rate: float = field(default=0.15, metadata=_doc("AdamW learning rate for the LoRA tensors"))
     lora_r: int = field(default=1, metadata=_doc("LoRA rank"))
     lora_alpha: int = field(default=2, metadata=_doc("LoRA scaling numerator (scale = alpha / r)"))
     lora_dropout: float = field(default=0.0, metadata=_doc("LoRA dropout"))

@@ -135,8 +135,11 @@ def test_the_fault_proxy_passes_delays_holds_and_breaks_connections(proxy):
         assert _broken(s)
     assert _roundtrip(port)[0] == b"ping"  # ...and new ones go through
     control.mode("a", "cut")  # every connection, new ones too
-    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
-        assert _broken(s)
+    try:  # the proxy resets it at once: a loaded machine may see the reset already while connecting
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+            assert _broken(s)
+    except ConnectionResetError:
+        pass
     routes = control.mode("a", "pass")
     assert routes["a"]["refused"] >= 1 and routes["a"]["reset"] >= 1 and routes["a"]["bytes_up"] >= 10
     with pytest.raises(ValueError, match="no route"):
