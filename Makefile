@@ -28,10 +28,10 @@ lint: install
 	$(PY) -m ruff check .
 
 test: lint
-	$(PY) -m pytest -q -n 2 --dist loadgroup --durations=25
+	$(PY) -m pytest -q -n 2 --no-loadscope-reorder --durations=25
 
 test-fast: lint
-	$(PY) -m pytest -q -n 2 --dist loadgroup -m "not slow"
+	$(PY) -m pytest -q -n 2 --no-loadscope-reorder -m "not slow"
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info

@@ -12,17 +12,36 @@ from shared.logs import quiet_library_warnings
 quiet_library_warnings()
 
 
-# `make test` runs two pytest workers (pytest-xdist, --dist loadgroup): a test file stays on one worker
-# (its module fixtures are made once), and the files that start Flower's simulation engine share one
-# group, so that no two Ray clusters run at once on the machine.
+# `make test` runs two pytest workers (pytest-xdist): a test file stays on one worker (its module
+# fixtures are made once; the fault drill's hosts exist once), and the files that start Flower's
+# simulation engine share one worker, so that no two Ray clusters run at once on the machine. The
+# longest of these go first, so that neither worker is left with one of them at the end. (xdist's own
+# `--dist loadgroup` does not group under pytest 9.2: its workers' test ids lose the group.)
 RAY_FILES = {"test_scale", "test_secagg", "test_simulation", "test_tune"}
+FIRST = ("test_faults", "ray")
+
+
+def _scope(nodeid: str) -> str:
+    stem = Path(nodeid.split("::", 1)[0]).stem
+    return "ray" if stem in RAY_FILES else stem
 
 
 def pytest_collection_modifyitems(config, items):
-    for item in items:
-        if not item.get_closest_marker("xdist_group"):
-            stem = Path(str(item.fspath)).stem
-            item.add_marker(pytest.mark.xdist_group("ray" if stem in RAY_FILES else stem))
+    def rank(item) -> int:
+        scope = _scope(item.nodeid)
+        return FIRST.index(scope) if scope in FIRST else len(FIRST)
+
+    items.sort(key=rank)  # stable: each file's tests keep their order
+
+
+def pytest_xdist_make_scheduler(config, log):
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ByFileRayTogether(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return _scope(nodeid)
+
+    return ByFileRayTogether(config, log)
 
 
 @pytest.fixture(scope="session", autouse=True)
