@@ -34,6 +34,7 @@ def pytest_collection_modifyitems(config, items):
     items.sort(key=rank)  # stable: each file's tests keep their order
 
 
+@pytest.hookimpl(optionalhook=True)  # a hook of pytest-xdist: pytest without it still runs the tests, one by one
 def pytest_xdist_make_scheduler(config, log):
     from xdist.scheduler import LoadScopeScheduling
 
