@@ -1,7 +1,7 @@
 """One DP recipe, measured fast: the demo's nodes trained in this process, without Flower.
 
     .venv/bin/python -m bench.dp_recipe [--epsilon 8] [--rounds 3] [--local-steps 2] [--batch-size 40]
-        [--learning-rate 0.15] [--lora-r 1] [--aggregation ffa] [--eval-conversations 100]
+        [--learning-rate 0.15] [--lr-decay 1] [--lora-r 1] [--aggregation ffa] [--eval-conversations 100]
 
 What the search for the default recipe (issue 10) ran, one candidate a call: each round every
 demo node (runs/demo/data unless --data) trains with client.train.train_round, the code a node
@@ -30,6 +30,7 @@ def main() -> None:
     parser.add_argument("--local-steps", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=40)
     parser.add_argument("--learning-rate", type=float, default=0.15)
+    parser.add_argument("--lr-decay", type=float, default=1.0, help="learning rate x this each round (1 = constant)")
     parser.add_argument("--dp-max-grad-norm", type=float, default=1.0)
     parser.add_argument("--lora-r", type=int, default=1)
     parser.add_argument("--lora-target-modules", default="q_proj,v_proj")
@@ -72,9 +73,10 @@ def main() -> None:
                               [], cfg.dp_accountant) if args.epsilon else None for n in nodes]
     for rnd in range(1, cfg.num_rounds + 1):
         deltas = []
+        round_cfg = cfg.replace(learning_rate=args.learning_rate * args.lr_decay ** (rnd - 1))
         for i, (train, sigma) in enumerate(zip(nodes, sigmas, strict=True)):
             set_arrays(model, names, current)
-            deltas.append(train_round(model, names, train, cfg, pad_id=tokenizer.pad_token_id,
+            deltas.append(train_round(model, names, train, round_cfg, pad_id=tokenizer.pad_token_id,
                                       seed=secure_seed() if sigma else rnd * 100 + i, noise_multiplier=sigma).delta)
         weights = np.array([len(n) for n in nodes], dtype=float) / sum(len(n) for n in nodes)
         current = [c + sum(w * d[k] for w, d in zip(weights, deltas, strict=True)) for k, c in enumerate(current)]
