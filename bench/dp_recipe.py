@@ -24,17 +24,21 @@ from bench.common import RESULTS
 
 
 def main() -> None:
+    from shared.config import RunConfig
+
+    default = RunConfig()  # each flag defaults to the run config's default recipe
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epsilon", type=float, default=8.0, help="per node, over the run; 0 = no DP")
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--local-steps", type=int, default=2)
-    parser.add_argument("--batch-size", type=int, default=40)
-    parser.add_argument("--learning-rate", type=float, default=0.15)
+    parser.add_argument("--rounds", type=int, default=default.num_rounds)
+    parser.add_argument("--local-steps", type=int, default=default.local_steps)
+    parser.add_argument("--batch-size", type=int, default=default.batch_size)
+    parser.add_argument("--learning-rate", type=float, default=default.learning_rate)
     parser.add_argument("--lr-decay", type=float, default=1.0, help="learning rate x this each round (1 = constant)")
-    parser.add_argument("--dp-max-grad-norm", type=float, default=1.0)
-    parser.add_argument("--lora-r", type=int, default=1)
-    parser.add_argument("--lora-target-modules", default="q_proj,v_proj")
-    parser.add_argument("--aggregation", choices=("fedavg", "ffa"), default="ffa")
+    parser.add_argument("--carry-moments", action="store_true", help="each node keeps its AdamW moments across rounds")
+    parser.add_argument("--dp-max-grad-norm", type=float, default=default.dp_max_grad_norm)
+    parser.add_argument("--lora-r", type=int, default=default.lora_r)
+    parser.add_argument("--lora-target-modules", default=default.lora_target_modules)
+    parser.add_argument("--aggregation", choices=("fedavg", "ffa"), default=default.aggregation)
     parser.add_argument("--data", default="runs/demo/data", help="org-1.jsonl .. org-3.jsonl and eval.jsonl")
     parser.add_argument("--eval-conversations", type=int, default=100)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
@@ -47,7 +51,6 @@ def main() -> None:
     from client.train import secure_seed, train_round
     from shared.accounting import calibrate_noise
     from shared.adapter import attach_adapter, exchanged_names, get_arrays, set_arrays
-    from shared.config import RunConfig
     from shared.dialogue import encode_conversation, read_dialogues
     from shared.model import heldout_loss, load_model, load_tokenizer, resolve_base_model
 
@@ -71,13 +74,18 @@ def main() -> None:
     losses = [heldout_loss(model, heldout, tokenizer.pad_token_id)]
     sigmas = [calibrate_noise(args.epsilon, 1e-5, min(1.0, cfg.batch_size / len(n)), cfg.local_steps * cfg.num_rounds,
                               [], cfg.dp_accountant) if args.epsilon else None for n in nodes]
+    moments: list[dict | None] = [None] * len(nodes)
     for rnd in range(1, cfg.num_rounds + 1):
         deltas = []
         round_cfg = cfg.replace(learning_rate=args.learning_rate * args.lr_decay ** (rnd - 1))
         for i, (train, sigma) in enumerate(zip(nodes, sigmas, strict=True)):
             set_arrays(model, names, current)
-            deltas.append(train_round(model, names, train, round_cfg, pad_id=tokenizer.pad_token_id,
-                                      seed=secure_seed() if sigma else rnd * 100 + i, noise_multiplier=sigma).delta)
+            result = train_round(model, names, train, round_cfg, pad_id=tokenizer.pad_token_id,
+                                 seed=secure_seed() if sigma else rnd * 100 + i, noise_multiplier=sigma,
+                                 optimizer_state=moments[i])
+            deltas.append(result.delta)
+            if args.carry_moments:
+                moments[i] = result.optimizer_state
         weights = np.array([len(n) for n in nodes], dtype=float) / sum(len(n) for n in nodes)
         current = [c + sum(w * d[k] for w, d in zip(weights, deltas, strict=True)) for k, c in enumerate(current)]
         set_arrays(model, names, current)

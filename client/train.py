@@ -44,6 +44,7 @@ class TrainResult:
     steps: int
     conversations_drawn: int
     seconds: float
+    optimizer_state: dict | None = None  # AdamW's moments after the round, to carry into the next
 
 
 def _uniform_batches(n: int, batch_size: int, steps: int, gen: torch.Generator):
@@ -169,14 +170,23 @@ def make_private(model, optimizer, cfg: RunConfig, noise_multiplier: float, nois
 
 
 def train_round(model, names: list[str], data: list[Encoded], cfg: RunConfig, *, pad_id: int,
-                seed: int, noise_multiplier: float | None = None,
+                seed: int, noise_multiplier: float | None = None, optimizer_state: dict | None = None,
                 on_step: Callable[[int, float], None] | None = None) -> TrainResult:
-    """Train the adapter in place for cfg.local_steps steps and return the update."""
+    """Train the adapter in place for cfg.local_steps steps and return the update.
+
+    `optimizer_state`, the `optimizer_state` of this node's previous round, starts AdamW from
+    its moments instead of zero, so momentum averages the DP noise across rounds.
+    """
     started = time.perf_counter()
     device = next(model.parameters()).device
     received = get_arrays(model, names)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=cfg.learning_rate, weight_decay=0.0)
+    if optimizer_state is not None:
+        optimizer.load_state_dict(optimizer_state)
+        for group in optimizer.param_groups:
+            group["lr"] = cfg.learning_rate
+    adamw = optimizer
     forward, gsm, dp_optimizer = model, None, None
     if noise_multiplier is not None:
         sampling, noise = dp_streams(seed)
@@ -203,4 +213,4 @@ def train_round(model, names: list[str], data: list[Encoded], cfg: RunConfig, *,
             gsm._close()  # remove Opacus hooks so the cached model is plain again
     delta = [new - old for new, old in zip(get_arrays(model, names), received)]
     return TrainResult(delta, loss_sum / max(tokens, 1), cfg.local_steps, drawn,
-                       time.perf_counter() - started)
+                       time.perf_counter() - started, adamw.state_dict())

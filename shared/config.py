@@ -109,7 +109,8 @@ class RunConfig(_FlowerConfig):
     # The defaults are the DP recipe (issue 10, bench/dp_utility.py): under DP-SGD noise of std sigma * C / B
     # lands on every trainable value while clipping caps the signal at C whatever the size, so few trainable
     # values (FFA-LoRA, rank 1: B only, A frozen) and large expected batches with few, large steps keep most of
-    # the gain; small batches and many steps suit training without DP.
+    # the gain; small batches and many steps suit training without DP. A clipping norm below nearly every
+    # conversation's gradient norm gives each the same weight in the step (AdamW makes the scale moot).
     local_steps: int = field(default=2, metadata=_doc("optimizer steps each node takes per round"))
     batch_size: int = field(default=40, metadata=_doc("conversations per step (expected batch size under Poisson sampling)"))
     micro_batch_tokens: int = field(default=2048, metadata=_doc("padded tokens per forward pass (memory bound); batches are split by length"))
@@ -127,7 +128,7 @@ class RunConfig(_FlowerConfig):
     resume: bool = field(default=True, metadata=_doc("continue from the last checkpoint in out-dir if there is one"))
     merge: bool = field(default=True, metadata=_doc("write the merged model (OUT/merged) when the run ends"))
     dp: bool = field(default=True, metadata=_doc("train with DP-SGD on every node"))
-    dp_max_grad_norm: float = field(default=1.0, metadata=_doc("per-conversation gradient clipping norm"))
+    dp_max_grad_norm: float = field(default=0.1, metadata=_doc("per-conversation gradient clipping norm (0.1 clips nearly every conversation, so each weighs the same)"))
     dp_accountant: str = field(default="prv", metadata=_doc("'prv' (tighter) or 'rdp'"))
     secagg: bool = field(default=True, metadata=_doc("aggregate with SecAgg+ so the coordinator only sees the sum"))
     secagg_num_shares: int = field(default=0, metadata=_doc("key shares per node; 0 = every sampled node; never fewer than the threshold"))
