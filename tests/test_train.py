@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from client.train import backward_batch, dp_streams, length_chunks, make_private, poisson_batches, train_round
-from shared.adapter import attach_adapter, exchanged_names
+from shared.adapter import attach_adapter, exchanged_names, get_arrays, set_arrays
 from shared.config import RunConfig
 from shared.dialogue import encode_conversation
 from shared.model import load_model
@@ -126,6 +126,24 @@ def _delta(tiny_dir, data, cfg, noise):
     model = _model(tiny_dir)
     names = exchanged_names(model, cfg.aggregation)
     return train_round(model, names, data, cfg, pad_id=0, seed=3, noise_multiplier=noise)
+
+
+def test_carried_moments_continue_adamw(tiny_dir, tokenizer):
+    """A round started from the last round's moments is AdamW's next steps, not a fresh start."""
+    data = _data(tokenizer, 40)
+    cfg = RunConfig(base_model="tiny", local_steps=2, batch_size=8, learning_rate=1e-3)
+    model = _model(tiny_dir)
+    names = exchanged_names(model, cfg.aggregation)
+    first = train_round(model, names, data, cfg.replace(learning_rate=2e-3), pad_id=0, seed=3, noise_multiplier=1.0)
+    after_first = get_arrays(model, names)
+    fresh = train_round(model, names, data, cfg, pad_id=0, seed=4, noise_multiplier=1.0)
+    set_arrays(model, names, after_first)
+    carried = train_round(model, names, data, cfg, pad_id=0, seed=4, noise_multiplier=1.0,
+                          optimizer_state=first.optimizer_state)
+    assert [float(s["step"]) for s in carried.optimizer_state["state"].values()] == [4.0] * len(names)
+    assert carried.optimizer_state["param_groups"][0]["lr"] == 1e-3  # this round's rate, not the carried one
+    # the same sample and noise from the same point: only the moments differ
+    assert max(float(np.abs(x - y).max()) for x, y in zip(fresh.delta, carried.delta)) > 1e-5
 
 
 def test_dp_update_is_bounded_and_noisy(tiny_dir, tokenizer):
