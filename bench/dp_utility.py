@@ -185,9 +185,11 @@ def plot(curves: dict, base: dict, results: list[dict], out: Path, args) -> None
     left.set_xticks(range(args.rounds + 1))
     left.grid(alpha=0.3)
     left.legend()
-    names = ["base"] + [r["setting"].replace("DP epsilon ", "eps ") for r in results]
+    short = {"no DP, non-private recipe": "no DP\n(reference)", "no DP, same recipe": "no DP\n(same recipe)"}
+    names = ["base"] + [short.get(r["setting"], r["setting"].replace("DP epsilon ", "eps ")) for r in results]
     bars = right.bar(names, [base["rouge_l"]] + [r["rouge_l"] for r in results], color="#3b75af")
     right.bar_label(bars, fmt="%.3f", fontsize=8)
+    right.tick_params(axis="x", labelsize=8)
     right.set_ylabel("ROUGE-L F1 (held-out answers)")
     fig.suptitle(f"{args.base_model}: {args.clients} nodes, {args.rounds} rounds x {args.local_steps} steps, matched "
                  "compute")
