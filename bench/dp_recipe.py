@@ -34,6 +34,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=default.batch_size)
     parser.add_argument("--learning-rate", type=float, default=default.learning_rate)
     parser.add_argument("--lr-decay", type=float, default=1.0, help="learning rate x this each round (1 = constant)")
+    parser.add_argument("--server-momentum", type=float, default=0.0,
+                        help="coordinator adds this x its last step to the round's mean update (FedAvgM)")
     parser.add_argument("--carry-moments", action="store_true", help="each node keeps its AdamW moments across rounds")
     parser.add_argument("--dp-max-grad-norm", type=float, default=default.dp_max_grad_norm)
     parser.add_argument("--lora-r", type=int, default=default.lora_r)
@@ -75,6 +77,7 @@ def main() -> None:
     sigmas = [calibrate_noise(args.epsilon, 1e-5, min(1.0, cfg.batch_size / len(n)), cfg.local_steps * cfg.num_rounds,
                               [], cfg.dp_accountant) if args.epsilon else None for n in nodes]
     moments: list[dict | None] = [None] * len(nodes)
+    step = [np.zeros_like(c) for c in current]  # the coordinator's last step (server momentum)
     for rnd in range(1, cfg.num_rounds + 1):
         deltas = []
         round_cfg = cfg.replace(learning_rate=args.learning_rate * args.lr_decay ** (rnd - 1))
@@ -87,7 +90,9 @@ def main() -> None:
             if args.carry_moments:
                 moments[i] = result.optimizer_state
         weights = np.array([len(n) for n in nodes], dtype=float) / sum(len(n) for n in nodes)
-        current = [c + sum(w * d[k] for w, d in zip(weights, deltas, strict=True)) for k, c in enumerate(current)]
+        mean = [sum(w * d[k] for w, d in zip(weights, deltas, strict=True)) for k in range(len(current))]
+        step = [m + args.server_momentum * s for m, s in zip(mean, step, strict=True)]
+        current = [c + s for c, s in zip(current, step, strict=True)]
         set_arrays(model, names, current)
         losses.append(heldout_loss(model, heldout, tokenizer.pad_token_id))
         print(f"round {rnd}/{cfg.num_rounds}: held-out loss {losses[-1]:.4f} ({time.perf_counter() - started:.0f}s)",
