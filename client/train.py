@@ -175,18 +175,19 @@ def train_round(model, names: list[str], data: list[Encoded], cfg: RunConfig, *,
     """Train the adapter in place for cfg.local_steps steps and return the update.
 
     `optimizer_state`, the `optimizer_state` of this node's previous round, starts AdamW from
-    its moments instead of zero, so momentum averages the DP noise across rounds.
+    its moments instead of zero (bench/dp_recipe --carry-moments; it did not help there, so
+    nodes do not use it).
     """
     started = time.perf_counter()
     device = next(model.parameters()).device
     received = get_arrays(model, names)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=cfg.learning_rate, weight_decay=0.0)
+    adamw = torch.optim.AdamW(trainable, lr=cfg.learning_rate, weight_decay=0.0)
     if optimizer_state is not None:
-        optimizer.load_state_dict(optimizer_state)
-        for group in optimizer.param_groups:
-            group["lr"] = cfg.learning_rate
-    adamw = optimizer
+        adamw.load_state_dict(optimizer_state)
+        for group in adamw.param_groups:
+            group["lr"] = cfg.learning_rate  # this round's rate, not the one carried
+    optimizer = adamw  # wrapped by Opacus under DP
     forward, gsm, dp_optimizer = model, None, None
     if noise_multiplier is not None:
         sampling, noise = dp_streams(seed)
