@@ -296,7 +296,7 @@ class NetworkFederation:
     def wait_online(self, names: list[str], timeout: float | None = None) -> None:
         wanted = {self.node_ids[n] for n in names}
         self.wait(lambda: wanted <= self.online(), timeout or self.settings.startup_timeout,
-                  f"nodes {', '.join(names)} did not come online", interval=2.0)
+                  f"nodes {', '.join(names)} did not come online", interval=1.0)
 
     def kill_node(self, name: str) -> list[int]:
         """SIGKILL the node's whole service (`fedchat node start`, its SuperNode, its ClientApps): its host
@@ -319,10 +319,12 @@ class NetworkFederation:
         return node
 
     def stop_nodes(self) -> None:
-        for node in self.nodes.values():
-            procs = _tree(node.service.pid) if node.service.exited() is None else []
+        trees = {name: _tree(node.service.pid) if node.service.exited() is None else []
+                 for name, node in self.nodes.items()}
+        for procs in trees.values():  # every node at once: each takes a second or two to stop gracefully
             _signal(procs[:1], signal.SIGTERM)
-            _, alive = psutil.wait_procs(procs, timeout=30)
+        for name, node in self.nodes.items():
+            _, alive = psutil.wait_procs(trees[name], timeout=30)
             _signal(alive, signal.SIGKILL)
             psutil.wait_procs(alive, timeout=10)
             if node.service.exited() is None:

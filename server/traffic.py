@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections import defaultdict
 from collections.abc import Iterable
 
@@ -15,8 +16,15 @@ def message_bytes(message: Message) -> int:
     return recorddict_to_proto(message.content).ByteSize() if message.has_content() else 0
 
 
+PULL_SECONDS = 0.5  # between pulls for replies (a grid with its own pull_interval, the simulation's, keeps it)
+
+
 class TrafficMeter(Grid):
-    """A Grid that forwards everything to the real one and counts bytes per node."""
+    """A Grid that forwards everything to the real one and counts bytes per node.
+
+    It waits for replies itself: Flower 1.41's deployment grid pulls every 3 s, so each of a round's
+    five exchanges (can-train, then the four SecAgg+ stages) ended up to 3 s after its last reply came.
+    """
 
     def __init__(self, grid: Grid) -> None:
         self._grid = grid
@@ -62,6 +70,17 @@ class TrafficMeter(Grid):
         return self._count_in(list(self._grid.pull_messages(message_ids)))
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
-        messages = list(messages)
-        self._count_out(messages)
-        return self._count_in(list(self._grid.send_and_receive(messages, timeout=timeout)))
+        """Push, then pull until every message has its reply or `timeout` passed (None: no limit), as Flower's
+        grids do, every PULL_SECONDS."""
+        pending = set(self.push_messages(messages))
+        interval = getattr(self._grid, "pull_interval", PULL_SECONDS)
+        end = time.monotonic() + (timeout or 0.0)
+        replies: list[Message] = []
+        while timeout is None or time.monotonic() < end:
+            pulled = list(self.pull_messages(pending))
+            replies += pulled
+            pending -= {m.metadata.reply_to_message_id for m in pulled}
+            if not pending:
+                break
+            time.sleep(interval)
+        return replies
