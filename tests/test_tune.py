@@ -18,10 +18,11 @@ from shared.dialogue import read_dialogues, write_dialogues
 
 @pytest.fixture(scope="module")
 def small_data(tmp_path_factory) -> Path:
-    """Coordinator-owned data in the --data-dir layout, small so a trial takes seconds."""
+    """Coordinator-owned data in the --data-dir layout, small so a trial takes seconds (16 conversations a node:
+    the search's batch sizes run 8 to 16, and a DP step's per-conversation gradients cost in proportion)."""
     full, data = tmp_path_factory.mktemp("full"), tmp_path_factory.mktemp("data")
     write_demo_data(full, 2)
-    for name, n in (("org-1", 24), ("org-2", 24), ("eval", 12)):
+    for name, n in (("org-1", 16), ("org-2", 16), ("eval", 8)):
         write_dialogues(data / f"{name}.jsonl", read_dialogues(full / f"{name}.jsonl").conversations[:n])
     return data
 
@@ -46,12 +47,16 @@ def test_ten_trial_search_writes_a_recipe_that_runs(tmp_path, small_data, capsys
     out = tmp_path / "tune"
     assert main(["tune", "--trials", "10", "--base-model", "tiny", "--clients", "2", "--rounds", "1",
                  "--max-local-steps", "2", "--data-dir", str(small_data), "--out", str(out), "--seed", "1",
-                 "--eval-max-conversations", "12"]) == 0
+                 "--eval-max-conversations", "8"]) == 0
     printed = capsys.readouterr().out
     assert "recipe:" in printed and "ROUGE-L" in printed
     rows = list(csv.DictReader(open(out / "trials.csv")))
     assert len(rows) == 10 and all(r["state"] == "complete" for r in rows)
     assert (out / "trials.md").read_text().count("\n") == 12 and (out / "tune.png").stat().st_size > 1000
+    default, first = RunConfig(), rows[0]  # the default recipe runs first, its batch capped at the 16 a node has
+    assert (first["aggregation"], int(first["lora-r"]), int(first["batch-size"])) == (default.aggregation,
+                                                                                    default.lora_r, 16)
+    assert float(first["learning-rate"]) == pytest.approx(default.learning_rate)
     for r in rows:
         assert 1 <= int(r["local-steps"]) <= 2 and r["aggregation"] in ("fedavg", "ffa")
         assert float(r["epsilon_spent"]) <= 8.0  # every trial within the target epsilon
