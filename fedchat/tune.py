@@ -76,15 +76,25 @@ class Search:
         self.min_batch_size = min(8, self.max_batch_size)
 
     def suggest(self, trial) -> dict:
-        r = trial.suggest_categorical("lora-r", [4, 8, 16])
+        # Wide enough for both kinds of recipe: small batches at lr ~1e-3 without DP, and the DP
+        # default's large batches at rank 1 and lr ~0.1 (the first trial, see `default_trial`).
+        r = trial.suggest_categorical("lora-r", [1, 2, 4, 8, 16])
         return {
-            "learning-rate": trial.suggest_float("learning-rate", 1e-4, 5e-2, log=True),
+            "learning-rate": trial.suggest_float("learning-rate", 1e-4, 0.5, log=True),
             "batch-size": trial.suggest_int("batch-size", self.min_batch_size, self.max_batch_size, log=True),
             "dp-max-grad-norm": trial.suggest_float("dp-max-grad-norm", 0.05, 5.0, log=True),
             "local-steps": trial.suggest_int("local-steps", 1, self.max_local_steps),
             "lora-r": r, "lora-alpha": 2 * r,
             "aggregation": trial.suggest_categorical("aggregation", ["fedavg", "ffa"]),
         }
+
+    def default_trial(self) -> dict:
+        """The run config's default recipe, within the searched ranges: the first trial, so the search
+        reports how the default does on this data and never returns a recipe that did worse."""
+        d = RunConfig()
+        return {"learning-rate": d.learning_rate, "dp-max-grad-norm": d.dp_max_grad_norm, "lora-r": d.lora_r,
+                "aggregation": d.aggregation, "local-steps": min(d.local_steps, self.max_local_steps),
+                "batch-size": max(self.min_batch_size, min(d.batch_size, self.max_batch_size))}
 
     def run_config(self, params: dict, out_dir: Path) -> RunConfig:
         return RunConfig.from_flower({
@@ -252,6 +262,7 @@ def run_tune(*, out: str, trials: int, base_model: str, clients: int, rounds: in
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=min(10, max(3, trials // 4)))
     study = optuna.create_study(direction="minimize", sampler=sampler, study_name="fedchat-tune")
+    study.enqueue_trial(search.default_trial())
     started = time.perf_counter()
     from fedchat.simulation import one_ray_session
 
