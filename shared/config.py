@@ -108,15 +108,15 @@ class RunConfig(_FlowerConfig):
     node_wait_timeout: float = field(default=600.0, metadata=_doc("seconds to wait for min-nodes before giving up"))
     # The defaults are the DP recipe (issue 10, bench/dp_utility.py): under DP-SGD noise of std sigma * C / B
     # lands on every trainable value while clipping caps the signal at C whatever the size, so few trainable
-    # values (FFA-LoRA, rank 1: B only, A frozen) and large expected batches with few, large steps keep most of
+    # values (FFA-LoRA, rank 4: B only, A frozen) and large expected batches with few, large steps keep most of
     # the gain; small batches and many steps suit training without DP. A clipping norm below nearly every
     # conversation's gradient norm gives each the same weight in the step (AdamW makes the scale moot).
     local_steps: int = field(default=2, metadata=_doc("optimizer steps each node takes per round"))
     batch_size: int = field(default=40, metadata=_doc("conversations per step (expected batch size under Poisson sampling)"))
     micro_batch_tokens: int = field(default=2048, metadata=_doc("padded tokens per forward pass (memory bound); batches are split by length"))
-    learning_rate: float = field(default=0.15, metadata=_doc("AdamW learning rate for the LoRA tensors"))
-    lora_r: int = field(default=1, metadata=_doc("LoRA rank"))
-    lora_alpha: int = field(default=2, metadata=_doc("LoRA scaling numerator (scale = alpha / r)"))
+    learning_rate: float = field(default=0.075, metadata=_doc("AdamW learning rate for the LoRA tensors"))
+    lora_r: int = field(default=4, metadata=_doc("LoRA rank"))
+    lora_alpha: int = field(default=8, metadata=_doc("LoRA scaling numerator (scale = alpha / r)"))
     lora_dropout: float = field(default=0.0, metadata=_doc("LoRA dropout"))
     lora_target_modules: str = field(default="q_proj,v_proj", metadata=_doc("comma-separated module names that get adapters"))
     aggregation: str = field(default="ffa", metadata=_doc("'fedavg' (A and B averaged) or 'ffa' (FFA-LoRA: A frozen from the seed, only B exchanged)"))
