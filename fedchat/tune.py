@@ -77,7 +77,7 @@ class Search:
 
     def suggest(self, trial) -> dict:
         # Wide enough for both kinds of recipe: small batches at lr ~1e-3 without DP, and the DP
-        # default's large batches at rank 1 and lr ~0.1 (the first trial, see `default_trial`).
+        # default's large batches at low rank and lr ~0.1 (the first trial, see `default_trial`).
         r = trial.suggest_categorical("lora-r", [1, 2, 4, 8, 16])
         return {
             "learning-rate": trial.suggest_float("learning-rate", 1e-4, 0.5, log=True),
