@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar
@@ -230,9 +231,12 @@ class NodeConfig(_FlowerConfig):
     skip_bad_lines: bool = field(default=False, metadata=_doc("skip (and report) malformed lines instead of refusing the file"))
     require_dp: bool = field(default=True, metadata=_doc("refuse to train without DP-SGD, whatever the coordinator asks"))
     require_secagg: bool = field(default=True, metadata=_doc("refuse to send an update outside SecAgg+, whatever the coordinator asks"))
-    secagg_min_nodes: int = field(default=3, metadata=_doc("fewest nodes a SecAgg+ round must have, at every stage, for this node to take part (never below 3)"))
-    secagg_colluding_fraction: float = field(default=0.5, metadata=_doc("largest share of a round's nodes this node assumes may collude with the coordinator: 0.5 accepts only key sharing whose threshold is a strict majority of the whole round (any minority); below 0.5 it also accepts a sparse graph that hides its update under that assumption (failure at most 2^-40, docs/threat-model.md)"))
-    secagg_dropout_fraction: float = field(default=0.1, metadata=_doc("largest share of a round's nodes this node assumes may drop out, when it judges a sparse graph"))
+    secagg_min_nodes: int = field(default=3, metadata=_doc("fewest nodes whose updates a secure sum must hold, at every stage, for this node to take part (never below 3)"))
+    secagg_colluders: int = field(default=-1, metadata=_doc("how many roster members this node assumes may collude with the coordinator; -1 = the roster's colluder bound; a larger value is stricter and refuses rounds it does not allow"))
+    secagg_dropout_fraction: float = field(default=0.34, metadata=_doc("largest share of a round's nodes this node lets drop out after key sharing (their masks are rebuilt); more and it reveals nothing"))
+    roster: str = field(default="", metadata=_doc("the federation roster file (`fedchat roster`): every member's identity key and the colluder bound"))
+    roster_sha256: str = field(default="", metadata=_doc("SHA-256 of the roster this node's operator approved (`fedchat roster approve`); any other roster is refused"))
+    identity_key: str = field(default="", metadata=_doc("Ed25519 private key (PEM) that signs this node's secure-aggregation messages, listed in the roster; default STATE_DIR/identity-key.pem (`fedchat roster key` makes one)"))
     validation_fraction: float = field(default=0.1, metadata=_doc("share of local conversations held out for local validation"))
     ledger_key: str = field(default="", metadata=_doc("Ed25519 private key (PEM) that signs the ledger; default STATE_DIR/ledger-key.pem"))
     allowed_base_models: str = field(default="smollm2-135m,tiny", metadata=_doc("comma-separated base models (names or folders) this node agrees to load; any other run is refused"))
@@ -254,10 +258,12 @@ class NodeConfig(_FlowerConfig):
         if self.secagg_min_nodes < SECAGG_MIN_NODES:
             self._fail("secagg-min-nodes", f"must be at least {SECAGG_MIN_NODES}: a SecAgg+ sum of fewer updates "
                                            "reveals them")
-        if not 0 < self.secagg_colluding_fraction <= 0.5:
-            self._fail("secagg-colluding-fraction", "must be in (0, 0.5]: 0.5 assumes only that colluders are a minority")
+        if self.secagg_colluders < -1:
+            self._fail("secagg-colluders", "must be -1 (the roster's bound) or a count of roster members, 0 or more")
         if not 0 <= self.secagg_dropout_fraction < 0.5:
             self._fail("secagg-dropout-fraction", "must be in [0, 0.5)")
+        if self.roster_sha256 and not re.fullmatch(r"[0-9a-f]{64}", self.roster_sha256):
+            self._fail("roster-sha256", "must be 64 lower-case hex digits (`fedchat roster approve` writes it)")
         if not self.allowed_models:
             self._fail("allowed-base-models", "must name at least one base model, e.g. 'smollm2-135m'")
         for name in ("max_local_steps", "max_batch_size", "max_seq_len", "max_micro_batch_tokens", "max_lora_r"):
