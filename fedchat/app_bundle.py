@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import re
 import tomllib
 import zipfile
@@ -205,20 +206,37 @@ def check_approval_section(section: object, node_file: str | Path) -> list[str]:
 
 
 def write_approvals(node_file: str | Path, hashes: list[str]) -> Path:
-    """Record the approved hashes: in the file [approval] names if it does, else in node.toml's
-    [approval] table (the rest of node.toml, comments included, is kept). Returns what it wrote."""
+    """Record the approved hashes, replacing every earlier approval: in the file [approval] names if
+    it does (an `app-sha256` list in node.toml beside it is removed, else the old hashes it lists
+    would stay approved), else in node.toml's [approval] table (the rest of node.toml, comments
+    included, is kept). Returns where the hashes were written."""
     from shared.files import atomic_write_text
 
     path = Path(node_file)
     section = tomllib.loads(path.read_text(encoding="utf-8")).get(APPROVAL_SECTION, {})
     target = approval_file(section, path) if isinstance(section, dict) else None
     if target is not None:
+        if section.get(APPROVAL_KEY):
+            _rewrite_approval_section(path, [f"{APPROVAL_FILE_KEY} = {json.dumps(section[APPROVAL_FILE_KEY])}"])
         target.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(target, "# App bundles (SHA-256 of the .fab) this node may run: `fedchat node approve`.\n"
                           + "".join(f"{h}\n" for h in hashes))
         return target
+    return _rewrite_approval_section(path, [
+        "# App bundles (SHA-256 of the .fab) this node may run: `fedchat node approve FILE BUNDLE`.",
+        f"{APPROVAL_KEY} = ["] + [f'    "{h}",' for h in hashes] + ["]"])
+
+
+def _rewrite_approval_section(path: Path, body: list[str]) -> Path:
+    """node.toml with its [approval] table replaced by `body` (moved to the end; the rest kept)."""
+    from shared.files import atomic_write_text
+
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise _fedchat_error(f"cannot read {path}: {exc.strerror}.") from None
     kept, skipping = [], False
-    for line in path.read_text(encoding="utf-8").splitlines():
+    for line in text.splitlines():
         header = re.match(r"^\s*\[\s*([^\]]+?)\s*\]", line)
         if header:
             skipping = header.group(1) == APPROVAL_SECTION
@@ -226,10 +244,12 @@ def write_approvals(node_file: str | Path, hashes: list[str]) -> Path:
             kept.append(line)
     while kept and not kept[-1].strip():
         kept.pop()
-    section = ["", f"[{APPROVAL_SECTION}]",
-               "# App bundles (SHA-256 of the .fab) this node may run: `fedchat node approve FILE BUNDLE`.",
-               f"{APPROVAL_KEY} = ["] + [f'    "{h}",' for h in hashes] + ["]"]
-    atomic_write_text(path, "\n".join(kept + section) + "\n")
+    try:
+        atomic_write_text(path, "\n".join(kept + ["", f"[{APPROVAL_SECTION}]", *body]) + "\n")
+    except OSError as exc:
+        raise _fedchat_error(f"cannot write {path} ({exc.strerror}): its [{APPROVAL_SECTION}] '{APPROVAL_KEY}' list "
+                             "must go, or the hashes it lists stay approved beside the new approval. Remove that "
+                             f"list by hand (keep '{APPROVAL_FILE_KEY} = ...') and approve again.") from None
     return path
 
 

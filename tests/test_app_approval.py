@@ -152,6 +152,25 @@ def test_node_approve_refuses_what_it_cannot_inspect_with_a_clear_error(app, tmp
     assert read_node_file(path).approved == (sha, changed_sha)
 
 
+def test_a_new_approval_replaces_the_hashes_in_node_toml_and_in_the_approvals_file(app, tmp_path, capsys):
+    """Threat: a node.toml with both `app-sha256 = [...]` and `file = ...`; an approval that rewrote only the
+    file left the list's old hashes approved, so a coordinator could fall back to an older bundle."""
+    old, older = "a" * 64, "b" * 64
+    (tmp_path / "node").mkdir()
+    (tmp_path / "node" / "approved.txt").write_text(f"{older}\n")
+    path = node_file(tmp_path / "node", f'\n[approval]\napp-sha256 = ["{old}"]\nfile = "approved.txt"\n')
+    assert set(read_node_file(path).approved) == {old, older}
+    assert fedchat_main(["app", "build", "--app", str(app), "--out", str(tmp_path / "b.fab")]) == 0
+    sha = load_bundle_file(tmp_path / "b.fab").sha256
+    assert fedchat_main(["node", "approve", str(path), str(tmp_path / "b.fab"), "--app", str(app)]) == 0
+    assert "earlier approvals removed" in capsys.readouterr().out
+    assert read_node_file(path).approved == (sha,)
+    assert old not in path.read_text() and 'file = "approved.txt"' in path.read_text()
+    assert "[connection]  # kept" in path.read_text()
+    assert fedchat_main(["node", "approve", str(path), str(tmp_path / "b.fab"), "--app", str(app)]) == 0
+    assert read_node_file(path).approved == (sha,)
+
+
 def test_a_malformed_approval_is_refused(tmp_path):
     for extra, message in [('\n[approval]\napp-sha256 = "abc"\n', "must be a list of SHA-256 hashes"),
                            ('\n[approval]\napp-sha256 = ["ABC"]\n', "must be a list of SHA-256 hashes"),
