@@ -31,3 +31,7 @@ class LedgerError(FedchatError):
 
 class FederationError(FedchatError):
     """The federation cannot proceed (too few nodes, failed secure aggregation)."""
+
+
+class RosterError(ConfigError):
+    """A federation roster, or a node's identity key, is missing, malformed or not the one approved."""
