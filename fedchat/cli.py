@@ -120,10 +120,11 @@ def _audit_keys(args) -> dict:
 
 
 def cmd_audit(args) -> int:
-    from shared.audit import audit_ledger, check_against_report, plot_epsilon
+    from shared.audit import audit_ledger, check_against_report, check_forks, plot_epsilon
 
     keys = _audit_keys(args)
     audits = [audit_ledger(path, key) for path, key in keys.items()]
+    check_forks(audits)  # two ledgers of one key that diverge: one budget spent twice
     checked = audits + ([check_against_report(audits, args.report)] if args.report else [])
     if args.plot:
         plot_epsilon(audits, args.plot)

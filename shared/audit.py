@@ -13,6 +13,9 @@ fingerprint of the ledger key the node sent with its update (not by the node's
 self-declared name), the ledger must still hold every entry the node had committed to
 (so lines removed at the end are caught too), and every row must match an audited
 ledger and every audited ledger a node of the report.
+
+Ledgers signed by the same key must be one history (`check_forks`): two that diverge are a fork,
+the same budget spent twice, and both fail, with or without the report.
 """
 
 from __future__ import annotations
@@ -208,6 +211,33 @@ def check_against_report(audits: list[NodeAudit], report_path: str | Path) -> No
                               "...): the ledger is not from this run's nodes, or the key given for it is not the one "
                               "its node signs with")
     return result
+
+
+def check_forks(audits: list[NodeAudit]) -> None:
+    """Ledgers signed by the same key must be one history: where neither is the start of the other, the
+    node kept two ledgers (a restored backup trained on, a state dir copied and used twice) and spent
+    its budget once in each. Both fail. A ledger that is the start of another is an older copy of it:
+    a warning (the longer one holds everything it spent)."""
+    by_key: dict[str, list[NodeAudit]] = {}
+    for a in audits:
+        if a.key_fingerprint:
+            by_key.setdefault(a.key_fingerprint, []).append(a)
+    for same_key in by_key.values():
+        for i, one in enumerate(same_key):
+            for other in same_key[i + 1:]:
+                shorter, longer = sorted((one, other), key=lambda a: len(a.line_hashes))
+                common = next((k for k, (x, y) in enumerate(zip(one.line_hashes, other.line_hashes)) if x != y),
+                              len(shorter.line_hashes))
+                if common == len(shorter.line_hashes):
+                    shorter.warnings.append(f"an older copy of {longer.ledger} (the same key, its first "
+                                            f"{common} lines): {longer.ledger} holds all it spent")
+                    continue
+                for a, b in ((one, other), (other, one)):
+                    a.problems.append(f"forked: {b.ledger} is signed by the same key ({a.key_fingerprint[:16]}...) "
+                                      f"and shares its first {common} lines, then line {common + 1} differs: the node "
+                                      "trained two histories on one budget (a restored backup trained on, or a state "
+                                      "dir copied and used twice), so neither ledger holds all it spent; ask the "
+                                      "node's operator for both histories and add up their rounds")
 
 
 def plot_epsilon(audits: list[NodeAudit], out: str | Path) -> Path:

@@ -254,3 +254,32 @@ def test_audit_cli_table_json_plot_and_exit_status(tmp_path, capsys):
     rows = json.loads(capsys.readouterr().out)
     assert [(r["node"], r["verdict"]) for r in rows] == [("org-1", "OK"), ("(report)", "OK")]
     assert rows[0]["node_ids"] == [11] and len(rows[0]["key_fingerprint"]) == 64
+
+
+def test_two_divergent_ledgers_signed_by_one_key_fail_as_a_fork(tmp_path, capsys):
+    """Threat: a node restores a backup (or copies its state dir) and trains on both copies: two ledgers,
+    each a valid chain within budget, together spending the budget twice. The audit fails both."""
+    path, pub = _write_ledger(tmp_path, rounds=4, name="org-1")
+    key = load_or_create_signing_key(tmp_path / "org-1-key.pem")
+    fork = tmp_path / "ledgers" / "org-1-restored.jsonl"
+    rewrite(fork, _lines(path)[:2])  # the backup: the first two rounds
+    history = [(0.9, 0.02, 10)] * 2
+    with ledger.open_for_training(fork, key) as book:
+        for rnd in (3, 4):
+            history.append((0.9, 0.02, 10))
+            book.append(entry(rnd, history, node="org-1", update_sha256="cd" * 32, run="run-2"))
+    audits = [audit_ledger(path, pub), audit_ledger(fork, pub)]
+    assert all(a.ok for a in audits)  # each alone is a valid ledger within its budget
+    keys = [f"--key={path}={pub}", f"--key={fork}={pub}"]
+    assert main(["audit", str(path), str(fork), *keys]) == 1
+    err = capsys.readouterr().err
+    assert f"org-1.jsonl: forked: {fork} is signed by the same key" in err
+    assert "shares its first 2 lines, then line 3 differs" in err and "org-1-restored.jsonl: forked" in err
+    report = _report(tmp_path, [("org-1", 11, path, tmp_path / "org-1-key.pem", None)])
+    assert main(["audit", str(path), str(fork), *keys, "--report", str(report), "--json"]) == 1
+    assert [a["verdict"] for a in json.loads(capsys.readouterr().out)][:2] == ["FAIL", "FAIL"]
+    # an older copy of the same history is not a fork: it spent nothing the longer ledger lacks
+    older = tmp_path / "ledgers" / "org-1-old.jsonl"
+    rewrite(older, _lines(path)[:2])
+    assert main(["audit", str(path), str(older), f"--key={path}={pub}", f"--key={older}={pub}"]) == 0
+    assert f"warning: an older copy of {path}" in capsys.readouterr().err
