@@ -10,6 +10,7 @@ import sys
 from fedchat.canary_cli import add_canary_commands, empirical_argv
 from fedchat.certs_cli import add_certs_command
 from fedchat.eval_cli import add_eval_command
+from fedchat.roster_cli import add_roster_command
 from fedchat.service_cli import add_service_commands
 from fedchat.tune import add_tune_command
 from serving.cli import add_serving_commands
@@ -219,6 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_tune_command(sub)
     add_canary_commands(sub)
     add_service_commands(sub)
+    add_roster_command(sub)
     return p
 
 
