@@ -12,6 +12,10 @@ noise and the division by B happen once per step (`ExactDPOptimizer`). Opacus' o
 optimizer would divide by B times the number of backward passes, a number that
 depends on the lengths of the conversations drawn.
 
+A drawn conversation whose gradient is not finite (inf or NaN in any tensor) counts as a zero
+gradient, before clipping: zero is within the clipping bound, so the guarantee is unchanged, and
+one such conversation cannot turn the whole update into NaN (which would show it was drawn).
+
 The Poisson sample and the noise come from two independent PCG64DXSM streams (128-bit
 state) seeded with 256 bits from the OS, never from torch's CPU generator (which keeps
 32 bits of a seed) and never from the run seed.
@@ -131,11 +135,31 @@ class ExactDPOptimizer(DPOptimizer):
         super().__init__(optimizer, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
                          expected_batch_size=expected_batch_size, loss_reduction="mean")
         self.noise_rng = noise_rng
+        self.non_finite_samples = 0  # conversations whose gradient was inf/NaN, counted as zero
 
     def clip_micro_batch(self) -> None:
+        self.zero_non_finite_samples()
         self.clip_and_accumulate()
         for p in self.params:
             p.grad_sample = None
+
+    def zero_non_finite_samples(self) -> None:
+        """A conversation whose gradient holds inf or NaN in any tensor (a float16 overflow, a crafted global
+        adapter) counts as a zero gradient: clipped, it would make the whole sum NaN and so reveal that it
+        was drawn. Zero is within the clipping bound, so the step stays a sum of per-conversation vectors of
+        norm at most max-grad-norm plus the same noise: the DP guarantee is unchanged. Counted in
+        `non_finite_samples`, which stays on the node (its log)."""
+        samples = [self._get_flat_grad_sample(p) for p in self.params]
+        if not samples or len(samples[0]) == 0:
+            return
+        bad = torch.zeros(len(samples[0]), dtype=torch.bool, device=samples[0].device)
+        for g in samples:
+            bad |= ~torch.isfinite(g.reshape(len(g), -1)).all(dim=1).to(bad.device)
+        if bad.any():
+            self.non_finite_samples += int(bad.sum())
+            for p, g in zip(self.params, samples):
+                keep = ~bad.to(g.device).view(-1, *[1] * (g.dim() - 1))
+                p.grad_sample = torch.where(keep, g, torch.zeros((), dtype=g.dtype, device=g.device))
 
     def add_noise(self) -> None:
         std = self.noise_multiplier * self.max_grad_norm
@@ -212,6 +236,9 @@ def train_round(model, names: list[str], data: list[Encoded], cfg: RunConfig, *,
         model.eval()
         if gsm is not None:
             gsm._close()  # remove Opacus hooks so the cached model is plain again
+    if dp_optimizer is not None and dp_optimizer.non_finite_samples:
+        log.warning("%d drawn conversation(s) had an inf/NaN gradient and counted as zero (kept on the node)",
+                    dp_optimizer.non_finite_samples)
     delta = [new - old for new, old in zip(get_arrays(model, names), received)]
     return TrainResult(delta, loss_sum / max(tokens, 1), cfg.local_steps, drawn,
                        time.perf_counter() - started, adamw.state_dict())

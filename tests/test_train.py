@@ -157,3 +157,38 @@ def test_dp_update_is_bounded_and_noisy(tiny_dir, tokenizer):
     # same seed: same Poisson sample and noise; the node draws a fresh OS-random seed each round in practice
     for x, y in zip(a.delta, b.delta):
         np.testing.assert_allclose(x, y, atol=1e-6)
+    # noisy: the same seed (the same Poisson sample) with next to no noise gives another update in every
+    # tensor, so the noise is added; another seed gives another update again
+    model = _model(tiny_dir)
+    names = exchanged_names(model, cfg.aggregation)
+    quiet = train_round(model, names, data, cfg, pad_id=0, seed=3, noise_multiplier=1e-6)
+    differs = [float(np.abs(x - y).max()) for x, y in zip(a.delta, quiet.delta)]
+    assert min(differs) > 1e-4, differs  # every tensor moved by the noise
+    model = _model(tiny_dir)
+    c = train_round(model, names, data, cfg, pad_id=0, seed=4, noise_multiplier=1.0)
+    assert max(float(np.abs(x - y).max()) for x, y in zip(a.delta, c.delta)) > 1e-4
+
+
+def test_a_conversation_with_a_non_finite_gradient_counts_as_zero(tiny_dir, tokenizer):
+    """Threat: one drawn conversation whose gradient overflows to inf/NaN (float16, a crafted global adapter)
+    made the clipped sum, and so the released update, NaN: that alone shows it was drawn. Its gradient
+    must count as zero (within the clipping bound): the step is the others' clipped sum plus the noise."""
+    data = _data(tokenizer)
+    model = _model(tiny_dir)
+    emb = model.get_input_embeddings().weight
+    poison = max(t for e in data for t in e.input_ids) + 1  # a token no other conversation holds
+    with torch.no_grad():
+        emb[poison] = float("inf")  # its activations overflow: loss and gradient are NaN
+    bad = len(data)
+    data.append(type(data[0])([*data[0].input_ids[:-2], poison, *data[0].input_ids[-2:]],
+                              [*data[0].labels[:-2], -100, *data[0].labels[-2:]], False))
+    cfg = RunConfig(base_model="tiny", batch_size=4, dp_max_grad_norm=0.05)
+    idx = [3, 7, 0, 12]
+    alone, _ = _grads(model, data, [bad], 100_000)
+    assert not all(bool(torch.isfinite(g).all()) for g in alone)  # the conversation's gradient is non-finite
+    for max_tokens in (100_000, 60):  # one micro-batch, and several
+        got = _dp_step_gradient(model, data, [*idx, bad], cfg, max_tokens, noise_multiplier=0.5, noise_seed=11)
+        want = _dp_step_gradient(model, data, idx, cfg, 100_000, noise_multiplier=0.5, noise_seed=11)
+        for g, w in zip(got, want):
+            assert bool(torch.isfinite(g).all())
+            torch.testing.assert_close(g, w, atol=1e-6, rtol=1e-4)
