@@ -1,7 +1,8 @@
 """The node's ClientApp: train the adapter on local data, reply with the update only.
 
-What leaves the node each round: the adapter update (masked by SecAgg+ when the
-coordinator runs it), the number of training conversations, and these metrics: node
+What leaves the node each round: the adapter update and its weight, the number of training
+conversations capped at secagg-max-weight (both masked by the secure sum, client/secagg.py, when
+the coordinator runs it: it learns only their sums), and these metrics: node
 name, status, the fingerprint of its ledger key, cumulative epsilon and budget, and the
 head of its privacy ledger. Never a record, never a per-conversation value, and under
 DP no statistic of the data (train loss, timings): those stay in the node's log.
@@ -23,7 +24,7 @@ from flwr.clientapp import ClientApp
 
 from client.policy import RoundRefused, check_run, refusal
 from client.privacy import fits_budget, plan_round
-from client.secagg_guard import SECAGG_FLAG, secagg_guard
+from client.secagg import SECAGG_FLAG, secure_aggregation
 from shared import ledger
 from shared.config import NodeConfig, RunConfig, org_name
 from shared.crypto import key_fingerprint
@@ -44,7 +45,7 @@ if TYPE_CHECKING:
     from client.data import LocalData
 
 # torch, transformers, peft and Opacus are imported where they are used: three of the four ClientApp
-# processes of a SecAgg+ round (key set-up, key sharing, unmasking) never train, and start without them.
+# processes of a secure-sum round (all stages but collect) never train, and start without them.
 log = logging.getLogger("fedchat.node")
 SIM_KEYS = ("partition-id", "num-partitions")  # what Flower's simulation puts in node_config
 
@@ -187,8 +188,9 @@ class FedChatClient(NumPyClient):
         n = len(data.train)
         ledger_path = Path(node.state_dir) / "ledger.jsonl"
         key = ledger.signing_key_for(ledger_path, node.ledger_key or Path(node.state_dir) / "ledger-key.pem")
-        metrics = {"node": node.node_name, "num-conversations": n, "status": "ok",
-                   "ledger-key": key_fingerprint(key.public_key())}
+        metrics = {"node": node.node_name, "status": "ok", "ledger-key": key_fingerprint(key.public_key())}
+        if not self.secagg_active:  # under the secure sum the count travels masked, as the update's weight
+            metrics["num-conversations"] = n
         # From planning to append the node holds its ledger's lock: no second run can spend the same budget.
         with ledger.open_for_training(ledger_path, key, _recorded_head(meta), must_exist=True) as book:
             plan = None
@@ -208,7 +210,7 @@ class FedChatClient(NumPyClient):
                 bound = cfg.update_bound
                 if plan is not None:  # a function of the DP-noised update (post-processing): it may leave
                     metrics["clipped-values"] = int(sum(int((np.abs(u) > bound).sum()) for u in update))
-                # float64: Flower quantises to 2**29 levels, finer than float32 can resolve.
+                # float64: the secure sum quantises to 2**30 levels, finer than float32 can resolve.
                 update = [np.clip(u, -bound, bound).astype(np.float64) for u in update]
             entry = book.append(_ledger_entry(node, cfg, run, rnd, n, plan, update))
             head, count = book.head()
@@ -216,7 +218,7 @@ class FedChatClient(NumPyClient):
         if plan is not None:
             metrics.update({"epsilon": entry["epsilon"], "target-epsilon": node.target_epsilon,
                             "delta": node.target_delta, "noise-multiplier": plan.noise_multiplier})
-        elif not self.secagg_active:  # neither DP nor SecAgg+ promised: the coordinator may see how it went
+        elif not self.secagg_active:  # neither DP nor the secure sum promised: the coordinator may see how it went
             metrics.update({"train-loss": result.train_loss, "seconds": result.seconds})
         # Statistics of the private data (loss, timings) stay on the node under DP: logged here only.
         if data.validation:
@@ -272,8 +274,8 @@ def budget_allows_round(node: NodeConfig, cfg: RunConfig, rnd: int, run: str) ->
 def make_client_app(sim_nodes: dict[int, dict] | None = None) -> ClientApp:
     """The ClientApp. `sim_nodes` gives per-partition node settings in simulation.
 
-    Every training message passes `client.secagg_guard` first: SecAgg+ only with the node's own
-    minimum of nodes and a majority threshold, and (require-secagg) never a plaintext update.
+    Every training message passes `client.secagg` first: the secure sum on the node's own terms (its
+    approved roster, its colluder bound and minimum), and (require-secagg) never a plaintext update.
     """
 
     def node_config(context: Context) -> tuple[NodeConfig, int | None]:
@@ -287,7 +289,7 @@ def make_client_app(sim_nodes: dict[int, dict] | None = None) -> ClientApp:
         secagg_active = bool(context.state.config_records.get(SECAGG_FLAG, {}).get("active", False))
         return FedChatClient(node, secagg_active, partition).to_client()
 
-    return ClientApp(client_fn=client_fn, mods=[secagg_guard(lambda context: node_config(context)[0])])
+    return ClientApp(client_fn=client_fn, mods=[secure_aggregation(lambda context: node_config(context)[0])])
 
 
 app = make_client_app()

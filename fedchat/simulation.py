@@ -70,9 +70,39 @@ def one_ray_session():
         shutdown()
 
 
-def simulate(run: RunConfig, sim_nodes: dict[int, dict]) -> dict:
-    """Run `run` with one virtual SuperNode per entry of `sim_nodes` (partition id -> node config)."""
+def simulate(run: RunConfig, sim_nodes: dict[int, dict], colluders: int | None = None) -> dict:
+    """Run `run` with one virtual SuperNode per entry of `sim_nodes` (partition id -> node config).
+
+    With secure aggregation and no roster given, the simulation is its own roster keeper and every
+    node's operator: `provision_roster` gives each node an identity key and approves one roster."""
+    if run.secagg and not run.secagg_roster:
+        roster, sim_nodes = provision_roster(Path(run.out_dir), sim_nodes, colluders)
+        run = run.replace(secagg_roster=str(roster))
     return run_apps(run, make_server_app(run.to_flower()), make_client_app(sim_nodes), len(sim_nodes))
+
+
+def provision_roster(folder: Path, nodes: dict[int, dict], colluders: int | None = None,
+                     federation: str = "simulation") -> tuple[Path, dict[int, dict]]:
+    """An identity key per node (its identity-key, or STATE_DIR/identity-key.pem, made if missing), one
+    roster of them all in FOLDER/roster.json (colluder bound: `colluders`, or the largest minority), and
+    the node configs with that roster approved. The same keys give the same roster, byte for byte."""
+    from shared.crypto import create_identity_key, load_identity_key, raw_public_hex
+    from shared.roster import Member, Roster, write_roster
+
+    members, configured = [], {}
+    for partition, node in nodes.items():
+        key_path = Path(node.get("identity-key") or Path(node["state-dir"]) / "identity-key.pem")
+        key = load_identity_key(key_path) if key_path.exists() else create_identity_key(key_path)
+        members.append(Member(node["node-name"], raw_public_hex(key)))
+        configured[partition] = {**node, "identity-key": str(key_path)}
+    bound = (len(members) - 1) // 2 if colluders is None else colluders
+    roster = Roster(federation, 1, bound, tuple(members), None)
+    folder.mkdir(parents=True, exist_ok=True)
+    write_roster(folder / "roster.json", roster)
+    for node in configured.values():
+        node.setdefault("roster", str((folder / "roster.json").absolute()))
+        node.setdefault("roster-sha256", roster.sha256)
+    return folder / "roster.json", configured
 
 
 def run_apps(run: RunConfig, server_app, client_app, num_nodes: int) -> dict:

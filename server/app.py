@@ -2,7 +2,7 @@
 
 The round loop is Flower's legacy loop (``LegacyContext`` + a fit workflow) written
 out here so a run can resume at the round after its last checkpoint. The fit workflow
-is Flower's default one or its SecAgg+ one; the strategy is the same for both.
+is Flower's default one or fedchat's secure sum (server/secagg.py); the strategy is the same for both.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from flwr.serverapp import Grid, ServerApp
 from server.checkpoint import RunState, check_resumable, latest_checkpoint, load_state, publish_link, save_checkpoint
 from server.evaluate import HeldOutEvaluator
 from server.report import plot_losses, write_report
-from server.secagg import FedchatSecAgg
+from server.secagg import SecureAggregation, load_run_roster
 from server.strategy import FedChatStrategy
 from server.traffic import TrafficMeter
 from shared.adapter import attach_adapter, exchanged_names, frozen_a_fingerprint, get_arrays, set_arrays
@@ -115,7 +115,7 @@ class Coordinator:
         write_report(self.out / "report.json", report)
         plot_losses(s.rounds, s.base_eval_loss, self.out / "loss.png",
                     f"{self.cfg.base_model}, {self.cfg.aggregation}{', DP' if self.cfg.dp else ''}"
-                    f"{', SecAgg+' if self.cfg.secagg else ''}")
+                    f"{', secure sum' if self.cfg.secagg else ''}")
         return report
 
     def compare_with_base(self, merged: Path) -> dict | None:
@@ -149,15 +149,14 @@ class Coordinator:
 
 class FitRounds:
     """Flower's legacy fit loop (``LegacyContext`` + a fit workflow), one round at a time: the
-    strategy's round through SecAgg+ (FedchatSecAgg) or Flower's default fit workflow, timed, its
+    strategy's round through the secure sum (SecureAggregation) or Flower's default fit workflow, timed, its
     bytes counted by the meter (the grid every message goes through), as a report row."""
 
     def __init__(self, context: Context, cfg: RunConfig, strategy: FedChatStrategy, meter: TrafficMeter) -> None:
         self.cfg, self.strategy, self.meter = cfg, strategy, meter
         self.legacy = LegacyContext(context, config=ServerConfig(num_rounds=cfg.num_rounds), strategy=strategy)
         self.round = 0
-        self.secagg = FedchatSecAgg(cfg, lambda: len(strategy.sample(self.round, self.legacy.client_manager))) \
-            if cfg.secagg else None
+        self.secagg = SecureAggregation(cfg, load_run_roster(cfg), strategy.shapes) if cfg.secagg else None
         self.run_cfg = ConfigRecord({Key.START_TIME: time.time()})
         self.legacy.state.config_records[MAIN_CONFIGS_RECORD] = self.run_cfg
 
@@ -179,7 +178,7 @@ class FitRounds:
             ndarrays_to_parameters(self.strategy.current), True)
         self.meter.reset()
         self.strategy.outcome = None
-        log.info("round %d/%d: starting (%s%s)", rnd, self.cfg.num_rounds, "SecAgg+" if self.secagg else "plaintext",
+        log.info("round %d/%d: starting (%s%s)", rnd, self.cfg.num_rounds, "secure sum" if self.secagg else "plaintext",
                  ", DP" if self.cfg.dp else "")
         started = time.perf_counter()
         (self.secagg or default_fit_workflow)(self.meter, self.legacy)
@@ -237,8 +236,8 @@ def _round_row(rnd: int, strategy: FedChatStrategy, meter: TrafficMeter, secagg,
             dropped = "; ".join(f"{len(ids)} dropped out at '{at}' ({', '.join(map(str, ids))})"
                                 for at, ids in p.get("dropped_at_stage", {}).items())
             row["error"] = (f"secure aggregation halted at stage '{stage}': {p['active_after_stage'][stage]} of the "
-                            f"{p['nodes']} sampled nodes remained, {p['reconstruction_threshold']} are needed to "
-                            f"unmask{f' ({dropped})' if dropped else ''}; no node's update was revealed and the global "
+                            f"{p['nodes']} sampled nodes remained, {p.get('needed', p['min_survivors'])} are needed"
+                            f"{f' ({dropped})' if dropped else ''}; no node's update was revealed and the global "
                             "adapter is unchanged"
                             + ("; the nodes' errors are in 'failures'" if row["failures"] else ""))
         else:
@@ -251,7 +250,7 @@ def _log_round(row: dict, cfg: RunConfig) -> None:
     for c in row["clients"]:
         eps = f"epsilon {c['epsilon']:.3f}/{c['target_epsilon']:g}" if "epsilon" in c else "no DP"
         loss = f"train loss {c['train_loss']:.4f}" if "train_loss" in c else ""
-        log.info("  node %-12s %-16s n=%-5d %s %s up %d B", c["node"], c["status"][:16], c["num_examples"],
+        log.info("  node %-12s %-16s n=%-5s %s %s up %d B", c["node"], c["status"][:16], c.get("num_examples", "-"),
                  eps, loss, c.get("bytes_up", 0))
     ev = f"{row['eval_loss']:.4f}" if row.get("eval_loss") is not None else "n/a"
     log.info("round %d/%d done in %.1fs: held-out loss %s", row["round"], cfg.num_rounds, row["seconds"], ev)

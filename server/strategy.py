@@ -1,14 +1,14 @@
 """The coordinator's round logic as a Flower (legacy) Strategy.
 
 One code path for a round, with or without secure aggregation: Flower's default fit
-workflow hands ``aggregate_fit`` each node's update; the SecAgg+ workflow hands it the
+workflow hands ``aggregate_fit`` each node's update; the secure sum (server/secagg.py) hands it the
 unmasked weighted average in place of every update (it never has one node's). Either
 way the weighted average of what arrives is the round's update, because the average
 of identical vectors is that vector.
 
 Before a round, every candidate node is asked whether it can train it (its own budget
 guard answers one bit); only nodes that can are sampled, so a node with no budget left
-never joins key sharing and never adds a zero to a secure sum. A SecAgg+ round needs at
+never joins key sharing and never adds a zero to a secure sum. A secure-sum round needs at
 least three such nodes; with fewer it is not run, and its row says why.
 """
 
@@ -194,7 +194,9 @@ class FedChatStrategy(Strategy):
         if "ledger-entries" in m and "ledger-head" in m:
             self.ledger_heads[proxy.node_id] = (int(m["ledger-entries"]), str(m["ledger-head"]))
         client = {"node": m.get("node", str(proxy.node_id)), "node_id": proxy.node_id,
-                  "ledger_key": m.get("ledger-key"), "num_examples": res.num_examples,
+                  "ledger_key": m.get("ledger-key"),
+                  # under the secure sum a node's count travels masked: only the round's total is known
+                  "num_examples": None if self.cfg.secagg else res.num_examples,
                   "status": m.get("status", "ok"), "epsilon": m.get("epsilon"),
                   "target_epsilon": m.get("target-epsilon"), "ledger_head": m.get("ledger-head"),
                   "ledger_entries": m.get("ledger-entries"), "clipped_values": m.get("clipped-values")}
@@ -203,7 +205,7 @@ class FedChatStrategy(Strategy):
         return client
 
     def record_halt(self, results: list[tuple[ClientProxy, FitRes]], failures) -> None:
-        """A SecAgg+ round that halted before aggregation: the nodes whose masked updates had arrived (each
+        """A secure-sum round that halted before aggregation: the nodes whose masked updates had arrived (each
         charged to its node's ledger, whose head it reported: the report binds them) and why nodes failed."""
         outcome = self.outcome
         if outcome is None:
@@ -216,7 +218,7 @@ class FedChatStrategy(Strategy):
 
     def aggregate_fit(self, server_round: int, results: list[tuple[ClientProxy, FitRes]], failures):
         outcome = self.outcome or RoundOutcome(server_round)
-        # SecAgg+ hands every node's result the same unmasked average: it is decoded and checked once, weighted once.
+        # The secure sum hands every node's result the same unmasked mean: decoded and checked once, weighted once.
         updates: dict[int, tuple[list[np.ndarray], str | None]] = {}
         weights: dict[int, int] = {}
         losses = []
@@ -243,7 +245,7 @@ class FedChatStrategy(Strategy):
             outcome.clients.append({k: v for k, v in client.items() if v is not None})
         replied = {proxy.node_id for proxy, _ in results}
         outcome.dropped = sum(p.node_id not in replied for p in self._sampled(server_round) or [])
-        for text in dict.fromkeys(_failure_text(f) for f in failures):  # SecAgg+ lists some errors twice
+        for text in dict.fromkeys(_failure_text(f) for f in failures):  # a protocol may list an error twice
             outcome.failures.append(text)
             log.error("round %d: a node failed: %s", server_round, text)
         self.outcome = outcome

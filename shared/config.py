@@ -28,7 +28,7 @@ from shared.errors import ConfigError
 AGGREGATIONS = ("fedavg", "ffa")
 ACCOUNTANTS = ("prv", "rdp")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
-SECAGG_MIN_NODES = 3  # fewest contributors to a SecAgg+ sum, whatever a config says
+SECAGG_MIN_NODES = 3  # fewest contributors to a secure sum, whatever a config says
 
 
 def _doc(text: str) -> dict[str, str]:
@@ -131,16 +131,11 @@ class RunConfig(_FlowerConfig):
     dp: bool = field(default=True, metadata=_doc("train with DP-SGD on every node"))
     dp_max_grad_norm: float = field(default=0.1, metadata=_doc("per-conversation gradient clipping norm (0.1 clips nearly every conversation, so each weighs the same)"))
     dp_accountant: str = field(default="prv", metadata=_doc("'prv' (tighter) or 'rdp'"))
-    secagg: bool = field(default=True, metadata=_doc("aggregate with SecAgg+ so the coordinator only sees the sum"))
-    secagg_num_shares: int = field(default=0, metadata=_doc("key shares per node; 0 = every sampled node; never fewer than the threshold"))
-    secagg_reconstruction_threshold: int = field(default=0, metadata=_doc("shares needed to unmask; 0 = a strict majority of the sampled nodes (never less)"))
+    secagg: bool = field(default=True, metadata=_doc("aggregate with fedchat's secure sum so the coordinator only sees the sum of the updates"))
+    secagg_roster: str = field(default="", metadata=_doc("the federation roster file (`fedchat roster`), for its colluder bound; empty = SIM-DATA-DIR/roster.json in simulation"))
     secagg_clipping_range: float = field(default=0.0, metadata=_doc("|value| bound before quantisation; 0 = 4 * learning-rate * local-steps"))
-    secagg_quantization_range: int = field(default=0, metadata=_doc("quantisation levels; 0 = the most that cannot overflow 2**32"))
     secagg_max_weight: int = field(default=100000, metadata=_doc("largest per-node weight (conversations); larger nodes are capped"))
-    secagg_timeout: float = field(default=600.0, metadata=_doc("seconds to wait for replies at each SecAgg+ stage"))
-    secagg_colluding_fraction: float = field(default=0.5, metadata=_doc("largest share of a round's nodes assumed to collude with the coordinator: 0.5 = any minority (keys shared between all pairs); below 0.5, rounds of secagg-sparse-from nodes or more use a sparse graph sized for it, which every node must accept (docs/threat-model.md)"))
-    secagg_dropout_fraction: float = field(default=0.1, metadata=_doc("largest share of a round's nodes assumed to drop out; sizes a sparse graph"))
-    secagg_sparse_from: int = field(default=40, metadata=_doc("nodes per round from which SecAgg+ uses a sparse graph (with secagg-colluding-fraction below 0.5); smaller rounds share keys between all pairs"))
+    secagg_timeout: float = field(default=600.0, metadata=_doc("seconds to wait for replies at each secure-aggregation stage"))
     sim_cpus_per_node: float = field(default=0.0, metadata=_doc("simulation only: CPU cores each virtual node reserves (Flower's client_resources num_cpus); 0 = every core, so nodes train one after another; 1 on 2 cores trains two at once"))
     sim_threads_per_node: int = field(default=0, metadata=_doc("simulation only: torch threads of each virtual node; 0 = its cores (rounded down, at least 1)"))
     sim_data_dir: str = field(default="", metadata=_doc("simulation only: folder of org-1.jsonl, org-2.jsonl, ... for virtual nodes that have just a partition id (`flwr run .`)"))
@@ -152,8 +147,7 @@ class RunConfig(_FlowerConfig):
         for name in positive:
             if getattr(self, name) <= 0:
                 self._fail(name.replace("_", "-"), "must be a positive integer")
-        for name in ("nodes_per_round", "eval_max_conversations", "secagg_num_shares",
-                     "secagg_reconstruction_threshold", "secagg_quantization_range"):
+        for name in ("nodes_per_round", "eval_max_conversations"):
             if getattr(self, name) < 0:
                 self._fail(name.replace("_", "-"), "must be 0 (automatic) or positive")
         if self.min_nodes < 1:
@@ -172,12 +166,8 @@ class RunConfig(_FlowerConfig):
             self._fail("dp-max-grad-norm", "must be > 0")
         if self.secagg_clipping_range < 0:
             self._fail("secagg-clipping-range", "must be 0 (automatic) or positive")
-        if not 0 < self.secagg_colluding_fraction <= 0.5:
-            self._fail("secagg-colluding-fraction", "must be in (0, 0.5]: 0.5 assumes only that colluders are a minority")
-        if not 0 <= self.secagg_dropout_fraction < 0.5:
-            self._fail("secagg-dropout-fraction", "must be in [0, 0.5)")
-        if self.secagg_sparse_from < SECAGG_MIN_NODES:
-            self._fail("secagg-sparse-from", f"must be at least {SECAGG_MIN_NODES}")
+        if self.secagg_max_weight > 10_000_000:  # the sum of the weights of 400 nodes stays below 2**32
+            self._fail("secagg-max-weight", "must be at most 10000000")
         if self.sim_cpus_per_node < 0 or self.sim_threads_per_node < 0:
             self._fail("sim-cpus-per-node" if self.sim_cpus_per_node < 0 else "sim-threads-per-node",
                        "must be 0 (automatic) or positive")
@@ -195,10 +185,6 @@ class RunConfig(_FlowerConfig):
             if 0 < self.nodes_per_round < SECAGG_MIN_NODES:
                 self._fail("nodes-per-round", f"must be 0 (every node) or at least {SECAGG_MIN_NODES} with secagg "
                                               "(a sum of fewer updates reveals them)")
-            if self.secagg_num_shares and self.secagg_num_shares < SECAGG_MIN_NODES:
-                self._fail("secagg-num-shares", f"must be 0 (every sampled node) or at least {SECAGG_MIN_NODES}")
-            if self.secagg_num_shares and self.secagg_reconstruction_threshold >= self.secagg_num_shares:
-                self._fail("secagg-reconstruction-threshold", "must be below secagg-num-shares (or set either to 0)")
 
     @property
     def target_modules(self) -> list[str]:
@@ -206,7 +192,7 @@ class RunConfig(_FlowerConfig):
 
     @property
     def update_bound(self) -> float:
-        """Bound on |value| of a node's update before SecAgg+ quantisation.
+        """Bound on |value| of a node's update before secure-sum quantisation.
 
         AdamW moves each value by at most about (1 - beta1) / sqrt(1 - beta2) ~ 3.2
         learning rates per step, DP noise or not, so 4 * lr * steps is never exceeded
@@ -230,7 +216,7 @@ class NodeConfig(_FlowerConfig):
     dtype: str = field(default="auto", metadata=_doc("base model dtype: auto (bfloat16 on CUDA, else float32), float32, bfloat16, float16"))
     skip_bad_lines: bool = field(default=False, metadata=_doc("skip (and report) malformed lines instead of refusing the file"))
     require_dp: bool = field(default=True, metadata=_doc("refuse to train without DP-SGD, whatever the coordinator asks"))
-    require_secagg: bool = field(default=True, metadata=_doc("refuse to send an update outside SecAgg+, whatever the coordinator asks"))
+    require_secagg: bool = field(default=True, metadata=_doc("refuse to send an update outside the secure sum, whatever the coordinator asks"))
     secagg_min_nodes: int = field(default=3, metadata=_doc("fewest nodes whose updates a secure sum must hold, at every stage, for this node to take part (never below 3)"))
     secagg_colluders: int = field(default=-1, metadata=_doc("how many roster members this node assumes may collude with the coordinator; -1 = the roster's colluder bound; a larger value is stricter and refuses rounds it does not allow"))
     secagg_dropout_fraction: float = field(default=0.34, metadata=_doc("largest share of a round's nodes this node lets drop out after key sharing (their masks are rebuilt); more and it reveals nothing"))
@@ -256,7 +242,7 @@ class NodeConfig(_FlowerConfig):
         if not 0 <= self.validation_fraction < 1:
             self._fail("validation-fraction", "must be in [0, 1)")
         if self.secagg_min_nodes < SECAGG_MIN_NODES:
-            self._fail("secagg-min-nodes", f"must be at least {SECAGG_MIN_NODES}: a SecAgg+ sum of fewer updates "
+            self._fail("secagg-min-nodes", f"must be at least {SECAGG_MIN_NODES}: a secure sum of fewer updates "
                                            "reveals them")
         if self.secagg_colluders < -1:
             self._fail("secagg-colluders", "must be -1 (the roster's bound) or a count of roster members, 0 or more")

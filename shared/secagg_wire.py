@@ -1,62 +1,89 @@
-"""How a SecAgg+ masked update travels: unsigned 32-bit integers, not Flower's int64.
+"""What crosses the wire in fedchat's secure sum: stages, record keys and the signed statements.
 
-Flower 1.41's ``secaggplus_mod`` reduces every masked value modulo the protocol's modulus
-(2**32 here) and then sends int64 arrays (its masks come out of ``randint(..., dtype=int64)``),
-so half of every byte it uploads is zero. The node packs them to uint32 (``pack``, in
-client/secagg_guard.py) and the upload is the size of a float32 update. The coordinator needs
-no unpacking: Flower sums the arrays it receives, and a sum of uint32 arrays wraps modulo
-2**32, which is the protocol's own arithmetic; the unmask stage then subtracts int64 masks
-and reduces again. ``shapes`` reads what a reply holds (the npy headers only) so the coordinator
-can drop a malformed one before it reaches that sum.
+Every protocol message is a Flower TRAIN message whose content holds a ConfigRecord under
+``RECORD``; the collect stage also carries the round's fit instruction (the global adapter and
+the fit config), and its reply the node's fit result without its update.
+
+A node signs, with the Ed25519 identity key listed for it in the roster, three statements; each
+is canonical JSON naming its kind, the roster's hash, the run and the round, so a signature
+cannot be replayed in another round, run, federation or kind of statement:
+
+* **advertisement** (setup): its Flower node id, roster member name, both X25519 public keys, a
+  commitment to its self-mask seed, the parameter set it derived;
+* **view** (with its masked update): the sorted list of nodes whose key shares it received and
+  whose pairwise masks it added, itself included (U2);
+* **consistency** (before unmasking): the sorted U2 and the sorted list of nodes whose masked
+  updates the coordinator says it summed (U3).
+
+The masked update travels as one flat little-endian uint32 vector: the node's weight, then every
+exchanged tensor in order, each reduced modulo 2^32 (the sum of such vectors wraps modulo 2^32,
+the protocol's own arithmetic).
 """
 
 from __future__ import annotations
 
-import io
+import json
 
 import numpy as np
-from flwr.common import ndarray_to_bytes
 
-UINT32_MAX = int(np.iinfo(np.uint32).max)
+RECORD = "fedchat.secagg"
+PROTOCOL = "fedchat-secagg/1"
 
+# Stages, in order.
+ADVERTISE, SHARE_KEYS, COLLECT, CONSISTENCY, UNMASK = "advertise", "share-keys", "collect", "consistency", "unmask"
+STAGES = (ADVERTISE, SHARE_KEYS, COLLECT, CONSISTENCY, UNMASK)
 
-def _header(blob: bytes) -> tuple[tuple[int, ...], bool, np.dtype, int]:
-    """(shape, fortran order, dtype, data offset) of an ``ndarray_to_bytes`` blob (npy format)."""
-    stream = io.BytesIO(blob)
-    version = np.lib.format.read_magic(stream)
-    read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-    shape, fortran, dtype = read(stream)
-    if dtype.hasobject:
-        raise ValueError("a masked array holds Python objects")
-    if len(blob) - stream.tell() < int(np.prod(shape, dtype=np.int64)) * dtype.itemsize:
-        raise ValueError("a masked array is shorter than its header says")
-    return tuple(shape), fortran, dtype, stream.tell()
+# Keys of the ConfigRecord.
+STAGE = "stage"
+PARAMETERS = "parameters"  # bytes: canonical JSON of the SumParameters (advertise)
+RUN_CONFIG = "run-config"  # bytes: canonical JSON of the fit config (advertise)
+SAMPLE = "sample"  # list[int]: the sampled node ids (advertise)
+STATEMENTS = "statements"  # list[bytes]: signed statements forwarded (share-keys, consistency)
+SIGNATURES = "signatures"  # list[bytes]: their signatures, in the same order
+STATEMENT = "statement"  # bytes: the node's own signed statement (replies)
+SIGNATURE = "signature"  # bytes
+DESTINATIONS = "destinations"  # list[int]: who each sealed share is for (share-keys reply)
+SOURCES = "sources"  # list[int]: who each sealed share is from (collect)
+SEALED = "sealed"  # list[bytes]: sealed key shares
+MASKED = "masked"  # bytes: the masked update (collect reply)
+SURVIVORS = "survivors"  # list[int]: U3 (consistency)
+SIGNERS = "signers"  # list[int]: node ids of the consistency signatures (unmask)
+OWNERS = "owners"  # list[int]: whose secret each revealed share is (unmask reply)
+KINDS = "kinds"  # list[str]: "self" (the self-mask seed of a survivor) or "pair" (the mask key of a dropped node)
+SHARES = "shares"  # list[bytes]
 
-
-def npy_view(blob: bytes) -> np.ndarray:
-    """The array an ``ndarray_to_bytes`` blob holds, read in place (no copy)."""
-    shape, fortran, dtype, offset = _header(blob)
-    array = np.frombuffer(blob, dtype=dtype, count=int(np.prod(shape, dtype=np.int64)), offset=offset)
-    return array.reshape(shape, order="F" if fortran else "C")
-
-
-def pack(blobs: list[bytes]) -> list[bytes]:
-    """Each masked array as uint32 when its values fit (they do: they are reduced modulo 2**32 or a
-    smaller power of two); an array holding anything else is left as it is."""
-    packed = []
-    for blob in blobs:
-        array = npy_view(blob)
-        if array.dtype != np.uint32 and array.dtype.kind in "iu" and (
-                array.size == 0 or (int(array.min()) >= 0 and int(array.max()) <= UINT32_MAX)):
-            blob = ndarray_to_bytes(array.astype(np.uint32))
-        packed.append(blob)
-    return packed
+SELF, PAIR = "self", "pair"
 
 
-def shapes(blobs: list[bytes]) -> list[tuple[np.dtype, tuple[int, ...]]]:
-    """(dtype, shape) of each masked array, from its header; ValueError for a blob that is no array."""
-    out = []
-    for blob in blobs:
-        shape, _, dtype, _ = _header(blob)
-        out.append((dtype, shape))
-    return out
+def canonical(payload: dict) -> bytes:
+    return json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()
+
+
+def statement(kind: str, roster: str, run: str, rnd: int, **fields) -> bytes:
+    return canonical({"protocol": PROTOCOL, "kind": kind, "roster": roster, "run": run, "round": rnd, **fields})
+
+
+def parse_statement(blob: bytes, kind: str) -> dict:
+    """The fields of a signed statement of this kind; ValueError when it is not one."""
+    payload = json.loads(blob)
+    if not isinstance(payload, dict) or payload.get("protocol") != PROTOCOL or payload.get("kind") != kind:
+        raise ValueError(f"not a {PROTOCOL} {kind} statement")
+    if canonical(payload) != bytes(blob):
+        raise ValueError(f"the {kind} statement is not in canonical form")
+    return payload
+
+
+def context(roster: str, run: str, rnd: int) -> bytes:
+    """The round's label in every derived key and mask."""
+    return f"{PROTOCOL}:{roster}:{run}:{rnd}".encode()
+
+
+def vector_bytes(vector: np.ndarray) -> bytes:
+    return np.ascontiguousarray(vector, dtype="<u4").tobytes()
+
+
+def vector_from(blob: bytes, length: int) -> np.ndarray:
+    """The uint32 vector of a masked update; ValueError when it is not `length` values."""
+    if not isinstance(blob, bytes) or len(blob) != 4 * length:
+        raise ValueError(f"a masked update must be {length} uint32 values ({4 * length} bytes)")
+    return np.frombuffer(blob, dtype="<u4")
