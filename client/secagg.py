@@ -147,7 +147,11 @@ class NodeProtocol:
             _refuse(f"a forwarded {kind} statement is malformed")
         if (payload["roster"], payload["run"], payload["round"]) != (d["roster"], d["run"], d["round"]):
             _refuse(f"a {kind} statement was made for another roster, run or round (a replay)")
-        if not verify(roster.member(member).public_key, blob, signature.hex()):
+        listed = next((m for m in roster.members if m.name == member), None)
+        if listed is None:
+            _refuse(f"{member!r} made a {kind} statement but is not on the roster this node's operator approved (a "
+                    "node outside the federation)")
+        if not verify(listed.public_key, blob, signature.hex()):
             _refuse(f"the {kind} statement of roster member {member!r} does not carry that member's signature")
         return payload
 
