@@ -37,8 +37,9 @@ def run_demo(*, out: str, clients: int, rounds: int, local_steps: int, base_mode
              dp: bool, secagg: bool, target_epsilon: float, fresh: bool, extra: dict | None = None) -> dict:
     started = time.perf_counter()
     if secagg and clients < SECAGG_MIN_NODES:
-        raise ConfigError(f"--clients must be at least {SECAGG_MIN_NODES} with SecAgg+ (with two, each node learns the "
-                          f"other's update from the sum); give --clients {SECAGG_MIN_NODES} or more, or --no-secagg.")
+        raise ConfigError(f"--clients must be at least {SECAGG_MIN_NODES} with secure aggregation (with two, each node "
+                          f"learns the other's update from the sum); give --clients {SECAGG_MIN_NODES} or more, or "
+                          "--no-secagg.")
     out_dir = Path(out)
     if out_dir.exists() and any(out_dir.iterdir()):
         if fresh:
@@ -66,7 +67,7 @@ def run_demo(*, out: str, clients: int, rounds: int, local_steps: int, base_mode
              for i, c in enumerate(manifest["clients"])}
     _step(3, n, f"federated fine-tuning in Flower's simulation engine: {clients} nodes x {rounds} rounds x "
                 f"{local_steps} steps ({aggregation}{', DP-SGD' if dp else ', no DP'}"
-                f"{', SecAgg+' if secagg else ', no SecAgg+'})")
+                f"{', secure aggregation' if secagg else ', no secure aggregation'})")
     report = simulate(run, nodes)
     if dp:
         ledgers = out_dir / "ledgers"

@@ -1,10 +1,10 @@
-"""SecAgg+ in Flower's simulation engine: precision, what the coordinator sees, dropouts, and
-the rules that keep every unmasked sum a sum of at least three nodes' updates."""
+"""fedchat's secure sum in Flower's simulation engine: precision against plaintext FedAvg, what the
+coordinator sees, dropouts, and the rules that keep every unmasked sum a sum of at least three nodes'
+updates. Its adversaries: tests/test_secagg_protocol.py (in one process) and tests/test_secagg_attacks.py."""
 
 import numpy as np
 import pytest
-from flwr.common import bytes_to_ndarray, parameters_to_ndarrays
-from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
+from flwr.common import parameters_to_ndarrays
 from flwr.common.serde import recorddict_from_proto, recorddict_to_proto
 from flwr.compat.common.recorddict_compat import recorddict_to_fitres
 from safetensors.numpy import load_file
@@ -13,10 +13,12 @@ import server.app
 from fedchat.demo import run_demo
 from fedchat.demo_data import write_demo_data
 from fedchat.simulation import simulate
-from server.secagg import FedchatSecAgg, protocol_parameters, quantisation_error_bound
+from server.secagg import quantisation_error_bound
 from server.traffic import TrafficMeter
+from shared import secagg_wire as wire
 from shared.config import RunConfig
 from shared.errors import ConfigError
+from shared.secagg_rules import derive_parameters
 
 pytestmark = pytest.mark.slow
 
@@ -66,13 +68,14 @@ def plain3(tmp_path_factory, data) -> dict:
         RecordingMeter.received = []
         patch.setattr(server.app, "TrafficMeter", RecordingMeter)
         _, _, adapter = _run(folder, data, "plain", 3, secagg=False)
-    updates = {}
+    updates, weights = {}, {}
     for content in RecordingMeter.received:
         if content.array_records:
             res = recorddict_to_fitres(content, keep_input=True)
             updates[res.metrics["node"]] = parameters_to_ndarrays(res.parameters)
+            weights[res.metrics["node"]] = res.num_examples
     initial = load_file(str(folder / "plain" / "checkpoints" / "round-0000" / "adapter_model.safetensors"))
-    return {"adapter": adapter, "initial": initial, "updates": updates}
+    return {"adapter": adapter, "initial": initial, "updates": updates, "weights": weights}
 
 
 def _max_diff(a: dict, b: dict) -> float:
@@ -84,15 +87,21 @@ def _float32_ulp(adapter: dict) -> float:
     return float(np.spacing(np.float32(max(float(np.abs(v).max()) for v in adapter.values()))))
 
 
+def _bound(cfg: RunConfig, sampled: int, weights: list[int], colluders: int) -> float:
+    return quantisation_error_bound(derive_parameters(cfg, sampled, colluders), weights)
+
+
 def test_secure_aggregate_equals_plaintext_average_and_reveals_no_update(tmp_path, data, plain3, record):
     plain_adapter, plaintext_updates = plain3["adapter"], plain3["updates"]
-    assert len(plaintext_updates) == 3  # without SecAgg+ the coordinator does see each update
+    assert len(plaintext_updates) == 3  # without the secure sum the coordinator does see each update
 
     cfg, secure, secure_adapter = _run(tmp_path, data, "secure", 3, secagg=True)
-    weights = [c["num_examples"] for c in secure["rounds"][0]["clients"]]
-    bound = quantisation_error_bound(cfg, weights) + _float32_ulp(plain_adapter)
+    row = secure["rounds"][0]
+    assert row["secagg"]["total_weight"] == sum(plain3["weights"].values())  # only the total is known
+    assert all("num_examples" not in c for c in row["clients"])
+    bound = _bound(cfg, 3, list(plain3["weights"].values()), row["secagg"]["colluders"]) + _float32_ulp(plain_adapter)
     error = _max_diff(plain_adapter, secure_adapter)
-    print(f"SecAgg+ vs plaintext weighted mean: max |error| {error:.3g}, documented bound {bound:.3g}")
+    print(f"secure sum vs plaintext weighted mean: max |error| {error:.3g}, documented bound {bound:.3g}")
     assert error <= bound
     assert _max_diff(plain_adapter, plain3["initial"]) > 100 * bound
 
@@ -100,20 +109,19 @@ def test_secure_aggregate_equals_plaintext_average_and_reveals_no_update(tmp_pat
     masked = []
     for content in record.received:
         for arrays in content.array_records.values():
-            assert len(arrays) == 0, "an update reached the coordinator in plaintext"
-        configs = content.config_records.get(RECORD_KEY_CONFIGS, {})
-        if Key.MASKED_PARAMETERS in configs:
-            vec = [bytes_to_ndarray(b) for b in configs[Key.MASKED_PARAMETERS]]
-            assert all(v.dtype == np.uint32 for v in vec)  # packed: 4 bytes a value, not Flower's int64
-            masked.append(np.concatenate([v.ravel() for v in vec[1:]]).astype(np.float64))
-        wire = recorddict_to_proto(content).SerializeToString()
+            assert all(len(a.data) == 0 for a in arrays.values()), "an update reached the coordinator in plaintext"
+        configs = content.config_records.get(wire.RECORD, {})
+        if wire.MASKED in configs:
+            masked.append(np.frombuffer(configs[wire.MASKED], "<u4")[1:].astype(np.float64))
+        metrics = content.metric_records.get("fitres.num_examples")
+        assert metrics is None or metrics["num_examples"] == 0  # a node's count travels masked only
+        sent = recorddict_to_proto(content).SerializeToString()
         for update in plaintext_updates.values():
-            assert update[0].tobytes()[:64] not in wire
+            assert update[0].tobytes()[:64] not in sent
     assert len(masked) == 3
     update_bytes = secure["adapter_update_bytes"]  # the float32 update, as it travels in plaintext
-    for c in secure["rounds"][0]["clients"]:
-        assert update_bytes < c["bytes_up"] <= 1.1 * update_bytes + 4096
-    modulus = protocol_parameters(cfg, 3)
+    for c in row["clients"]:
+        assert update_bytes < c["bytes_up"] <= 1.1 * update_bytes + 8192
     for vec in masked:
         assert vec.min() >= 0 and vec.max() < 2**32
         assert abs(vec.mean() / 2**32 - 0.5) < 0.05  # uniform over the modulus, like the masks
@@ -121,7 +129,7 @@ def test_secure_aggregate_equals_plaintext_average_and_reveals_no_update(tmp_pat
             flat = np.concatenate([u.ravel() for u in update]).astype(np.float64)
             # Uncorrelated: |r| stays within 5 standard errors (1/sqrt(n)) of 0; a leaked update gives ~1.
             assert abs(np.corrcoef(vec, flat)[0, 1]) < max(0.1, 5 / np.sqrt(flat.size))
-    assert modulus["quantization_range"] == 2**29
+    assert row["secagg"]["levels"] == 2**30
 
 
 def test_dropout_after_key_sharing_leaves_a_correct_result(tmp_path, data, plain3):
@@ -129,15 +137,14 @@ def test_dropout_after_key_sharing_leaves_a_correct_result(tmp_path, data, plain
     cfg, report, adapter = _run(tmp_path, data, "drop", 4, secagg=True, broken=(3,))
     row = report["rounds"][0]
     assert row["status"] == "ok"
-    assert row["secagg"]["active_after_stage"]["share_keys"] == 4  # it took part in key sharing ...
-    assert row["secagg"]["active_after_stage"]["collect_masked_vectors"] == 3  # ... then dropped out
-    assert row["dropped"] == 1
+    assert row["secagg"]["active_after_stage"]["share-keys"] == 4  # it took part in key sharing ...
+    assert row["secagg"]["active_after_stage"]["collect"] == 3  # ... then dropped out
+    assert row["dropped"] == 1 and row["secagg"]["dropped"] == 1
     assert len(row["failures"]) == 1  # the node's reason, without its local path (the details stay in its log)
-    assert row["failures"][0].startswith("node org-4: the round failed on the node (DataError, error ")
+    assert "the round failed on the node (DataError, error " in row["failures"][0]
     assert "missing.jsonl" not in row["failures"][0]
     assert {c["node"] for c in row["clients"]} == {"org-1", "org-2", "org-3"}
-    bound = quantisation_error_bound(cfg, [c["num_examples"] for c in row["clients"]], sampled=4) \
-        + _float32_ulp(plain_adapter)
+    bound = _bound(cfg, 4, list(plain3["weights"].values()), row["secagg"]["colluders"]) + _float32_ulp(plain_adapter)
     error = _max_diff(plain_adapter, adapter)
     print(f"one dropout of 4: max |error| vs plaintext mean of the other 3: {error:.3g} (bound {bound:.3g})")
     assert error <= bound
@@ -147,7 +154,7 @@ def test_too_many_dropouts_fail_the_round_with_a_clear_error(tmp_path, data):
     _, report, adapter = _run(tmp_path, data, "halt", 3, secagg=True, broken=(1, 2))
     row = report["rounds"][0]
     assert row["status"] == "failed"
-    assert "halted at stage 'collect_masked_vectors': 1 of the 3 sampled nodes remained, 2 are needed" in row["error"]
+    assert "halted at stage 'collect': 1 of the 3 sampled nodes remained, 3 are needed" in row["error"]
     assert report["failed_rounds"] == [1]
     initial = load_file(str(tmp_path / "halt" / "checkpoints" / "round-0000" / "adapter_model.safetensors"))
     assert _max_diff(initial, adapter) == 0.0  # nothing was applied
@@ -158,23 +165,7 @@ def test_a_two_node_secagg_round_is_refused(tmp_path):
         RunConfig(min_nodes=2, secagg=True)
     with pytest.raises(ConfigError, match="'nodes-per-round' must be 0 \\(every node\\) or at least 3"):
         RunConfig(nodes_per_round=2, secagg=True)
-    with pytest.raises(ConfigError, match="--clients must be at least 3 with SecAgg\\+"):
+    with pytest.raises(ConfigError, match="--clients must be at least 3 with secure aggregation"):
         run_demo(out=str(tmp_path / "demo"), clients=2, rounds=1, local_steps=1, base_model="tiny",
                  aggregation="ffa", dp=True, secagg=True, target_epsilon=8.0, fresh=False)
     RunConfig(min_nodes=2, secagg=False)  # plaintext with two nodes is the operators' explicit choice
-
-
-def test_explicit_shares_or_threshold_never_expose_one_update():
-    cfg = RunConfig(secagg_num_shares=3)
-    with pytest.raises(ConfigError, match="secagg-num-shares=3 .*could expose one node's update: 3 shares with "
-                                          "threshold 2 for 5 nodes hold only if fewer than half the nodes collude"):
-        protocol_parameters(cfg, 5)
-    with pytest.raises(ConfigError, match="secagg-num-shares=3 "):
-        FedchatSecAgg(cfg, lambda: 5)(None, None)  # refused before the workflow sends anything
-    with pytest.raises(ConfigError, match="secagg-reconstruction-threshold=2 could expose one node's update"):
-        protocol_parameters(RunConfig(secagg_reconstruction_threshold=2), 4)
-    for n, shares, threshold in ((3, 3, 2), (4, 4, 3), (5, 5, 3), (8, 8, 5), (100, 100, 51), (1000, 1000, 501)):
-        p = protocol_parameters(RunConfig(), n)  # by default: all pairs, whatever the size
-        assert (p["num_shares"], p["reconstruction_threshold"], p["graph"]) == (shares, threshold, "all-pairs")
-    p = protocol_parameters(RunConfig(secagg_num_shares=5), 7)  # fewer shares than nodes: the threshold stays 4
-    assert (p["num_shares"], p["reconstruction_threshold"], p["assumption"]) == (5, 4, "any minority colludes")
