@@ -22,6 +22,7 @@ from flwr.app import Context
 from flwr.client import NumPyClient
 from flwr.clientapp import ClientApp
 
+from client.ledger_registry import LedgerRegistry
 from client.policy import RoundRefused, check_run, refusal
 from client.privacy import fits_budget, plan_round
 from client.secagg import SECAGG_FLAG, secure_aggregation
@@ -35,10 +36,12 @@ from shared.protocol import (
     META_FROZEN_A,
     META_LEDGER_ENTRIES,
     META_LEDGER_HEAD,
+    META_LEDGER_KEY,
     META_ROUND,
     META_RUN,
     split_fit_config,
 )
+from shared.roster import load_roster
 from shared.seeds import derive_seed
 
 if TYPE_CHECKING:
@@ -85,7 +88,13 @@ def for_partition(node: NodeConfig, partition: int | None, cfg: RunConfig) -> No
         name = org_name(partition + 1)
         node = node.replace(data_path=str(Path(cfg.sim_data_dir) / f"{name}.jsonl"),
                             state_dir=node.state_dir or str(Path(cfg.out_dir).absolute() / "nodes" / name),
-                            node_name=node.node_name or name)
+                            node_name=node.node_name or name,
+                            ledger_registry=node.ledger_registry or str(Path(cfg.out_dir).absolute()
+                                                                        / "ledger-registry"),
+                            identity_key=node.identity_key or str(Path(cfg.sim_data_dir) / "keys" / f"{name}.pem"))
+        if not node.roster:  # the simulation's roster (`fedchat data demo` writes it): one operator runs every node
+            roster = Path(cfg.sim_data_dir) / "roster.json"
+            node = node.replace(roster=str(roster), roster_sha256=load_roster(roster).sha256 if roster.exists() else "")
     return _with_name(node)
 
 
@@ -192,7 +201,11 @@ class FedChatClient(NumPyClient):
         if not self.secagg_active:  # under the secure sum the count travels masked, as the update's weight
             metrics["num-conversations"] = n
         # From planning to append the node holds its ledger's lock: no second run can spend the same budget.
-        with ledger.open_for_training(ledger_path, key, _recorded_head(meta), must_exist=True) as book:
+        recorded = _recorded_head(meta, key_fingerprint(key.public_key()))
+        with ledger.open_for_training(ledger_path, key, recorded, must_exist=True) as book:
+            # the one ledger of these conversations on this host, not behind what the node's registry recorded
+            claim = LedgerRegistry.of(node.ledger_registry).claim(node.data_path, book, metrics["ledger-key"],
+                                                                  first_contact=recorded is None)
             plan = None
             if cfg.dp:
                 plan = plan_round(book.entries, run, target_epsilon=node.target_epsilon, delta=node.target_delta,
@@ -212,7 +225,9 @@ class FedChatClient(NumPyClient):
                     metrics["clipped-values"] = int(sum(int((np.abs(u) > bound).sum()) for u in update))
                 # float64: the secure sum quantises to 2**30 levels, finer than float32 can resolve.
                 update = [np.clip(u, -bound, bound).astype(np.float64) for u in update]
-            entry = book.append(_ledger_entry(node, cfg, run, rnd, n, plan, update))
+            entry = book.append({**_ledger_entry(node, cfg, run, rnd, n, plan, update),
+                                 "first_contact": recorded is None})
+            claim.update(book)
             head, count = book.head()
         metrics.update({"ledger-head": head, "ledger-entries": count})
         if plan is not None:
@@ -230,10 +245,16 @@ class FedChatClient(NumPyClient):
         return update, min(n, cfg.secagg_max_weight), metrics
 
 
-def _recorded_head(meta: dict) -> tuple[int, str] | None:
-    """The ledger head the coordinator last saw from this node (None when it has none)."""
-    if META_LEDGER_ENTRIES in meta and META_LEDGER_HEAD in meta:
+def _recorded_head(meta: dict, fingerprint: str) -> tuple[int, str] | None:
+    """The ledger head the coordinator last saw from this node's ledger key (None when it has none: the
+    node's first contact with this federation, or a head recorded for another key of this node id)."""
+    same_key = meta.get(META_LEDGER_KEY, fingerprint) == fingerprint  # no key given: an older coordinator
+    if META_LEDGER_ENTRIES in meta and META_LEDGER_HEAD in meta and same_key:
         return int(meta[META_LEDGER_ENTRIES]), str(meta[META_LEDGER_HEAD])
+    if META_LEDGER_KEY in meta:
+        log.warning("the coordinator last saw this node id sign with ledger key %s..., not with this state dir's "
+                    "key %s...: the round is a first contact for this key", str(meta[META_LEDGER_KEY])[:16],
+                    fingerprint[:16])
     return None
 
 
@@ -289,7 +310,11 @@ def make_client_app(sim_nodes: dict[int, dict] | None = None) -> ClientApp:
         secagg_active = bool(context.state.config_records.get(SECAGG_FLAG, {}).get("active", False))
         return FedChatClient(node, secagg_active, partition).to_client()
 
-    return ClientApp(client_fn=client_fn, mods=[secure_aggregation(lambda context: node_config(context)[0])])
+    def protocol_node(context: Context, run: RunConfig | None) -> NodeConfig:
+        node, partition = node_config(context)
+        return for_partition(node, partition, run) if run is not None else node
+
+    return ClientApp(client_fn=client_fn, mods=[secure_aggregation(protocol_node)])
 
 
 app = make_client_app()

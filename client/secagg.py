@@ -45,7 +45,7 @@ from flwr.compat.common.recorddict_compat import fitres_to_recorddict, recorddic
 
 from shared import masking
 from shared import secagg_wire as wire
-from shared.config import NodeConfig
+from shared.config import NodeConfig, RunConfig
 from shared.crypto import load_identity_key, raw_public_hex, sign, verify
 from shared.errors import PrivacyError
 from shared.protocol import META_ROUND, META_RUN, split_fit_config
@@ -76,13 +76,14 @@ class _Round:
                     f"{repr(expected) if expected else 'a new round (advertise)'}: each stage runs once, in order")
 
 
-def secure_aggregation(node_config: Callable[[Context], NodeConfig]):
-    """The ClientApp mod. `node_config` gives the node's settings (its operator's, never the run's)."""
+def secure_aggregation(node_config: Callable[[Context, RunConfig | None], NodeConfig]):
+    """The ClientApp mod. `node_config(context, run)` gives the node's settings: its operator's, never the
+    run's (a virtual node of a simulation, which has only a partition id, takes its folders from the run)."""
 
     def mod(msg: Message, context: Context, call_next) -> Message:
         if msg.metadata.message_type != MessageType.TRAIN:
             return call_next(msg, context)
-        node = node_config(context)
+        node = node_config(context, None)
         record = msg.content.config_records.get(wire.RECORD)
         context.state.config_records[SECAGG_FLAG] = ConfigRecord({"active": record is not None})
         if record is None:
@@ -92,7 +93,7 @@ def secure_aggregation(node_config: Callable[[Context], NodeConfig]):
             return call_next(msg, context)
         stage = record.get(wire.STAGE)
         try:
-            content = NodeProtocol(node, context, msg.metadata.dst_node_id).run(stage, record, msg, call_next)
+            content = NodeProtocol(node_config, context, msg.metadata.dst_node_id).run(stage, record, msg, call_next)
         except PrivacyError as exc:
             raise PrivacyError(f"node {node.node_name} refuses secure-aggregation stage '{stage}': {exc}") from None
         return Message(content, reply_to=msg)
@@ -101,17 +102,25 @@ def secure_aggregation(node_config: Callable[[Context], NodeConfig]):
 
 
 class NodeProtocol:
-    def __init__(self, node: NodeConfig, context: Context, node_id: int) -> None:
-        self.node, self.context, self.node_id = node, context, node_id
+    def __init__(self, node_config, context: Context, node_id: int) -> None:
+        self.node_config, self.context, self.node_id = node_config, context, node_id
         self.round = _Round(context)
 
     def run(self, stage, record: ConfigRecord, msg: Message, call_next) -> RecordDict:
         if stage == wire.ADVERTISE:
             self.round.data = {}  # a new round starts; whatever an unfinished one held is dropped
+            try:
+                self.fit_config = json.loads(_bytes(record, wire.RUN_CONFIG))
+                self.cfg, self.meta = split_fit_config(self.fit_config)
+            except (ValueError, TypeError) as exc:
+                _refuse(f"the setup message's run config is malformed: {exc}")
         elif stage in wire.STAGES:
             self.round.expect(stage)
+            self.fit_config = self.round.data["fit_config"]
+            self.cfg, self.meta = split_fit_config(self.fit_config)
         else:
             _refuse(f"unknown stage {stage!r}")
+        self.node = self.node_config(self.context, self.cfg)
         handler = {wire.ADVERTISE: self.advertise, wire.SHARE_KEYS: self.share_keys, wire.COLLECT: self.collect,
                    wire.CONSISTENCY: self.consistency, wire.UNMASK: self.unmask}[stage]
         content = RecordDict()
@@ -163,11 +172,11 @@ class NodeProtocol:
         if me is None:
             _refuse("this node's identity key is not in the roster its operator approved: send its public key "
                     "(`fedchat roster key`) to the roster keeper, then approve the new roster")
+        cfg, meta = self.cfg, self.meta
         try:
-            cfg, meta = split_fit_config(json.loads(_bytes(record, wire.RUN_CONFIG)))
             sent = json.loads(_bytes(record, wire.PARAMETERS))
         except (ValueError, TypeError) as exc:
-            _refuse(f"the setup message is malformed: {exc}")
+            _refuse(f"the setup message's parameters are malformed: {exc}")
         sample = _ids(record, wire.SAMPLE)
         if len(set(sample)) != len(sample) or self.node_id not in sample:
             _refuse("the sample lists a node twice or does not list this node")
@@ -196,7 +205,7 @@ class NodeProtocol:
         self.round.data = {"roster": roster.sha256, "run": run, "round": rnd, "member": me.name,
                            "sample": sorted(sample), "parameters": expected.as_dict(), "colluders": colluders,
                            "needed": needed, "channel_sk": channel_sk.hex(), "mask_sk": mask_sk.hex(),
-                           "seed": seed.hex(), "advertisement": blob.hex()}
+                           "seed": seed.hex(), "advertisement": blob.hex(), "fit_config": self.fit_config}
         return {wire.STATEMENT: blob, wire.SIGNATURE: bytes.fromhex(sign(identity, blob))}
 
     def share_keys(self, record: ConfigRecord, msg, call_next, content) -> dict:

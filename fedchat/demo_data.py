@@ -53,7 +53,8 @@ def demo_node_config(out: Path, name: str, *, target_epsilon: float, dp: bool, s
 
 
 def write_demo_data(out: str | Path, clients: int, *, eval_fraction: float = 0.1, seed: int = 0) -> dict:
-    """Write OUT/org-1.jsonl .. OUT/org-N.jsonl, OUT/eval.jsonl and OUT/manifest.json."""
+    """Write OUT/org-1.jsonl .. OUT/org-N.jsonl, OUT/eval.jsonl, OUT/manifest.json, and for secure aggregation in
+    `flwr run .` simulations an identity key per organisation (OUT/keys) and their roster (OUT/roster.json)."""
     out = Path(out)
     topics = load_topics()
     if not 1 <= clients <= len(topics):
@@ -83,5 +84,12 @@ def write_demo_data(out: str | Path, clients: int, *, eval_fraction: float = 0.1
                                     "topics": sorted(names), "conversations": len(conversations)})
     rng.shuffle(held_out)
     write_dialogues(out / "eval.jsonl", held_out)
+    # Identity keys and one roster for the simulated nodes of `flwr run .` (sim-data-dir = OUT).
+    from fedchat.simulation import provision_roster
+
+    provision_roster(out, {i: {"node-name": c["node"], "state-dir": str(out), "identity-key": str(out / "keys" /
+                                                                                                 f"{c['node']}.pem")}
+                           for i, c in enumerate(manifest["clients"])})
+    manifest["roster"] = "roster.json"
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
     return manifest

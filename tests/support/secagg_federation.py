@@ -68,7 +68,7 @@ class SimNode:
 
     def __post_init__(self) -> None:
         self.context = Context(run_id=1, node_id=self.node_id, node_config={}, state=RecordDict(), run_config={})
-        self.mod = secure_aggregation(lambda context: self.config)
+        self.mod = secure_aggregation(lambda context, run: self.config)
 
     def train(self, msg: Message, context: Context) -> Message:
         self.trained += 1
