@@ -17,7 +17,7 @@ quiet_library_warnings()
 # simulation engine share one worker, so that no two Ray clusters run at once on the machine. The
 # longest of these go first, so that neither worker is left with one of them at the end. (xdist's own
 # `--dist loadgroup` does not group under pytest 9.2: its workers' test ids lose the group.)
-RAY_FILES = {"test_scale", "test_secagg", "test_simulation", "test_tune"}
+RAY_FILES = {"test_scale", "test_secagg", "test_secagg_attacks", "test_simulation", "test_tune"}
 FIRST = ("test_faults", "ray")
 
 
