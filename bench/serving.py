@@ -1,5 +1,5 @@
-"""Serving benchmark: `fedchat serve` against `transformers serve --continuous-batching`, in one run, on
-the same merged model and prompts.
+"""Serving benchmark: `fedchat serve` against `transformers serve --continuous-batching` and against a direct
+transformers greedy `generate` in this process, in one run, on the same merged model, prompts and threads.
 
     .venv/bin/python -m bench.serving [--max-tokens 64] [--repeats 2] [--clients 1 4 8]
 
@@ -14,10 +14,16 @@ the same merged model and prompts.
    tokens/s (all completion tokens / wall time of the level), time to first token of each request
    (to its first content chunk) and latency. The servers alternate, level by level, `--repeats`
    times; each (server, clients) keeps its fastest try (other work on the machine only slows a try).
-4. The greedy answers of the two servers, prompt by prompt (the same model, both greedy).
+   Each try also runs the direct row: `model.generate` (greedy, max_new_tokens 64) on the same prompts
+   one after the other, in this process (the servers idle), with as many torch threads as the servers.
+4. A second request arriving mid-answer (fedchat serve): a client streams an answer alone; when it has
+   10 pieces, a second client asks. The first request leaves the fast path for the batch (serving/engine.py):
+   the first's latency against alone, the second's time to first token.
+5. The greedy answers of the two servers and of `generate`, prompt by prompt (the same model, all greedy).
 
-Writes bench/results/serving.json ({"ratio", "rows": [...]}: ratio is fedchat serve's tokens/s at 8
-clients over 1 client) and bench/results/serving.md.
+Writes bench/results/serving.json ({"ratio", "ratio_vs_direct", "rows": [...]}: ratio is fedchat serve's
+tokens/s at 8 clients over 1 client, ratio_vs_direct one client over direct `generate`) and
+bench/results/serving.md.
 """
 
 from __future__ import annotations
@@ -44,7 +50,7 @@ from serving.engine import PAGE_TOKENS, PREFILL_TOKENS
 from shared.adapter import attach_adapter, exchanged_names, get_arrays, set_arrays
 from shared.config import RunConfig
 from shared.logs import quiet_library_warnings
-from shared.model import load_model, resolve_base_model
+from shared.model import load_model, load_tokenizer, resolve_base_model
 
 BASE = "smollm2-135m"
 PROMPTS = [
@@ -58,6 +64,7 @@ PROMPTS = [
     "How does a bicycle stay upright while moving? Explain the physics.",
 ]
 SERVERS = ("fedchat serve", "transformers serve --continuous-batching")
+DIRECT = "direct transformers generate (in process)"
 # Both get the same KV cache (fedchat serve's default for this model: 8 requests of 2048 tokens) and the
 # same prefill chunk. Left to itself on a CPU, transformers serve sizes its cache to most of the free
 # memory (about 10 GB here: the kernel's OOM killer ended it).
@@ -159,6 +166,66 @@ def level(server: Server, clients: int, max_tokens: int) -> dict:
             "results": sorted(results, key=lambda r: r["prompt"])}
 
 
+class Direct:
+    """Greedy `generate` on the merged model in this process: what one user gets without a server."""
+
+    name = DIRECT
+
+    def __init__(self, model_dir: Path) -> None:
+        self.model = load_model(model_dir, torch.device("cpu"), torch.float32)
+        self.tokenizer = load_tokenizer(model_dir)
+
+    def level(self, max_tokens: int) -> dict:
+        results = []
+        started = time.perf_counter()
+        for i, prompt in enumerate(PROMPTS):
+            t0 = time.perf_counter()
+            enc = self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                                     return_tensors="pt", return_dict=True)
+            out = self.model.generate(**enc, max_new_tokens=max_tokens, do_sample=False,
+                                      pad_token_id=self.tokenizer.pad_token_id)[0, enc["input_ids"].shape[1]:]
+            results.append({"prompt": i, "tokens": len(out), "latency": time.perf_counter() - t0,
+                            "text": self.tokenizer.decode(out, skip_special_tokens=True)})
+        wall = time.perf_counter() - started
+        tokens = sum(r["tokens"] for r in results)
+        return {"server": self.name, "clients": 1, "requests": len(results), "completion_tokens": tokens,
+                "seconds": round(wall, 3), "tokens_per_s": round(tokens / wall, 2), "ttft_p50": None, "ttft_p90": None,
+                "latency_p50": round(statistics.median(r["latency"] for r in results), 3), "results": results}
+
+
+def second_arrives(server: Server, max_tokens: int, pairs: int = 4) -> dict:
+    """A client streams an answer alone; at its 10th piece a second client asks: both answers' timings."""
+    rows = []
+    for i in range(pairs):
+        first_prompt, second_prompt = PROMPTS[2 * i % len(PROMPTS)], PROMPTS[(2 * i + 1) % len(PROMPTS)]
+        alone = streamed(server, server.client(), first_prompt, max_tokens)
+        second: dict = {}
+        started, pieces, tokens = time.perf_counter(), [], 0
+        other = threading.Thread(target=lambda out, prompt: out.update(streamed(server, server.client(), prompt,
+                                                                                max_tokens)),
+                                 args=(second, second_prompt))
+        for chunk in server.client().chat.completions.create(
+                model=server.model, messages=[{"role": "user", "content": first_prompt}], max_tokens=max_tokens,
+                temperature=0, stream=True, **server.extra):
+            if chunk.choices and chunk.choices[0].delta.content:
+                pieces.append(chunk.choices[0].delta.content)
+                if len(pieces) == 10:
+                    other.start()
+            if chunk.usage is not None:
+                tokens = chunk.usage.completion_tokens
+        first_latency = time.perf_counter() - started
+        other.join()
+        rows.append({"first_alone_s": alone["latency"], "first_with_second_s": first_latency,
+                     "second_ttft_s": second["ttft"], "second_latency_s": second["latency"],
+                     "first_same_answer": "".join(pieces) == alone["text"],
+                     "tokens_per_s": (tokens + second["tokens"]) / (time.perf_counter() - started)})
+    return {"pairs": pairs, "rows": [{k: round(v, 3) if isinstance(v, float) else v for k, v in r.items()}
+                                     for r in rows],
+            **{f"{k}_p50": round(statistics.median(r[k] for r in rows), 3)
+               for k in ("first_alone_s", "first_with_second_s", "second_ttft_s", "second_latency_s")},
+            "first_same_answer": sum(r["first_same_answer"] for r in rows)}
+
+
 def markdown(r: dict) -> str:
     m, s = r["machine"], r["settings"]
     by = {(row["server"], row["clients"]): row for row in r["rows"]}
@@ -176,12 +243,19 @@ def markdown(r: dict) -> str:
             row = by[(server, clients)]
             lines.append(f"| {server} | {clients} | {row['tokens_per_s']:.1f} | {row['ttft_p50']:.2f} s | "
                          f"{row['ttft_p90']:.2f} s | {row['latency_p50']:.2f} s |")
-    top = max(s["clients"])
-    lines += ["", f"fedchat serve at {top} clients / 1 client: **{r['ratio']:.2f}x** (goal >= 2.5, 3.5 hoped); "
-              f"fedchat serve / transformers serve at {top} clients: **{r['ratio_vs_transformers']:.2f}x** "
-              f"(goal >= 1); TTFT p90 at {top} clients: **{by[(SERVERS[0], top)]['ttft_p90']:.2f} s** "
-              f"(goal < 1.5 s). Same greedy answer from both servers: {r['same_answers']} of {len(PROMPTS)} "
-              "prompts."]
+    direct = by[(DIRECT, 1)]
+    lines.append(f"| {DIRECT} | 1 | {direct['tokens_per_s']:.1f} | - | - | {direct['latency_p50']:.2f} s |")
+    top, h = max(s["clients"]), r["second_arrives"]
+    lines += ["", f"fedchat serve, one client / direct `generate`: **{r['ratio_vs_direct']:.2f}x** (goal >= 0.95, "
+              f"1.0 hoped); at {top} clients / 1 client: **{r['ratio']:.2f}x** (goal >= 2.5); "
+              f"fedchat serve / transformers serve at {top} clients: **{r['ratio_vs_transformers']:.2f}x**; "
+              f"TTFT p90 at {top} clients: **{by[(SERVERS[0], top)]['ttft_p90']:.2f} s**. Same greedy answers: "
+              f"fedchat serve and transformers serve {r['same_answers']} of {len(PROMPTS)} prompts, fedchat serve "
+              f"and direct `generate` {r['same_answers_direct']} of {len(PROMPTS)}.",
+              "", f"A second request arriving mid-answer (fedchat serve, {h['pairs']} pairs, medians): the first "
+              f"answer takes {h['first_with_second_s_p50']:.2f} s against {h['first_alone_s_p50']:.2f} s alone "
+              f"(same text {h['first_same_answer']} of {h['pairs']}); the second's first token comes after "
+              f"{h['second_ttft_s_p50']:.2f} s, its answer after {h['second_latency_s_p50']:.2f} s."]
     return "\n".join(lines) + "\n"
 
 
@@ -191,6 +265,7 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=2, help="tries of each (server, clients) level; best kept")
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 4, 8])
     parser.add_argument("--results", type=Path, default=RESULTS, help="where serving.json and serving.md go")
+    parser.add_argument("--note", default="", help="what else ran on the machine (kept in serving.json)")
     args = parser.parse_args()
     if 1 not in args.clients:
         parser.error("--clients must include 1: the ratio is against one client")
@@ -207,19 +282,28 @@ def main() -> int:
             for name in SERVERS:
                 say(f"starting {name} on {merged.name}")
                 servers.append(Server(name, merged, work / f"{name.split()[0]}.log"))
-            say("warming up both (the first request of transformers serve loads the model and its cache)")
+            direct = Direct(merged)
+            say("warming up (the first request of transformers serve loads the model and its cache)")
             answers = {server.name: [r["text"] for r in level(server, 1, args.max_tokens)["results"]]
                        for server in servers}
-            same = sum(a == b for a, b in zip(*answers.values()))
-            say(f"same greedy answer from both servers: {same} of {len(PROMPTS)} prompts")
+            answers[DIRECT] = [r["text"] for r in direct.level(args.max_tokens)["results"]]
+            same = sum(a == b for a, b in zip(answers[SERVERS[0]], answers[SERVERS[1]]))
+            same_direct = sum(a == b for a, b in zip(answers[SERVERS[0]], answers[DIRECT]))
+            say(f"same greedy answer: both servers {same}, fedchat serve and generate {same_direct} of {len(PROMPTS)}")
             tries: dict[tuple[str, int], list[dict]] = {}
             for attempt in range(args.repeats):
                 for clients in args.clients:
-                    for server in servers if (attempt + clients) % 2 == 0 else servers[::-1]:
-                        row = level(server, clients, args.max_tokens)
+                    runners = [*servers, direct] if clients == 1 else servers
+                    for server in runners if (attempt + clients) % 2 == 0 else runners[::-1]:
+                        row = direct.level(args.max_tokens) if server is direct else \
+                            level(server, clients, args.max_tokens)
                         tries.setdefault((server.name, clients), []).append(row)
                         say(f"try {attempt + 1}: {server.name}, {clients} client(s): {row['tokens_per_s']:.1f} "
-                            f"tokens/s, TTFT p50 {row['ttft_p50']:.2f} s, p90 {row['ttft_p90']:.2f} s")
+                            f"tokens/s, latency p50 {row['latency_p50']:.2f} s")
+            say("a second request arriving mid-answer (fedchat serve)")
+            arrives = second_arrives(servers[0], args.max_tokens)
+            say(f"first answer {arrives['first_with_second_s_p50']:.2f} s (alone "
+                f"{arrives['first_alone_s_p50']:.2f} s), second's first token {arrives['second_ttft_s_p50']:.2f} s")
         finally:
             for server in servers:
                 server.stop()
@@ -228,7 +312,7 @@ def main() -> int:
     for runs in tries.values():
         best = {k: v for k, v in max(runs, key=lambda row: row["tokens_per_s"]).items() if k != "results"}
         rows.append({**best, "tokens_per_s_all_tries": [row["tokens_per_s"] for row in runs]})
-    rows.sort(key=lambda row: (SERVERS.index(row["server"]), row["clients"]))
+    rows.sort(key=lambda row: ((*SERVERS, DIRECT).index(row["server"]), row["clients"]))
     by = {(row["server"], row["clients"]): row for row in rows}
     top = max(args.clients)
     import transformers
@@ -237,8 +321,11 @@ def main() -> int:
         "ratio": round(by[(SERVERS[0], top)]["tokens_per_s"] / by[(SERVERS[0], 1)]["tokens_per_s"], 3),
         "ratio_vs_transformers": round(by[(SERVERS[0], top)]["tokens_per_s"] / by[(SERVERS[1], top)]["tokens_per_s"],
                                        3),
+        "ratio_vs_direct": round(by[(SERVERS[0], 1)]["tokens_per_s"] / by[(DIRECT, 1)]["tokens_per_s"], 3),
         "rows": rows,
+        "second_arrives": arrives,
         "same_answers": same,
+        "same_answers_direct": same_direct,
         "command": " ".join([".venv/bin/python -m bench.serving", *sys.argv[1:]]),
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
         "model": f"{BASE} merged with a random round-1 LoRA adapter (r=8, q_proj/v_proj)",
@@ -250,6 +337,7 @@ def main() -> int:
                     "transformers": transformers.__version__,
                     "load_average_start": round(load_before[0], 2), "load_average_end": round(os.getloadavg()[0], 2),
                     "note": "the cores are shared with other work: each level keeps its fastest try"},
+        "load_note": args.note,
         "wall_seconds": round(time.perf_counter() - started, 1),
     }
     (args.results / "serving.json").write_text(json.dumps(result, indent=2) + "\n")

@@ -26,6 +26,7 @@ reload are serving.model's.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hmac
 import ipaddress
 import logging
@@ -41,10 +42,11 @@ from pydantic import BaseModel, ValidationError
 from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from serving.config import API_KEY_ENV, ModelSource, ServeConfig
-from serving.engine import Engine, Generation, GenerationParams, Job, QueueFullError
-from serving.model import ModelWatcher, ServedModel, model_loader
+from serving.engine import Admission, Engine, Generation, GenerationParams, Job, QueueFullError
+from serving.model import ModelWatcher, PromptTooLong, ServedModel, model_loader
 from serving.protocol import (
     AssistantMessage,
     BusyHealth,
@@ -106,9 +108,10 @@ def _too_large(limit: int) -> APIError:
                     code="request_too_large", headers={"Connection": "close"})
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """The request body, refused with 413 once it passes `limit` bytes: a Content-Length over
-    the limit before anything is read, a chunked or lying body as soon as its count passes it."""
+async def read_body(request: Request, limit: int, timeout: float) -> bytes:
+    """The request body, refused with 413 once it passes `limit` bytes (a Content-Length over the limit
+    before anything is read, a chunked or lying body as soon as its count passes it) and with 408 when
+    it has not all come within `timeout` seconds (a slow client does not hold its place)."""
     declared = request.headers.get("content-length")
     if declared is not None:
         if not declared.strip().isdigit():
@@ -117,13 +120,17 @@ async def read_body(request: Request, limit: int) -> bytes:
             raise _too_large(limit)
     chunks, size = [], 0
     try:
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                raise _too_large(limit)
-            chunks.append(chunk)
+        async with asyncio.timeout(timeout):
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise _too_large(limit)
+                chunks.append(chunk)
     except ClientDisconnect:  # nobody is left to answer: not a server failure
         raise APIError(499, "client closed the request") from None
+    except TimeoutError:
+        raise APIError(408, f"The request body did not arrive within {timeout:g} s (--body-timeout): send it "
+                            "at once.", code="request_timeout", headers={"Connection": "close"}) from None
     return b"".join(chunks)
 
 
@@ -139,22 +146,27 @@ def prepare(raw: bytes, cfg: ServeConfig, served: ServedModel,
         raise APIError(404, f"The model `{body.model}` does not exist. This server serves `{cfg.model_name}` "
                             "(GET /v1/models lists it).", param="model", code="model_not_found")
     try:
-        prompt_ids = served.encode_chat([m.as_template_message() for m in body.messages])
+        prompt_ids = served.encode_chat([m.as_template_message() for m in body.messages], context_length)
+    except PromptTooLong as exc:
+        raise _too_long(context_length, f"your messages hold at least {exc.at_least} tokens") from None
     except Exception as exc:  # the model's own template may refuse a conversation (e.g. role order)
         raise _bad(f"the model's chat template refuses these messages: {exc}", "messages") from None
     max_tokens = body.requested_max_tokens
     if max_tokens is None:
         max_tokens = max(1, min(cfg.default_max_tokens, context_length - len(prompt_ids)))
     if len(prompt_ids) + max_tokens > context_length:
-        raise APIError(400, f"This model's maximum context length is {context_length} tokens. However, you "
-                            f"requested {len(prompt_ids) + max_tokens} tokens ({len(prompt_ids)} in the "
-                            f"messages, {max_tokens} in the completion). Please reduce the length of the "
-                            "messages or the completion (max_tokens).", param="messages",
-                       code="context_length_exceeded")
+        raise _too_long(context_length, f"you requested {len(prompt_ids) + max_tokens} tokens ({len(prompt_ids)} "
+                                        f"in the messages, {max_tokens} in the completion)")
     params = GenerationParams(max_tokens=max_tokens, stop=body.stops, seed=body.seed,
                               temperature=1.0 if body.temperature is None else body.temperature,
                               top_p=1.0 if body.top_p is None else body.top_p)
     return body, Generation(prompt_ids, params)
+
+
+def _too_long(context_length: int, what: str) -> APIError:
+    return APIError(400, f"This model's maximum context length is {context_length} tokens. However, {what}. "
+                         "Please reduce the length of the messages or the completion (max_tokens).",
+                    param="messages", code="context_length_exceeded")
 
 
 # ----------------------------------------------------------------- the app
@@ -241,7 +253,14 @@ def create_app(engine: Engine, cfg: ServeConfig) -> FastAPI:
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         authorize(request)
-        raw = await read_body(request, cfg.max_body_bytes)
+        place = _admit(engine)  # before a byte of the body is read: a full server refuses at once
+        try:
+            return await completion(request, place)
+        finally:
+            place.release()  # the request never started (refused, or its client left): its place is free
+
+    async def completion(request: Request, place: Admission):
+        raw = await read_body(request, cfg.max_body_bytes, cfg.body_timeout)
         served = engine.served  # the request runs on this model, whatever is published meanwhile
         body, gen = await asyncio.to_thread(prepare, raw, cfg, served, engine.context_length(served))
         reply_id = f"chatcmpl-{secrets.token_hex(12)}"
@@ -249,7 +268,7 @@ def create_app(engine: Engine, cfg: ServeConfig) -> FastAPI:
         if body.stream:
             events: asyncio.Queue = asyncio.Queue()
             job = Job(gen, _emitter(loop, events.put_nowait), request_id=reply_id)
-            reply = _Reply(reply_id, cfg.model_name, _submit(engine, job, served))
+            reply = _Reply(reply_id, cfg.model_name, engine.submit(job, served, place))
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             # the background task also frees the slot if the client leaves before the stream starts
             return StreamingResponse(reply.sse(gen, events, include_usage, lambda: engine.cancel(job)),
@@ -266,7 +285,7 @@ def create_app(engine: Engine, cfg: ServeConfig) -> FastAPI:
                 finish(event)
 
         job = Job(gen, emit, request_id=reply_id)
-        reply = _Reply(reply_id, cfg.model_name, _submit(engine, job, served))
+        reply = _Reply(reply_id, cfg.model_name, engine.submit(job, served, place))
         gone = asyncio.ensure_future(_disconnected(request))
         try:
             await asyncio.wait({done, gone}, return_when=asyncio.FIRST_COMPLETED)
@@ -291,12 +310,17 @@ def _public_name(base_model: str | None) -> str | None:
     return base_model.replace("\\", "/").rstrip("/").rsplit("/", 1)[-1]
 
 
-def _submit(engine: Engine, job: Job, served: ServedModel) -> ServedModel:
-    """Start the job (on `served` while it is served); the model it runs on."""
+RETRY_AFTER_S = 2  # what a refused client is told to wait: about the time one answer of a full batch takes
+
+
+def _admit(engine: Engine) -> Admission:
+    """A place for the request, or 503 (queue_full) before its body is read: the connection then closes,
+    so the body is never read."""
     try:
-        return engine.submit(job, served)
+        return engine.admit()
     except QueueFullError as exc:
-        raise APIError(503, f"The server is busy: {exc}", type="server_error", code="queue_full") from None
+        raise APIError(503, f"The server is busy: {exc}", type="server_error", code="queue_full",
+                       headers={"Retry-After": str(RETRY_AFTER_S), "Connection": "close"}) from None
 
 
 def _emitter(loop: asyncio.AbstractEventLoop, put):
@@ -385,6 +409,47 @@ def _listen(host: str, port: int) -> socket.socket:
     return sock
 
 
+class _HeaderDeadline(HttpToolsProtocol):
+    """uvicorn's HTTP/1.1 connection, closed when a request's head (request line and headers) has not
+    all come within `header_timeout` seconds of the connection opening or of the previous answer: a
+    client that sends its headers slowly, or opens connections and sends nothing, holds nothing for long."""
+
+    def __init__(self, *args, header_timeout: float, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._header_timeout, self._header_timer = header_timeout, None
+
+    def _arm(self) -> None:
+        self._disarm()
+        self._header_timer = self.loop.call_later(self._header_timeout, self._too_slow)
+
+    def _disarm(self) -> None:
+        if self._header_timer is not None:
+            self._header_timer.cancel()
+            self._header_timer = None
+
+    def _too_slow(self) -> None:
+        self._header_timer = None
+        if not self.transport.is_closing():
+            self.transport.close()
+
+    def connection_made(self, transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._arm()
+
+    def on_headers_complete(self) -> None:
+        self._disarm()
+        super().on_headers_complete()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if not self.transport.is_closing() and not self.pipeline:  # waiting for the next request's head
+            self._arm()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm()
+        super().connection_lost(exc)
+
+
 def _is_loopback(host: str) -> bool:
     try:
         return ipaddress.ip_address(host).is_loopback
@@ -419,8 +484,10 @@ def run_server(cfg: ServeConfig) -> None:
                  host, port, f"; watching {link}" if link else "")
         if watcher is not None:
             watcher.start()
-        server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False,
-                                               timeout_graceful_shutdown=5, log_config=None))
+        server = uvicorn.Server(uvicorn.Config(
+            app, http=functools.partial(_HeaderDeadline, header_timeout=cfg.header_timeout),  # type: ignore[arg-type]
+            limit_concurrency=cfg.max_connections, log_level="warning", access_log=False,
+            timeout_graceful_shutdown=5, log_config=None))
         server.run(sockets=[sock])
     finally:
         if watcher is not None:

@@ -5,7 +5,15 @@ from __future__ import annotations
 import argparse
 import os
 
-from serving.config import API_KEY_ENV, DTYPES, MAX_BODY_BYTES, ServeConfig
+from serving.config import (
+    API_KEY_ENV,
+    BODY_TIMEOUT_S,
+    DTYPES,
+    HEADER_TIMEOUT_S,
+    MAX_BODY_BYTES,
+    MAX_CONNECTIONS,
+    ServeConfig,
+)
 
 
 def _model_options(p: argparse.ArgumentParser) -> None:
@@ -42,6 +50,13 @@ def add_serving_commands(sub) -> None:
                        help="answer length when a request gives no max_tokens (capped by the context)")
     serve.add_argument("--max-body-bytes", type=int, default=MAX_BODY_BYTES,
                        help=f"largest request body accepted; larger ones get 413 (default {MAX_BODY_BYTES})")
+    serve.add_argument("--header-timeout", type=float, default=HEADER_TIMEOUT_S,
+                       help="seconds a connection has to send a request's headers; then it is closed "
+                            f"(default {HEADER_TIMEOUT_S:g})")
+    serve.add_argument("--body-timeout", type=float, default=BODY_TIMEOUT_S,
+                       help=f"seconds a request's body may take to arrive; then 408 (default {BODY_TIMEOUT_S:g})")
+    serve.add_argument("--max-connections", type=int, default=MAX_CONNECTIONS,
+                       help=f"open connections; a request on one more gets 503 (default {MAX_CONNECTIONS})")
     serve.set_defaults(func=cmd_serve)
 
     chat = sub.add_parser("chat", help="chat in the terminal with a model folder or a running server",
@@ -67,7 +82,8 @@ def cmd_serve(args) -> int:
         host=args.host, port=args.port, api_key=args.api_key, model_name=args.model_name, device=args.device,
         dtype=args.dtype, max_queue=args.max_queue, max_batch=args.max_batch,
         kv_cache_tokens=args.kv_cache_tokens, default_max_tokens=args.default_max_tokens,
-        max_body_bytes=args.max_body_bytes))
+        max_body_bytes=args.max_body_bytes, header_timeout=args.header_timeout, body_timeout=args.body_timeout,
+        max_connections=args.max_connections))
     return 0
 
 

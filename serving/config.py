@@ -24,6 +24,9 @@ from shared.errors import ConfigError
 API_KEY_ENV = "FEDCHAT_API_KEY"
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 MAX_BODY_BYTES = 1 << 20  # 1 MiB: about 250,000 tokens of text, far more than any context served here
+HEADER_TIMEOUT_S = 10.0  # a request's head (request line and headers) must come within this of the connection
+BODY_TIMEOUT_S = 30.0  # and its body within this of its head: 1 MiB at 35 kB/s
+MAX_CONNECTIONS = 256  # open connections; a request on one more gets 503 at once (uvicorn's limit_concurrency)
 
 
 @dataclass(frozen=True)
@@ -58,6 +61,9 @@ class ServeConfig:
     kv_cache_tokens: int | None = None
     default_max_tokens: int = 512
     max_body_bytes: int = MAX_BODY_BYTES
+    header_timeout: float = HEADER_TIMEOUT_S
+    body_timeout: float = BODY_TIMEOUT_S
+    max_connections: int = MAX_CONNECTIONS
 
     def __post_init__(self) -> None:
         if self.model and (self.adapter or self.base):
@@ -88,6 +94,12 @@ class ServeConfig:
         if self.max_body_bytes < 1024:
             raise ConfigError(f"--max-body-bytes must be at least 1024 (got {self.max_body_bytes}): a request "
                               "body holds the whole conversation.")
+        for name, value in (("--header-timeout", self.header_timeout), ("--body-timeout", self.body_timeout)):
+            if not value > 0:
+                raise ConfigError(f"{name} must be positive seconds (got {value}).")
+        if self.max_connections < self.max_batch + self.max_queue:
+            raise ConfigError(f"--max-connections ({self.max_connections}) must be at least --max-batch + --max-queue "
+                              f"({self.max_batch + self.max_queue}): every request needs a connection.")
         if self.dtype not in DTYPES:
             raise ConfigError(f"--dtype {self.dtype!r}: use one of {', '.join(DTYPES)}.")
         if not self.model_name or any(c.isspace() for c in self.model_name):

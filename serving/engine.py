@@ -40,7 +40,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from serving.model import ServedModel
-from serving.sampling import per_request_sampling, request_rng
+from serving.sampling import per_request_sampling, request_rng, sample
 from shared.errors import FedchatError
 
 log = logging.getLogger("fedchat.serve")
@@ -68,47 +68,88 @@ class GenerationParams:
 
 
 class TextStream:
-    """Token ids in, text out: never splits a multi-byte character, never emits text that
-    may turn out to be the start of a stop string, and cuts the text at the first stop string."""
+    """Token ids in, text out: never splits a multi-byte character, never emits text that may turn
+    out to be the start of a stop string, and cuts the text at the first stop string.
+
+    Work per token is bounded whatever the answer's length: decoding is incremental (only the ids
+    since the last emitted piece, with the piece before them as context: vLLM's scheme, exact for
+    byte-level BPE tokenizers), and each stop string is matched by a Knuth-Morris-Pratt automaton fed
+    the new characters only, so a character costs O(1) amortised per stop string and the text held
+    back is the longest end of it that a stop string can still complete (at most that string's length).
+    """
 
     def __init__(self, decode: Callable[[list[int]], str], stop: tuple[str, ...] = ()) -> None:
-        self._decode, self._stop = decode, tuple(s for s in stop if s)
-        self._longest = max((len(s) for s in self._stop), default=0)
+        self._decode = decode
+        self._stops = tuple(s for s in stop if s)
+        self._fail = [_failure(s) for s in self._stops]
+        self._matched = [0] * len(self._stops)  # per stop string: its longest prefix the text ends with
         self.ids: list[int] = []
+        self._prefix = self._read = 0  # ids[_prefix:_read] decode to the context of the next piece
+        self._held = ""  # decoded and scanned, not emitted: it may begin a stop string
         self.text = ""  # emitted so far
         self.stopped = False  # a stop string was found
 
     def push(self, token_id: int) -> str:
         self.ids.append(token_id)
-        text = self._decode(self.ids)
-        if text.endswith("\ufffd"):  # the token ends inside a multi-byte character: wait for the rest
-            return ""
-        return self._advance(text, final=False)
+        piece = self._piece()
+        return self._scan(piece) if piece else ""
 
     def flush(self) -> str:
         """The text held back so far (at the end of generation)."""
-        if self.stopped or not self.ids:
+        if self.stopped:
             return ""
-        return self._advance(self._decode(self.ids), final=True)
+        delta = self._scan(self._piece(final=True))
+        if self.stopped:
+            return delta
+        rest, self._held = self._held, ""
+        self.text += rest
+        return delta + rest
 
-    def _advance(self, text: str, final: bool) -> str:
-        if self._stop:
-            start = max(0, len(self.text) - self._longest + 1)
-            hits = [i for i in (text.find(s, start) for s in self._stop) if i != -1]
-            if hits:
-                text, final, self.stopped = text[:min(hits)], True, True
-        end = len(text) if final else len(text) - self._held_back(text)
-        delta = text[len(self.text):end]
+    def _piece(self, final: bool = False) -> str:
+        """The text the ids since the last piece add ("" while they end inside a character)."""
+        before = self._decode(self.ids[self._prefix:self._read])
+        after = self._decode(self.ids[self._prefix:])
+        if len(after) <= len(before) or (after.endswith("\ufffd") and not final):
+            return ""
+        self._prefix, self._read = self._read, len(self.ids)
+        return after[len(before):]
+
+    def _scan(self, piece: str) -> str:
+        """Feed new text to the stop automata; the text that can be emitted now."""
+        for i, char in enumerate(piece):
+            found = 0  # the longest stop string that ends here (the answer ends where it starts)
+            for k, stop in enumerate(self._stops):
+                m, fail = self._matched[k], self._fail[k]
+                while m and stop[m] != char:
+                    m = fail[m - 1]
+                if stop[m] == char:
+                    m += 1
+                if m == len(stop):
+                    found, m = max(found, m), fail[m - 1]
+                self._matched[k] = m
+            if found:
+                text = self._held + piece[:i + 1]
+                delta, self._held, self.stopped = text[:len(text) - found], "", True
+                self.text += delta
+                return delta
+        text = self._held + piece
+        keep = max(self._matched, default=0)
+        delta, self._held = text[:len(text) - keep], text[len(text) - keep:]
         self.text += delta
         return delta
 
-    def _held_back(self, text: str) -> int:
-        """Length of the longest end of `text` that begins a stop string."""
-        for k in range(min(self._longest - 1, len(text)), 0, -1):
-            tail = text[-k:]
-            if any(s.startswith(tail) for s in self._stop):
-                return k
-        return 0
+
+def _failure(pattern: str) -> list[int]:
+    """Knuth-Morris-Pratt: for each prefix of `pattern`, the length of its longest proper prefix that is
+    also its suffix."""
+    fail, m = [0] * len(pattern), 0
+    for i in range(1, len(pattern)):
+        while m and pattern[i] != pattern[m]:
+            m = fail[m - 1]
+        if pattern[i] == pattern[m]:
+            m += 1
+        fail[i] = m
+    return fail
 
 
 @dataclass
@@ -138,6 +179,19 @@ class Job:
     batcher: Batcher | None = field(default=None, repr=False)  # where it runs, once submitted
 
 
+class Admission:
+    """A request's place in the engine, from before its body is read until its generation ends
+    (Engine.admit); `release` gives it back if the request never starts (a no-op once it has)."""
+
+    def __init__(self, engine: Engine) -> None:
+        self._engine, self.taken, self._released = engine, False, False
+
+    def release(self) -> None:
+        if not (self.taken or self._released):
+            self._released = True
+            self._engine._release()
+
+
 @dataclass
 class EngineStats:
     queued: int = 0  # accepted, waiting for a place in the batch (or in its prompt's prefill)
@@ -146,6 +200,8 @@ class EngineStats:
     cancelled: int = 0
     failed: int = 0
     completion_tokens: int = 0
+    fast_path: int = 0  # requests started alone, on the fast path
+    handed_over: int = 0  # of those, requests that moved to the batch when another arrived
 
 
 class _Run:
@@ -155,14 +211,20 @@ class _Run:
         self.job, self.gen = job, job.generation
         self.text = TextStream(served.decode, self.gen.params.stop)
         self.eos = served.eos_ids
-        self.started = False  # its first token came: it is in the batch
+        self.rng = request_rng(self.gen.params.seed)  # its own draws, on the fast path and in the batch alike
+        self.tokens: list[int] = []  # generated so far
+        self.offset = 0  # tokens it had made on the fast path before it joined the manager's batch
+        self.started = False  # its first token came: it is generating
+        self.solo = False  # on the fast path (Batcher._solo)
+        self.handover = False  # another request arrived: leave the fast path for the batch
 
-    def take(self, tokens: list[int], finished: bool) -> str | None:
-        """Feed the request's generated tokens so far; its finish reason once it has ended."""
+    def take(self, tokens: list[int], finished: bool = False) -> str | None:
+        """Feed the request's new tokens; its finish reason once it has ended."""
         gen = self.gen
         self.started = True
-        for token in tokens[gen.completion_tokens:]:
+        for token in tokens:
             gen.completion_tokens += 1
+            self.tokens.append(token)
             if token in self.eos:
                 return "stop"
             delta = self.text.push(token)
@@ -170,14 +232,30 @@ class _Run:
                 self.job.emit(("delta", delta))
             if self.text.stopped:
                 return "stop"
-        if not finished:
-            return None
-        return "length" if gen.completion_tokens >= gen.params.max_tokens else "stop"
+        if gen.completion_tokens >= gen.params.max_tokens:
+            return "length"
+        return "stop" if finished else None
+
+
+def next_token(logits, params: GenerationParams, rng) -> int:
+    """The token after `logits` (the last position's scores): argmax when greedy, as `generate` picks it."""
+    if params.temperature > 0:
+        return sample(logits, params.temperature, params.top_p, rng)
+    return int(logits.argmax())
 
 
 class Batcher:
-    """One served model's continuous-batching manager (generation thread, paged KV cache) and the
-    thread that hands each request's new tokens to its job."""
+    """One served model's generation: a fast path for a request alone, transformers' continuous-batching
+    manager (generation thread, paged KV cache) for requests together, and the thread that hands each
+    batched request's new tokens to its job.
+
+    The fast path: a request that arrives while the batcher holds no other runs in a thread of its own,
+    by the loop `generate` runs (a DynamicCache, one forward pass per token, argmax), so its greedy answer
+    is `generate`'s. When a second request arrives, the second joins the manager's batch at once and the
+    first follows it at its next token: its prompt and the tokens it has made so far are prefilled in the
+    batch (one chunked prefill), and it goes on there with its own generator. A request that arrives
+    while others are batched joins the batch; the fast path is taken again once the batcher is empty.
+    """
 
     def __init__(self, served: ServedModel, engine: Engine) -> None:
         from transformers import GenerationConfig
@@ -199,6 +277,7 @@ class Batcher:
             generation_config=config, continuous_batching_config=cb)
         self._manager.logit_processor = per_request_sampling()  # read when start() builds the batch processor
         self._runs: dict[str, _Run] = {}
+        self._solo: _Run | None = None  # the request on the fast path
         self._lock = threading.Lock()
         self._retired = False  # a newer model is served: stop once idle
         self._closing = False  # the manager is asked to stop: no new requests
@@ -221,25 +300,86 @@ class Batcher:
             return len(self._runs) - started, started
 
     def add(self, job: Job) -> bool:
-        """Put the job in the batch; False when this manager takes no more requests."""
-        gen = job.generation
+        """Start the job: on the fast path when it is alone, else in the batch; False when this batcher
+        takes no more requests."""
         with self._lock:
             if not self.accepting:
                 return False
-            self._runs[job.request_id] = _Run(job, self.served)
+            run = _Run(job, self.served)
+            alone = not self._runs
+            if self._solo is not None:
+                self._solo.handover = True
+            self._runs[job.request_id] = run
             job.batcher = self
-        params = gen.params
-        added = None
+            if alone:
+                self._solo, run.solo = run, True
+        if alone:
+            self._engine.note("fast_path")
+            threading.Thread(target=self._run_solo, args=(run,), name="fedchat-solo", daemon=True).start()
+            return True
+        added = False
         try:
-            added = self._manager.add_request(
-                gen.prompt_ids, request_id=job.request_id, max_new_tokens=params.max_tokens, streaming=True,
-                eos_token_id=sorted(self.served.eos_ids), temperature=float(params.temperature),
-                top_p=float(params.top_p), rng=request_rng(params.seed))
+            added = self._enqueue(run)
         finally:
-            if added is None:  # the manager stopped in between (or refused it)
+            if not added:  # the manager stopped in between (or refused it)
                 with self._lock:
                     self._runs.pop(job.request_id, None)
+        return added
+
+    def _enqueue(self, run: _Run) -> bool:
+        """Put the run in the manager's batch, with the tokens it has made already as part of its prompt."""
+        gen, params = run.gen, run.gen.params
+        run.offset = len(run.tokens)
+        added = self._manager.add_request(
+            gen.prompt_ids + run.tokens, request_id=run.job.request_id, streaming=True,
+            max_new_tokens=params.max_tokens - len(run.tokens), eos_token_id=sorted(self.served.eos_ids),
+            temperature=float(params.temperature), top_p=float(params.top_p), rng=run.rng)
+        with self._lock:
+            gone = self._runs.get(run.job.request_id) is not run
+        if added is not None and gone:  # cancelled while it moved
+            self._manager.cancel_request(run.job.request_id)
         return added is not None
+
+    def _run_solo(self, run: _Run) -> None:
+        """The fast path (see the class): generate until the run ends, is cancelled or must hand over."""
+        import torch
+        from transformers import DynamicCache
+
+        model, gen = self.served.model, run.gen
+        try:
+            with torch.inference_mode():
+                cache = DynamicCache(config=model.config)  # type: ignore[attr-defined]
+                ids = torch.tensor([gen.prompt_ids], device=self.served.device)
+                while True:
+                    with self._lock:
+                        if self._runs.get(run.job.request_id) is not run:  # cancelled, or failed by stop()
+                            return
+                        if run.handover:
+                            self._solo, run.solo = None, False
+                            break
+                    logits = model(input_ids=ids, past_key_values=cache, use_cache=True,  # type: ignore[operator]
+                                   logits_to_keep=1).logits[0, -1]
+                    token = next_token(logits, gen.params, run.rng)
+                    reason = run.take([token])
+                    if reason is not None:
+                        self._finish(run, reason)
+                        return
+                    ids = torch.tensor([[token]], device=ids.device)
+        except Exception as exc:  # the forward pass or decoding failed: this request only
+            self._fail(run, repr(exc), exc)
+            return
+        finally:
+            with self._lock:
+                if self._solo is run:
+                    self._solo = None
+        self._engine.note("handed_over")
+        try:
+            added = self._enqueue(run)
+        except Exception as exc:  # noqa: BLE001 (the manager refused it: failed like any request)
+            self._fail(run, repr(exc), exc)
+            return
+        if not added:
+            self._fail(run, "the generation loop stopped")
 
     def cancel(self, request_id: str) -> bool:
         """Take the request out of the batch now; False when it had ended already."""
@@ -247,7 +387,8 @@ class Batcher:
             run = self._runs.pop(request_id, None)
         if run is None:
             return False
-        self._manager.cancel_request(request_id)  # its slot and cache blocks are freed before the next step
+        if not run.solo:  # the fast path sees it gone before its next token
+            self._manager.cancel_request(request_id)  # its slot and cache blocks are freed before the next step
         run.gen.finish_reason = "cancelled"
         self._engine.ended(run.gen)
         self._stop_if_idle()
@@ -294,7 +435,7 @@ class Batcher:
                 if output.error is not None:
                     self._fail(run, output.error)
                     continue
-                reason = run.take(output.generated_tokens, output.is_finished())
+                reason = run.take(output.generated_tokens[len(run.tokens) - run.offset:], output.is_finished())
             except Exception as exc:  # decoding failed: this request only
                 self._fail(run, repr(exc), exc)
                 continue
@@ -309,7 +450,7 @@ class Batcher:
         with self._lock:
             if self._runs.pop(run.job.request_id, None) is None:
                 return  # cancelled meanwhile
-        if reason == "stop" and run.text.stopped:
+        if reason == "stop" and run.text.stopped and not run.solo:
             self._manager.cancel_request(run.job.request_id)  # a stop string: the manager does not know it
         rest = run.text.flush()
         if rest:
@@ -390,25 +531,35 @@ class Engine:
             self._retired = [b for b in self._retired if b.running] + [old]
         old.retire()
 
-    def submit(self, job: Job, served: ServedModel | None = None) -> ServedModel:
-        """Start the job on `served` (the model its prompt was checked against) while that model is
-        served, else on the current one; returns the model it runs on."""
+    def admit(self) -> Admission:
+        """A place for one more request, taken before its body is read: QueueFullError when `max_batch`
+        requests generate and `max_queue` more are waiting or being read already."""
         with self._lock:
             if self._in_flight >= self.max_batch + self.max_queue:
                 raise QueueFullError(f"{self._in_flight - self.max_batch} requests are already waiting "
                                      f"(--max-queue {self.max_queue}): retry shortly.")
             self._in_flight += 1
+        return Admission(self)
+
+    def _release(self) -> None:
+        with self._lock:
+            self._in_flight -= 1
+
+    def submit(self, job: Job, served: ServedModel | None = None, place: Admission | None = None) -> ServedModel:
+        """Start the job on `served` (the model its prompt was checked against) while that model is
+        served, else on the current one, in the place admitted for it (else a new one); returns the model
+        it runs on. From here its place is freed when its generation ends."""
+        place = place or self.admit()
         try:
             for _ in range(3):
                 batcher = self._batcher_for(served)
                 if batcher.add(job):
+                    place.taken = True
                     return batcher.served
                 served = None  # it stopped meanwhile (a newer round took over, or the model failed)
             raise GenerationError("the generation loop keeps stopping: the server's log says why.")
-        except BaseException:
-            with self._lock:
-                self._in_flight -= 1
-            raise
+        finally:
+            place.release()
 
     def _batcher_for(self, served: ServedModel | None) -> Batcher:
         """The batcher of `served` if it takes requests, else the current one (restarted after a failure)."""
@@ -433,6 +584,10 @@ class Engine:
         """The client went away: free the job's slot at once (nothing happens once it has ended)."""
         if job.batcher is not None:
             job.batcher.cancel(job.request_id)
+
+    def note(self, counter: str) -> None:
+        with self._lock:
+            setattr(self._stats, counter, getattr(self._stats, counter) + 1)
 
     def ended(self, gen: Generation) -> None:
         """A generation left the batch (called by its batcher)."""

@@ -10,6 +10,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import torch
@@ -21,6 +22,14 @@ from shared.errors import ModelError
 from shared.model import load_model, load_tokenizer, select_device, select_dtype
 
 log = logging.getLogger("fedchat.serve")
+
+
+class PromptTooLong(ModelError):
+    """A conversation holds more tokens than the model's context, known without tokenizing it."""
+
+    def __init__(self, at_least: int) -> None:
+        super().__init__(f"the conversation holds at least {at_least} tokens")
+        self.at_least = at_least
 
 
 @dataclass
@@ -48,12 +57,22 @@ class ServedModel:
         """What `system_fingerprint` reports: which round answered."""
         return f"fedchat-round-{self.round}" if self.round is not None else f"fedchat-{self.path.name}"
 
-    def encode_chat(self, messages: list[dict]) -> list[int]:
-        """Token ids of the conversation through the model's chat template, ready for the answer."""
+    def encode_chat(self, messages: list[dict], limit: int | None = None) -> list[int]:
+        """Token ids of the conversation through the model's chat template, ready for the answer (what
+        `apply_chat_template(..., tokenize=True)` gives). With `limit`, a conversation whose text is longer
+        than `limit` of the vocabulary's longest token holds more than `limit` tokens whatever they are:
+        PromptTooLong, before any of it is tokenized (tokenizing costs about a second per MB)."""
+        tok = self.tokenizer
         with self.tokenizer_lock:
-            enc = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)  # type: ignore[attr-defined]
-        ids = enc["input_ids"] if hasattr(enc, "keys") else enc
-        return list(ids)
+            text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)  # type: ignore[attr-defined]
+            if limit is not None and len(text) > limit * self.max_token_chars:
+                raise PromptTooLong(len(text) // self.max_token_chars)
+            return list(tok(text, add_special_tokens=False)["input_ids"])  # type: ignore[operator]
+
+    @cached_property
+    def max_token_chars(self) -> int:
+        """The most characters one token stands for (a token's string is never shorter than its text)."""
+        return max(len(token) for token in self.tokenizer.get_vocab())  # type: ignore[attr-defined]
 
     def decode(self, ids: list[int]) -> str:
         with self.tokenizer_lock:

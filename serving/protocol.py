@@ -11,6 +11,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_serializer, model_validator
 
 MAX_STOP = 4
+MAX_STOP_CHARS = 256  # per stop string: far longer than any delimiter, and bounds the text held back
 SEED_RANGE = (-(2**63), 2**63 - 1)  # OpenAI's: a signed 64-bit integer
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 
@@ -78,8 +79,9 @@ class ChatCompletionRequest(_Strict):
     def _stop(cls, value):
         stops = [value] if isinstance(value, str) else value
         if stops is not None and not (isinstance(stops, list) and len(stops) <= MAX_STOP
-                                      and all(isinstance(s, str) and s for s in stops)):
-            raise ValueError(f"must be a non-empty string or an array of at most {MAX_STOP} of them")
+                                      and all(isinstance(s, str) and 0 < len(s) <= MAX_STOP_CHARS for s in stops)):
+            raise ValueError(f"must be a non-empty string of at most {MAX_STOP_CHARS} characters or an array of "
+                             f"at most {MAX_STOP} of them")
         return value
 
     @model_validator(mode="after")
@@ -200,6 +202,8 @@ class BusyHealth(Health):
     cancelled: int
     failed: int
     completion_tokens: int
+    fast_path: int
+    handed_over: int
 
 
 class ErrorDetail(BaseModel):
