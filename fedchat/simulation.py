@@ -74,7 +74,12 @@ def simulate(run: RunConfig, sim_nodes: dict[int, dict], colluders: int | None =
     """Run `run` with one virtual SuperNode per entry of `sim_nodes` (partition id -> node config).
 
     With secure aggregation and no roster given, the simulation is its own roster keeper and every
-    node's operator: `provision_roster` gives each node an identity key and approves one roster."""
+    node's operator: `provision_roster` gives each node an identity key and approves one roster. The
+    virtual nodes' ledger registry and the coordinator's ledger heads live in the run's out-dir unless
+    set: a simulation is one experiment, not a host's nodes (whose records outlive their state dirs)."""
+    out = Path(run.out_dir).absolute()  # a simulation's own records of the budget, not the host's
+    run = run.replace(ledger_heads=run.ledger_heads or str(out / "ledger-heads.json"))
+    sim_nodes = {p: {"ledger-registry": str(out / "ledger-registry"), **node} for p, node in sim_nodes.items()}
     if run.secagg and not run.secagg_roster:
         roster, sim_nodes = provision_roster(Path(run.out_dir), sim_nodes, colluders)
         run = run.replace(secagg_roster=str(roster))

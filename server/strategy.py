@@ -38,6 +38,7 @@ from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import Strategy
 
 from server.aggregate import apply_update, update_problem, weighted_average
+from server.ledger_heads import LedgerHeads
 from shared.config import SECAGG_MIN_NODES, RunConfig
 from shared.errors import FederationError
 from shared.protocol import CAN_TRAIN, fit_config
@@ -92,7 +93,8 @@ class FedChatStrategy(Strategy):
         self.frozen_a = frozen_a
         self.grid = grid  # to ask nodes, before a round, whether they can train it
         self.exhausted: set[int] = set()  # node ids that said they cannot train (budget spent)
-        self.ledger_heads: dict[int, tuple[int, str]] = {}  # node id -> (entries, head) it last reported
+        self.ledger_heads: dict[int, tuple] = {}  # node id -> (entries, head[, key fingerprint]) it last reported
+        self.heads_across_runs = LedgerHeads.of(cfg.ledger_heads)  # per ledger key, kept across runs
         self.outcome: RoundOutcome | None = None
         self._sample: tuple[int, list[ClientProxy], list[dict]] | None = None
 
@@ -185,14 +187,17 @@ class FedChatStrategy(Strategy):
             return []
         # Each node gets the head of its own ledger as last recorded here, to check against its ledger.
         return [(node, FitIns(parameters, fit_config(self.cfg, server_round, self.run_id, self.frozen_a,
-                                                     self.ledger_heads.get(node.node_id))))
+                                                     self.ledger_heads.get(node.node_id)
+                                                     or self.heads_across_runs.for_node(node.node_id))))
                 for node in nodes]
 
     def _client(self, proxy: ClientProxy, res: FitRes) -> dict:
         """A node's row of the report from its reply; the ledger head it reports is recorded."""
         m = dict(res.metrics)
         if "ledger-entries" in m and "ledger-head" in m:
-            self.ledger_heads[proxy.node_id] = (int(m["ledger-entries"]), str(m["ledger-head"]))
+            self.ledger_heads[proxy.node_id] = (int(m["ledger-entries"]), str(m["ledger-head"]), m.get("ledger-key"))
+            self.heads_across_runs.record(m.get("ledger-key"), proxy.node_id, int(m["ledger-entries"]),
+                                          str(m["ledger-head"]))
         client = {"node": m.get("node", str(proxy.node_id)), "node_id": proxy.node_id,
                   "ledger_key": m.get("ledger-key"),
                   # under the secure sum a node's count travels masked: only the round's total is known

@@ -103,6 +103,13 @@ def audit_ledger(path: str | Path, key_path: str | Path, recompute: bool = True)
             return result
         if before is not None:
             _check_unchanged(before, entry, number, result)
+            if ledger.version(entry) < ledger.version(before):
+                result.problems.append(f"{where}: format version {ledger.version(entry)} after version "
+                                       f"{ledger.version(before)}: fedchat's node only appends in the newest format")
+        if entry.get("first_contact") and number > 1:
+            result.warnings.append(f"{where}: planned with no coordinator record of this ledger although it held "
+                                   f"{number - 1} entries (a new federation, a coordinator that lost its records, or "
+                                   "a copy of the node's state dir): ask the node's operator which")
         nodes.add(entry["node"])
         history += ledger_history([entry])
         no_dp = entry["noise_multiplier"] == 0

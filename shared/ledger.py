@@ -1,8 +1,8 @@
 """The privacy ledger: an append-only, hash-chained, signed JSONL file per node.
 
-One line per round a node trained, with or without DP. Each line holds the mechanism's
-parameters, the cumulative epsilon the node claims after the round, the SHA-256 of the
-update it sent, ``prev`` (SHA-256 of the previous line's bytes; 64 zeros for the first)
+One line per round a node trained, with or without DP (format versions: see VERSION). Each
+line holds the mechanism's parameters, the cumulative epsilon the node claims after the
+round, the SHA-256 of the update it sent, ``prev`` (SHA-256 of the previous line's bytes; 64 zeros for the first)
 and an Ed25519 ``signature`` by the node's key over the canonical JSON of the entry
 without its signature. Canonical JSON: keys sorted, no spaces, UTF-8, and strict (no
 NaN or Infinity).
@@ -49,6 +49,12 @@ FIELDS = {  # name -> accepted JSON types (epsilon is null for a round without D
     "steps": (int,), "delta": (float, int), "accountant": (str,), "epsilon": (float, int, type(None)),
     "target_epsilon": (float, int), "update_sha256": (str,), "prev": (str,), "signature": (str,),
 }
+# Format versions. Version 1 (lines written before versions existed) has exactly FIELDS and no "version";
+# version 2 adds "version": 2 and "first_contact" (true when the coordinator held no record of this
+# ledger when the round was planned). Lines of every version stay valid and keep their spent budget;
+# a ledger never goes back to an older version after a newer line.
+VERSION = 2
+V2_FIELDS = {"version": (int,), "first_contact": (bool,)}
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 _HEX128 = re.compile(r"[0-9a-f]{128}")
 RESTORE = ("Restore the ledger and the ledger.head beside it from the node's newest backup; never edit them by "
@@ -86,14 +92,23 @@ def no_dp_fields(sample_rate: float, steps: int) -> dict:
     return {"sample_rate": float(sample_rate), "noise_multiplier": 0.0, "steps": int(steps), "epsilon": None}
 
 
+def version(entry: dict) -> int:
+    """The format version of a line (1: written before versions existed, no "version" field)."""
+    return entry.get("version", 1) if isinstance(entry.get("version", 1), int) else 0
+
+
 def type_problem(entry: dict) -> str | None:
     """The first missing, unknown or mistyped field, or None."""
-    for name, types in FIELDS.items():
+    if "version" in entry and (type(entry["version"]) is not int or entry["version"] not in (2,)):
+        return (f"unknown ledger format version {entry['version']!r} (this fedchat reads versions 1 to {VERSION}): "
+                "upgrade fedchat to read it")
+    fields = FIELDS if version(entry) == 1 else {**FIELDS, **V2_FIELDS}
+    for name, types in fields.items():
         if name not in entry:
             return f"field '{name}' is missing"
-        if not isinstance(entry[name], types) or isinstance(entry[name], bool):
+        if not isinstance(entry[name], types) or (isinstance(entry[name], bool) and bool not in types):
             return f"field '{name}' has the wrong type ({type(entry[name]).__name__})"
-    unknown = sorted(set(entry) - set(FIELDS))
+    unknown = sorted(set(entry) - set(fields))
     return f"unknown fields {unknown}" if unknown else None
 
 
@@ -194,6 +209,9 @@ def verify_lines(path: str | Path, lines: list[bytes], key: Ed25519PublicKey) ->
         entry, problems = check_line(line, prev, key)
         if not problems and entries and entry["node"] != entries[0]["node"]:
             problems = [f"node {entry['node']!r} differs from {entries[0]['node']!r} of line 1: two nodes' entries"]
+        if not problems and entries and version(entry) < version(entries[-1]):
+            problems = [f"format version {version(entry)} after version {version(entries[-1])}: lines are only ever "
+                        "appended in the newest format, so this line was not written by fedchat's node"]
         if problems:
             raise LedgerError(f"{path} line {number}: {'; '.join(problems)}. The ledger does not verify. {RESTORE}")
         entries.append(entry)
@@ -255,11 +273,16 @@ class LedgerSession:
         """(hash of the last line or GENESIS, number of entries)."""
         return (line_hash(self._lines[-1]) if self._lines else GENESIS), len(self._lines)
 
+    def check_not_behind(self, count: int, last: str, who: str) -> None:
+        """LedgerError unless this ledger holds the `count` entries `who` recorded, the last one hashing to `last`."""
+        _check_not_behind(self.path, self._lines, count, last, who)
+
     def append(self, entry: dict) -> dict:
         """Chain, sign and durably append one entry, then update the head file; return it as written."""
         if not self._open:
             raise LedgerError("the ledger session is closed: append inside `with open_for_training(...)`.")
         entry = {k: v for k, v in entry.items() if k not in ("prev", "signature")}
+        entry["version"], entry["first_contact"] = VERSION, entry.get("first_contact", False)
         entry["prev"], entry["signature"] = self.head()[0], "0" * 128
         problem = type_problem(entry)
         problems = [problem] if problem else range_problems(entry)
@@ -297,6 +320,15 @@ def _lock(path: Path):
     os.ftruncate(fd, 0)
     os.pwrite(fd, str(os.getpid()).encode(), 0)
     return fd
+
+
+def state_home() -> Path:
+    """Where the budget's records outside any state dir live: the node's registry of its ledgers
+    (client/ledger_registry.py) and the coordinator's ledger heads (server/ledger_heads.py).
+    FEDCHAT_STATE_HOME, else $XDG_STATE_HOME/fedchat, else ~/.local/state/fedchat."""
+    if os.environ.get("FEDCHAT_STATE_HOME"):
+        return Path(os.environ["FEDCHAT_STATE_HOME"])
+    return Path(os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state") / "fedchat"
 
 
 def signing_key_for(path: str | Path, key_path: str | Path) -> Ed25519PrivateKey:

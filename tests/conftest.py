@@ -65,3 +65,24 @@ def tokenizer(tiny_dir):
     from shared.model import load_tokenizer
 
     return load_tokenizer(tiny_dir)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _module_state_home(tmp_path_factory):
+    """The node registry and coordinator heads of a module's long-lived processes (a federation started
+    by a module fixture), apart from the machine's own in ~/.local/state/fedchat."""
+    saved = os.environ.get("FEDCHAT_STATE_HOME")
+    os.environ["FEDCHAT_STATE_HOME"] = str(tmp_path_factory.mktemp("state-home"))
+    yield
+    if saved is None:
+        os.environ.pop("FEDCHAT_STATE_HOME", None)
+    else:
+        os.environ["FEDCHAT_STATE_HOME"] = saved
+
+
+@pytest.fixture(autouse=True)
+def state_home(tmp_path_factory, monkeypatch):
+    """Each test's own node registry and coordinator ledger heads (ledger.state_home())."""
+    folder = tmp_path_factory.mktemp("state-home")
+    monkeypatch.setenv("FEDCHAT_STATE_HOME", str(folder))
+    return folder

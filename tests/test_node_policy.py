@@ -5,11 +5,15 @@ as a coordinator would send it, on the tiny model and a real dialogue file.
 """
 
 import json
+import logging
+import shutil
+from pathlib import Path
 
 import pytest
 
 from client.app import FedChatClient, NodeCache
 from client.policy import RoundRefused
+from shared import ledger
 from shared.adapter import get_arrays
 from shared.config import NodeConfig, RunConfig
 from shared.protocol import fit_config
@@ -152,3 +156,149 @@ def test_without_dp_under_secagg_no_plaintext_statistic_leaves_the_node(tmp_path
     client = FedChatClient(node, secagg_active=True)
     _, _, metrics = client.fit(get_arrays(loaded.model, loaded.names), fit_config(cfg, 1, "run-b", loaded.frozen_a))
     assert not {"train-loss", "seconds", "clipped-values"} & set(metrics), metrics
+
+
+# ------------------------------------------------------------------ the budget outlives the state dir
+
+def _round(node: NodeConfig, rnd: int, head=None, run="run-a"):
+    """Round `rnd` of `run`, the coordinator sending `head` ((entries, head, key fingerprint) or None)."""
+    cfg = RunConfig(base_model="tiny", local_steps=2, batch_size=4, secagg=False, num_rounds=5)
+    loaded = NodeCache.model(cfg, node)
+    config = fit_config(cfg, rnd, run, loaded.frozen_a, head)
+    _, _, metrics = FedChatClient(node, secagg_active=False).fit(get_arrays(loaded.model, loaded.names), config)
+    return metrics["ledger-entries"], metrics["ledger-head"], metrics["ledger-key"]
+
+
+def _refused(caplog, node: NodeConfig, rnd: int, head=None, run="run-a") -> str:
+    """The round is refused: the reason the node logged (the coordinator sees only its kind and an id)."""
+    caplog.clear()
+    with caplog.at_level(logging.ERROR), pytest.raises(RoundRefused, match="LedgerError"):
+        _round(node, rnd, head, run)
+    return caplog.text
+
+
+def _entries(node: NodeConfig) -> list[dict]:
+    path = Path(node.state_dir) / "ledger.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def test_a_state_dir_restored_from_a_backup_is_not_a_fresh_budget(tmp_path, caplog):
+    """Threat: the operator restores an older copy of the whole state dir (ledger, head file and key, as a
+    restore does) and the rounds trained since are forgotten. The node's registry, outside the state dir,
+    still holds the newer head: refused, with or without the coordinator's record."""
+    node = _node(tmp_path)
+    state = Path(node.state_dir)
+    _round(node, 1)
+    shutil.copytree(state, tmp_path / "backup")
+    _round(node, 2)
+    shutil.rmtree(state)
+    shutil.copytree(tmp_path / "backup", state)
+    assert "has 1 entries, but this node's ledger registry" in _refused(caplog, node, 3)
+    assert len(_entries(node)) == 1  # nothing was trained or written
+
+
+def test_a_new_or_empty_state_dir_over_the_same_data_is_not_a_fresh_budget(tmp_path, caplog):
+    """Threat: a config pointed at a new state dir (or the old one emptied) starts from epsilon 0 on the
+    conversations the node already trained on."""
+    node = _node(tmp_path)
+    _round(node, 1)
+    for other in (node.replace(state_dir=str(tmp_path / "new-state")), node):
+        if other is node:  # the same state dir, emptied
+            shutil.rmtree(node.state_dir)
+            Path(node.state_dir).mkdir()
+        assert "already have their budget in another ledger" in _refused(caplog, other, 1)
+        assert not _entries(other)
+
+
+def test_a_second_node_config_over_the_same_data_is_refused(tmp_path, caplog):
+    """Threat: a second node config (another name and state dir) over the same conversations, even in a
+    copied, reordered and extended data file, trains them on a budget of its own."""
+    node = _node(tmp_path)
+    _round(node, 1)
+    lines = Path(node.data_path).read_text().splitlines()
+    copy = tmp_path / "elsewhere" / "copy.jsonl"
+    copy.parent.mkdir()
+    extra = json.dumps(conversation("a new question", "a new answer"))
+    copy.write_text("\n".join([*reversed(lines), extra]) + "\n")
+    second = node.replace(data_path=str(copy), state_dir=str(tmp_path / "elsewhere" / "state"), node_name="org-y")
+    assert "40 of the 41 conversations of this node's data file already have their budget" in \
+        _refused(caplog, second, 1)
+    # other conversations on the same host are another budget: they train
+    other = tmp_path / "other" / "d.jsonl"
+    other.parent.mkdir()
+    write_jsonl(other, [conversation(f"other question {i}", f"other answer {i}") for i in range(40)])
+    _round(node.replace(data_path=str(other), state_dir=str(tmp_path / "other" / "state")), 1)
+
+
+def test_a_state_dir_copied_to_another_host_keeps_its_budget_and_cannot_fork(tmp_path, caplog, monkeypatch):
+    """Threat: the state dir is copied to another host (no registry there). The copy keeps the spent budget
+    (its ledger goes on), and the coordinator's head, kept per ledger key across runs, refuses the copy
+    left behind once the other has trained: one budget is never spent twice."""
+    node = _node(tmp_path)
+    head = _round(node, 1)
+    eps_1 = _entries(node)[-1]["epsilon"]
+    shutil.copytree(node.state_dir, tmp_path / "host-b" / "state")
+    monkeypatch.setenv("FEDCHAT_STATE_HOME", str(tmp_path / "host-b" / "registry"))  # another host
+    moved = node.replace(state_dir=str(tmp_path / "host-b" / "state"))
+    heads = str(tmp_path / "coordinator" / "heads.json")
+    _coordinator_records(heads, "run-a", head)
+    head = _round(moved, 1, _coordinator_head(heads, "run-b"), run="run-b")
+    _coordinator_records(heads, "run-b", head)
+    assert len(_entries(moved)) == 2 and _entries(moved)[-1]["epsilon"] > eps_1  # the budget went with it
+    monkeypatch.setenv("FEDCHAT_STATE_HOME", str(tmp_path / "host-c" / "registry"))  # the first copy, no registry
+    refused = _refused(caplog, node, 1, _coordinator_head(heads, "run-c"), "run-c")
+    assert "has 1 entries, but the coordinator recorded 2" in refused
+
+
+def _strategy(heads: str, run: str):
+    from server.strategy import FedChatStrategy
+
+    return FedChatStrategy(RunConfig(base_model="tiny", secagg=False, ledger_heads=heads), run, [], "", None)
+
+
+def _coordinator_records(heads: str, run: str, head: tuple) -> None:
+    """The coordinator of `run` records the head node id 42 reported with its update."""
+    from flwr.common import Code, FitRes, Status
+
+    class Proxy:
+        node_id = 42
+
+    metrics = {"ledger-entries": head[0], "ledger-head": head[1], "ledger-key": head[2], "node": "org-x"}
+    _strategy(heads, run)._client(Proxy(), FitRes(Status(Code.OK, ""), None, 40, metrics))
+
+
+def _coordinator_head(heads: str, run: str):
+    """What the coordinator of a new `run` sends node id 42 before its first reply in that run."""
+    return _strategy(heads, run).heads_across_runs.for_node(42)
+
+
+def test_the_coordinator_keeps_ledger_heads_across_runs(tmp_path, caplog):
+    """The coordinator's record of a node's head survives the run (a new strategy, a new out-dir): a node
+    whose state dir was restored and whose registry was lost too is still refused."""
+    node = _node(tmp_path)
+    heads = str(tmp_path / "coordinator" / "heads.json")
+    head = _round(node, 1)
+    shutil.copytree(node.state_dir, tmp_path / "backup")
+    head = _round(node, 2, head)
+    _coordinator_records(heads, "run-1", head)
+    shutil.rmtree(node.state_dir)
+    shutil.copytree(tmp_path / "backup", node.state_dir)
+    registry = ledger.state_home() / "ledgers"
+    shutil.rmtree(registry)  # the registry lost too (it is not the state dir's to restore)
+    recorded = _coordinator_head(heads, "run-2")  # the next run
+    assert recorded == head
+    assert "has 1 entries, but the coordinator recorded 2" in _refused(caplog, node, 1, recorded, "run-2")
+
+
+def test_first_contact_with_a_federation_is_recorded(tmp_path):
+    """A round planned with no coordinator record of the node's ledger key (a new federation) is marked in
+    its ledger line and in the node's registry; with the record, it is not."""
+    node = _node(tmp_path)
+    head = _round(node, 1)
+    _round(node, 2, head)
+    other_key = ("c" * 64,)
+    _round(node, 3, (head[0], head[1], *other_key))  # a head for another key is no record of this one
+    assert [e["first_contact"] for e in _entries(node)] == [True, False, True]
+    assert {e["version"] for e in _entries(node)} == {ledger.VERSION}
+    record = json.loads((ledger.state_home() / "ledgers" / f"{head[2]}.json").read_text())
+    assert [e["event"] for e in record["events"]] == ["registered", "first-contact", "first-contact"]
