@@ -39,6 +39,8 @@ SHA256 = re.compile(r"^[0-9a-f]{64}$")
 APPROVAL_SECTION = "approval"
 APPROVAL_KEY = "app-sha256"
 APPROVAL_FILE_KEY = "file"  # optional: a file of approved hashes (one a line), for a read-only node.toml
+ROSTER_FILE_KEY = "roster-file"  # optional: where `fedchat roster approve` records the approved roster, for a
+# read-only node.toml (fedchat.service_config reads it; the bundle check ignores it)
 MANIFEST = ".info/CONTENT"
 
 
@@ -179,10 +181,10 @@ def check_approval_section(section: object, node_file: str | Path) -> list[str]:
     """The approved hashes: node.toml's list, and the lines of the file it names (if any)."""
     if not isinstance(section, dict):
         raise AppBundleError(f"{node_file}: '{APPROVAL_SECTION}' must be a section ([{APPROVAL_SECTION}]).")
-    unknown = sorted(set(section) - {APPROVAL_KEY, APPROVAL_FILE_KEY})
+    unknown = sorted(set(section) - {APPROVAL_KEY, APPROVAL_FILE_KEY, ROSTER_FILE_KEY})
     if unknown:
         raise AppBundleError(f"{node_file}: [{APPROVAL_SECTION}] unknown key(s) {', '.join(unknown)} "
-                             f"(keys: '{APPROVAL_KEY}', '{APPROVAL_FILE_KEY}').")
+                             f"(keys: '{APPROVAL_KEY}', '{APPROVAL_FILE_KEY}', '{ROSTER_FILE_KEY}').")
     hashes = section.get(APPROVAL_KEY, [])
     if not isinstance(hashes, list) or not all(isinstance(h, str) and SHA256.match(h) for h in hashes):
         raise AppBundleError(f"{node_file}: [{APPROVAL_SECTION}] '{APPROVAL_KEY}' must be a list of SHA-256 hashes "
@@ -215,16 +217,19 @@ def write_approvals(node_file: str | Path, hashes: list[str]) -> Path:
     path = Path(node_file)
     section = tomllib.loads(path.read_text(encoding="utf-8")).get(APPROVAL_SECTION, {})
     target = approval_file(section, path) if isinstance(section, dict) else None
+    roster = [f"{ROSTER_FILE_KEY} = {json.dumps(section[ROSTER_FILE_KEY])}"] \
+        if isinstance(section, dict) and section.get(ROSTER_FILE_KEY) else []  # kept: the roster's approval
     if target is not None:
         if section.get(APPROVAL_KEY):
-            _rewrite_approval_section(path, [f"{APPROVAL_FILE_KEY} = {json.dumps(section[APPROVAL_FILE_KEY])}"])
+            _rewrite_approval_section(path, [f"{APPROVAL_FILE_KEY} = {json.dumps(section[APPROVAL_FILE_KEY])}",
+                                             *roster])
         target.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(target, "# App bundles (SHA-256 of the .fab) this node may run: `fedchat node approve`.\n"
                           + "".join(f"{h}\n" for h in hashes))
         return target
     return _rewrite_approval_section(path, [
         "# App bundles (SHA-256 of the .fab) this node may run: `fedchat node approve FILE BUNDLE`.",
-        f"{APPROVAL_KEY} = ["] + [f'    "{h}",' for h in hashes] + ["]"])
+        f"{APPROVAL_KEY} = ["] + [f'    "{h}",' for h in hashes] + ["]", *roster])
 
 
 def _rewrite_approval_section(path: Path, body: list[str]) -> Path:
