@@ -265,6 +265,9 @@ class NodeProtocol:
             _refuse("the forwarded key shares list a source twice, or this node itself")
         if unknown := set(sources) - set(peers):
             _refuse(f"key shares arrived from node(s) {sorted(unknown)} that did not advertise in this round")
+        given = msg.content.config_records.get("fitins.config")
+        if given is None or json.loads(wire.canonical(dict(given))) != d["fit_config"]:
+            _refuse("the training instruction's config differs from the one this node's advertisement was made for")
         view = sorted({*sources, self.node_id})
         if len(view) < d["needed"]:
             _refuse(f"key shares reached this node from {len(sources)} other node(s); it masks only with at least "

@@ -442,3 +442,32 @@ def test_what_reaches_the_coordinator_is_masked_and_unrelated_to_the_update(tmp_
     for reply in fed.grid.received:  # no node's count in plaintext either
         metrics = reply.content.metric_records.get("fitres.num_examples")
         assert metrics is None or metrics["num_examples"] == 0
+
+
+def test_a_training_instruction_other_than_the_advertised_one_is_refused(tmp_path):
+    fed = Federation(tmp_path, 3, colluders=0)
+    victim = _ids(fed)[0]
+
+    class Switch(SecureAggregation):
+        def _collect(self, grid, context, state):
+            state.fitins[victim].config_records["fitins.config"]["dp"] = False  # after the parameters were fixed
+            return super()._collect(grid, context, state)
+
+    fed.run(Switch)
+    assert "the training instruction's config differs" in refusals(fed, victim)
+    assert fed.nodes[victim].trained == 0
+
+
+def test_no_product_module_runs_flowers_secagg():
+    """Flower's stock SecAgg+ stays in tests and bench: the apps and shared/ never import it."""
+    import ast
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    stock = ("secaggplus", "SecAggPlus", "pseudo_rand_gen", "secure_aggregation.crypto")
+    for package in ("client", "server", "shared", "serving", "fedchat"):
+        for path in (root / package).rglob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, (ast.Import, ast.ImportFrom)):
+                    names = [getattr(node, "module", "") or ""] + [a.name for a in node.names]
+                    assert not any(s in name for s in stock for name in names), f"{path} imports {names}"
