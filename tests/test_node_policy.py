@@ -7,8 +7,10 @@ as a coordinator would send it, on the tiny model and a real dialogue file.
 import json
 import logging
 import shutil
+import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from client.app import FedChatClient, NodeCache
@@ -302,3 +304,61 @@ def test_first_contact_with_a_federation_is_recorded(tmp_path):
     assert {e["version"] for e in _entries(node)} == {ledger.VERSION}
     record = json.loads((ledger.state_home() / "ledgers" / f"{head[2]}.json").read_text())
     assert [e["event"] for e in record["events"]] == ["registered", "first-contact", "first-contact"]
+
+
+# ------------------------------------------------------------------ what fit() itself does
+
+_WATCHED: list = []  # (probe prefixes, events seen) while a probe runs; the audit hook stays installed
+
+
+def _audit_hook(event: str, args: tuple) -> None:
+    if _WATCHED and event in ("open", "os.listdir", "os.scandir", "os.chdir", "shutil.copyfile", "os.rename"):
+        prefixes, seen = _WATCHED[-1]
+        for arg in args:
+            if isinstance(arg, (str, bytes, Path)) and str(arg if not isinstance(arg, bytes) else arg.decode(
+                    errors="replace")).startswith(prefixes):
+                seen.append((event, str(arg)))
+
+
+sys.addaudithook(_audit_hook)
+
+
+def test_a_base_model_path_is_refused_before_the_node_opens_anything_under_it(tmp_path, tiny_dir):
+    """Row 8, by the OS's own account: Python's audit hooks see every file open and folder listing while
+    fit() handles a run naming a local folder (a real model folder, which a node without the check would
+    load) as base model; not one of them touches the folder."""
+    probe = tmp_path / "probe-model"
+    shutil.copytree(tiny_dir, probe)
+    node = _node(tmp_path)
+    seen: list = []
+    _WATCHED.append(((str(probe), str(probe.resolve())), seen))
+    try:
+        with pytest.raises(RoundRefused, match="allowed-base-models"):
+            _fit(node, base_model=str(probe))
+    finally:
+        _WATCHED.pop()
+    assert seen == []
+    # the hook does see what a node opens: the same folder, allowed, is opened to load the model
+    allowed = node.replace(allowed_base_models=f"tiny,{probe}")
+    _WATCHED.append(((str(probe), str(probe.resolve())), seen))
+    try:
+        NodeCache.model(RunConfig(base_model=str(probe), secagg=False), allowed)
+    finally:
+        _WATCHED.pop()
+    assert any(event == "open" for event, _ in seen), seen
+
+
+def test_the_dp_randomness_of_fit_is_not_a_function_of_what_the_coordinator_knows(tmp_path):
+    """Row 2 on the path fit() takes: two nodes with the same name, data, global adapter, round and run seed
+    (everything the coordinator knows or chooses) must draw different DP samples and noise, so their updates
+    differ; a node seeded from the run seed, its name and the round would send identical updates."""
+    updates = []
+    for host in ("a", "b"):
+        (tmp_path / host).mkdir()
+        node = _node(tmp_path / host, **{"ledger-registry": str(tmp_path / host / "registry")})
+        cfg = RunConfig(base_model="tiny", local_steps=2, batch_size=4, secagg=False, seed=7)
+        loaded = NodeCache.model(cfg, node)
+        update, _, _ = FedChatClient(node, secagg_active=False).fit(get_arrays(loaded.model, loaded.names),
+                                                                    fit_config(cfg, 1, "run-a", loaded.frozen_a))
+        updates.append(update)
+    assert max(float(np.abs(x - y).max()) for x, y in zip(*updates)) > 1e-5
