@@ -21,8 +21,6 @@ from shared.errors import RosterError
 from shared.files import atomic_write_text
 from shared.roster import KEY_HEX, Member, Roster, changes, load_roster, short_key, write_roster
 
-IDENTITY_KEY_FILE = "identity-key.pem"  # in the node's state-dir, unless node.toml's identity-key says otherwise
-
 
 def _warn(message: str) -> None:
     print(f"warning: {message}", file=sys.stderr)
@@ -220,10 +218,7 @@ def cmd_show(args) -> int:
 
 def identity_key_path(nf) -> Path:
     """The node's identity key: node.toml's identity-key (relative to node.toml's folder), else in its state-dir."""
-    if nf.node.identity_key:
-        path = Path(nf.node.identity_key)
-        return path if path.is_absolute() else nf.path.parent.resolve() / path
-    return Path(nf.node.state_dir) / IDENTITY_KEY_FILE
+    return nf.identity_key_path
 
 
 def _toml_string(value: str) -> str:
@@ -305,9 +300,29 @@ def cmd_approve(args) -> int:
         _warn(f"node.toml's secagg-colluders = {stricter} is below the roster's bound {roster.colluder_bound}: a "
               "node can only be stricter than its federation; set -1 (the roster's bound) or a larger value")
 
+    written = record_approval(nf, roster_path, roster)
+    replaced = f"; the roster approved before (sha256 {before_sha}) no longer is" \
+        if before_sha and before_sha != roster.sha256 else ""
+    print(f"{written}: approved roster sha256 {roster.sha256} (federation {roster.federation}, version "
+          f"{roster.version}){replaced}. The node uses it from its next start (`fedchat node start`).")
+    return 0
+
+
+def record_approval(nf, roster_path: Path, roster: Roster) -> Path:
+    """Record `roster` (at `roster_path`) as the one the node's operator approved, replacing the approval before:
+    in the file node.toml's [approval] roster-file names (a read-only node.toml), else in node.toml's [node]
+    (the rest of node.toml, comments included, is kept). Returns the file written."""
+    comment = f"federation {roster.federation}, version {roster.version} (`fedchat roster approve`)"
+    if nf.roster_approval is not None:
+        target = nf.roster_approval
+        target.parent.mkdir(parents=True, exist_ok=True)
+        mode = os.stat(target).st_mode & 0o777 if target.exists() else 0o644
+        atomic_write_text(target, f"# The federation roster this node's operator approved: {comment}.\n"
+                          f"roster = {_toml_string(str(roster_path))}\nroster-sha256 = \"{roster.sha256}\"\n",
+                          mode=mode)
+        return target
     text = nf.path.read_text(encoding="utf-8")
-    updated = set_node_keys(text, {"roster": str(roster_path), "roster-sha256": roster.sha256},
-                            f"federation {roster.federation}, version {roster.version} (`fedchat roster approve`)")
+    updated = set_node_keys(text, {"roster": str(roster_path), "roster-sha256": roster.sha256}, comment)
     try:
         node = tomllib.loads(updated)["node"]
         ok = node["roster"] == str(roster_path) and node["roster-sha256"] == roster.sha256
@@ -318,11 +333,7 @@ def cmd_approve(args) -> int:
                           f"or path?): set these two lines in its [node] section yourself:\n  roster = "
                           f"{_toml_string(str(roster_path))}\n  roster-sha256 = \"{roster.sha256}\"")
     atomic_write_text(nf.path, updated, mode=os.stat(nf.path).st_mode & 0o777)
-    replaced = f"; the roster approved before (sha256 {before_sha}) no longer is" \
-        if before_sha and before_sha != roster.sha256 else ""
-    print(f"{nf.path}: approved roster sha256 {roster.sha256} (federation {roster.federation}, version "
-          f"{roster.version}){replaced}. The node uses it from its next start (`fedchat node start`).")
-    return 0
+    return nf.path
 
 
 def add_roster_command(sub: argparse._SubParsersAction) -> None:

@@ -18,8 +18,17 @@ A node operator keeps one file (`fedchat node check-config FILE`, `fedchat node 
     runtime-port = 9094        # local port of the node's ClientApp processes (127.0.0.1)
     max-wait-time = 0          # seconds to keep trying to reach the SuperLink; 0 = forever
 
+    roster = "roster-v1.json"  # the federation roster and the SHA-256 its operator approved
+    roster-sha256 = "..."      # (`fedchat roster approve FILE ROSTER` writes both)
+    identity-key = "state/identity-key.pem"   # the default (`fedchat roster key --out ...` makes it)
+
     [approval]                 # the app bundles this node may run (`fedchat node approve FILE BUNDLE`)
     app-sha256 = ["..."]
+
+Where node.toml is read-only to the tools (deploy/compose.yaml), approvals go to files it names:
+`[approval] file = PATH` for the bundle hashes, `[approval] roster-file = PATH` for the roster (a small
+TOML file with `roster` and `roster-sha256`, written by `fedchat roster approve`; [node] then sets
+neither key, so that one roster is approved in one place).
 
 and the coordinator one (`fedchat coordinator check-config|start FILE`)::
 
@@ -45,9 +54,12 @@ import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
-from fedchat.app_bundle import APPROVAL_SECTION, AppBundleError, check_approval_section
+from fedchat.app_bundle import APPROVAL_SECTION, ROSTER_FILE_KEY, AppBundleError, check_approval_section
 from shared.config import NodeConfig
 from shared.errors import ConfigError, FedchatError
+
+IDENTITY_KEY_FILE = "identity-key.pem"  # in the node's state-dir, unless [node] identity-key says otherwise
+ROSTER_KEYS = ("roster", "roster-sha256")
 
 NODE_SECTIONS = {"node": None, "connection": {"superlink", "root-certificates", "auth-private-key", "runtime-port",
                                               "max-wait-time", "insecure"},
@@ -127,11 +139,37 @@ class NodeFile:
     runtime_port: int
     max_wait_time: float | None  # None: keep trying forever
     approved: tuple[str, ...] = ()  # SHA-256 of the app bundles this node may run
+    roster_approval: Path | None = None  # [approval] roster-file: where the roster approval is kept, if not in [node]
 
     @property
     def node_config_file(self) -> Path:
         """Where `start` writes the [node] section for flower-supernode's --node-config."""
         return Path(self.node.state_dir) / "node-config.toml"
+
+    @property
+    def identity_key_path(self) -> Path:
+        """The node's identity key: [node] identity-key, else STATE_DIR/identity-key.pem."""
+        return Path(self.node.identity_key) if self.node.identity_key else Path(self.node.state_dir) / IDENTITY_KEY_FILE
+
+
+def read_roster_approval(path: Path) -> dict[str, str]:
+    """The `roster` (resolved against the file's folder) and `roster-sha256` an [approval] roster-file holds;
+    {} while it does not exist (no roster approved yet)."""
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return {}
+    except OSError as exc:
+        raise ConfigError(f"cannot read the roster approval {path}: {exc.strerror}.") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"the roster approval {path} is not valid TOML ({exc}): approve the roster again "
+                          "(`fedchat roster approve NODE_TOML ROSTER`) to rewrite it.") from None
+    unknown = sorted(set(data) - set(ROSTER_KEYS))
+    if unknown or not all(isinstance(data.get(k), str) and data.get(k) for k in ROSTER_KEYS):
+        raise ConfigError(f"the roster approval {path} must hold exactly 'roster' and 'roster-sha256' (strings)"
+                          f"{f', not {unknown}' if unknown else ''}: approve the roster again (`fedchat roster "
+                          "approve NODE_TOML ROSTER`) to rewrite it.")
+    return {"roster": str(_resolve(path.parent, data["roster"])), "roster-sha256": data["roster-sha256"]}
 
 
 def read_node_file(path: str | Path) -> NodeFile:
@@ -139,9 +177,28 @@ def read_node_file(path: str | Path) -> NodeFile:
     path, data, problems = _read(path, NODE_SECTIONS)
     base = path.parent.resolve()
     node_values = dict(_section(data, "node"))
-    for key in ("data-path", "state-dir", "ledger-key"):
-        if node_values.get(key):
+    for key in ("data-path", "state-dir", "ledger-key", "roster", "identity-key"):
+        if node_values.get(key) and isinstance(node_values[key], str):
             node_values[key] = str(_resolve(base, node_values[key]))
+    roster_approval = None
+    approval = _section(data, APPROVAL_SECTION)
+    if ROSTER_FILE_KEY in approval:
+        value = approval[ROSTER_FILE_KEY]
+        in_node = [k for k in ROSTER_KEYS if k in node_values]
+        if not isinstance(value, str) or not value:
+            problems.append(f"[{APPROVAL_SECTION}] '{ROSTER_FILE_KEY}' must be a path (where `fedchat roster approve` "
+                            "records the approved roster)")
+        elif in_node:
+            keys = " and ".join(repr(k) for k in in_node)
+            problems.append(f"the roster is approved in two places: [node] sets {keys} and [{APPROVAL_SECTION}] "
+                            f"names '{ROSTER_FILE_KEY}'. Keep one: remove the [node] keys (a read-only node.toml), or "
+                            f"the '{ROSTER_FILE_KEY}' line")
+        else:
+            roster_approval = _resolve(base, value)
+            try:
+                node_values.update(read_roster_approval(roster_approval))
+            except ConfigError as exc:
+                problems.append(str(exc))
     node = None
     try:
         node = NodeConfig.from_flower(node_values)
@@ -179,7 +236,8 @@ def read_node_file(path: str | Path) -> NodeFile:
     if problems:
         raise ConfigFileError(path, problems)
     return NodeFile(path, node, str(superlink), _resolve(base, ca) if ca else None,
-                    _resolve(base, key) if key else None, int(port), float(wait) or None, tuple(approved))
+                    _resolve(base, key) if key else None, int(port), float(wait) or None, tuple(approved),
+                    roster_approval)
 
 
 def check_node_file(nf: NodeFile) -> list[str]:
@@ -187,7 +245,9 @@ def check_node_file(nf: NodeFile) -> list[str]:
 
     Raises ConfigFileError listing every problem: unreadable or invalid data (every bad line),
     a delta not below 1/n, a state folder that cannot be written or a ledger that does not
-    verify, certificates and keys that do not load, a device this machine lacks.
+    verify, certificates and keys that do not load, a device this machine lacks, no approved
+    roster (with require-secagg), a roster that is not the approved one or that does not list
+    the node's identity key, no approved app bundle.
     """
     from client.privacy import check_delta
     from shared import ledger
@@ -247,6 +307,9 @@ def check_node_file(nf: NodeFile) -> list[str]:
         found.append(f"device: {select_device(node.device)}")
     except FedchatError as exc:
         problems.append(str(exc))
+    roster_found, roster_problems = check_roster(nf)
+    found += roster_found
+    problems += roster_problems
     if nf.approved:
         found += [f"approved app bundle: sha256 {h}" for h in nf.approved]
     else:
@@ -256,6 +319,60 @@ def check_node_file(nf: NodeFile) -> list[str]:
     if problems:
         raise ConfigFileError(nf.path, problems)
     return found
+
+
+def check_roster(nf: NodeFile) -> tuple[list[str], list[str]]:
+    """The approved roster and the node's identity key, as the node's secure aggregation will use them:
+    (what was found, the problems). The roster must load, be the approved one, and list the node's key."""
+    from shared.crypto import load_identity_key, raw_public_hex
+    from shared.errors import RosterError
+    from shared.roster import load_approved
+
+    node, found, problems = nf.node, [], []
+    approve = f"`fedchat roster approve {nf.path} ROSTER`"
+    roster = None
+    if not node.roster and not node.roster_sha256:
+        if not node.require_secagg:
+            found.append("roster: none approved (this node takes part only in runs without secure aggregation)")
+            return found, problems
+        where = f"in {nf.roster_approval} ([approval] roster-file)" if nf.roster_approval else "in [node]"
+        problems.append(f"no roster is approved ({where}): the node would refuse every secure-aggregation round. Get "
+                        f"the federation's roster from its roster keeper, check it (`fedchat roster show ROSTER`, the "
+                        f"sha256 compared with the other operators) and approve it: {approve}")
+    else:
+        try:
+            roster = load_approved(node.roster, node.roster_sha256)
+            found.append(f"roster: {node.roster}, federation {roster.federation} version {roster.version}, "
+                         f"{len(roster.members)} members, colluder bound {roster.colluder_bound}, sha256 "
+                         f"{roster.sha256} (approved)")
+        except RosterError as exc:
+            problems.append(str(exc))
+    key_path = nf.identity_key_path
+    try:
+        public = raw_public_hex(load_identity_key(key_path))
+    except RosterError as exc:
+        problems.append(f"{exc} The roster must list it ({approve} after the roster keeper added it).")
+        return found, problems
+    readable = " (readable by others: chmod 600 it)" if key_path.stat().st_mode & 0o077 else ""
+    if roster is None:
+        found.append(f"identity key: {key_path} (public key {public}){readable}")
+        return found, problems
+    member = roster.by_key(public)
+    if member is None:
+        problems.append(f"this node's identity key {key_path} (public key {public}) is not in the approved roster "
+                        f"(federation {roster.federation} version {roster.version}): the node could take part in "
+                        f"no round. Send the roster keeper the line `--member {node.node_name or 'NODE_NAME'}="
+                        f"{public}`, then approve the roster they send back ({approve})")
+        return found, problems
+    found.append(f"identity key: {key_path}, roster member {member.name}{readable}")
+    if node.node_name and member.name != node.node_name:
+        found.append(f"warning: node-name is {node.node_name!r} but the roster lists this node's key as "
+                     f"{member.name!r}: set node-name to the roster's name, or ask the roster keeper to fix it")
+    if node.secagg_colluders >= len(roster.members):
+        problems.append(f"[node] secagg-colluders = {node.secagg_colluders} is not below the roster's "
+                        f"{len(roster.members)} members: the node would refuse every round; lower it, or set -1 "
+                        "(the roster's colluder bound)")
+    return found, problems
 
 
 def node_command(nf: NodeFile) -> list[str]:
