@@ -1,48 +1,48 @@
-"""What a round costs as nodes and adapters grow: plaintext against SecAgg+, side by side.
+"""What a round costs as nodes and adapters grow: plaintext, Flower's stock SecAgg+ and fedchat's secure sum,
+side by side.
 
-    python -m bench.scale --nodes 5 10 20 50 100 --adapter-params 500000 --colluding 0.5 0.1
-    python -m bench.scale --nodes 5 --adapter-params 500000 2000000 10000000 40000000
-    python -m bench.scale --train --nodes 5 20 100 --colluding 0.1
+    python -m bench.scale --nodes 5 20 100 --adapter-params 500000
+    python -m bench.scale --nodes 5 --adapter-params 500000 40000000
+    python -m bench.scale --train --nodes 5 20
     python -m bench.scale --parallel
-    python -m bench.scale --deployment --nodes 3 --adapter-params 40000000
+    python -m bench.scale --deployment --nodes 3 --adapter-params 40000000 --protocols plaintext fedchat
     python -m bench.scale --report
 
-Kinds of rows (each configuration runs in a process of its own, so peak memory is its own):
+Every configuration runs in a process of its own (so peak memory is its own), once per protocol of
+--protocols (default: plaintext, flower-secagg+, fedchat; bench/scale_app.py says what each runs), the
+protocols of one configuration back to back, so they share the machine's load.
 
-* synthetic (default): Flower's simulation engine, fedchat's coordinator (strategy, round loop,
-  FedchatSecAgg) and node guard around random updates of --adapter-params parameters
-  (bench/scale_app.py): the protocol's cost without training. For every (nodes, adapter) a
-  plaintext round, then one SecAgg+ round per --colluding value: 0.5 (any minority: keys shared
-  between all pairs) and, below it, the sparse graph fedchat picks from secagg-sparse-from nodes
-  (shared/secagg_graph.py), every node assuming the same fraction.
-* train (--train): the real ServerApp and ClientApp, every node training the tiny model
-  (local-steps 2, batch 4, no DP: DP's accountant would add the same seconds to both sides and
-  flatter the ratio) on its share of the demo corpus.
-* parallel (--parallel): a 3-node round of the embedded model with DP (2 local steps of 8, micro-batches
-  of 512 tokens so three copies fit in memory),
-  nodes one after another (today's default) against all three at once (sim-cpus-per-node 2/3,
-  one torch thread each), back to back.
-* deployment (--deployment): Flower's deployment engine as deploy/local-federation.sh runs it
-  (TLS, authenticated SuperNodes, approved app bundle, ClientApps in processes of their own),
-  SecAgg+ over synthetic updates; peak RSS per process role.
+Kinds of rows:
 
-Every run has --rounds rounds (default 2) and a row reports the last one (the first also loads
-models and starts processes). Peak RSS is the kernel's high-water mark (VmHWM) of each process,
-polled while the run lasts: coordinator = the simulation's driver (ServerApp, in-process
-SuperLink) or, in deployment, each of SuperLink and ServerApp; node = the largest Ray worker or
-ClientApp process. Bytes are the serialized message contents the coordinator meters per node
-(all four SecAgg+ stages). Results: bench/results/scale.json (rows merged by configuration),
-scale.md (the README's tables), scale_nodes.png and scale_adapter.png (with fitted growth).
+* synthetic (default): Flower's simulation engine, fedchat's coordinator (strategy, round loop) and
+  node mods around random updates of --adapter-params parameters: the protocols' cost without training.
+* train (--train): fedchat's real ServerApp and ClientApp, every node training the tiny model (local-steps
+  2, batch 4, no DP: DP's accountant would add the same seconds to every protocol and flatter the
+  ratio) on its share of the demo corpus; --base-model smollm2-135m trains the demo model (with DP).
+* parallel (--parallel): a 3-node round of the embedded model with DP under fedchat's secure sum, nodes
+  one after another (the default) against all three at once (sim-cpus-per-node 2/3, one torch thread each).
+* deployment (--deployment): Flower's deployment engine as deploy/local-federation.sh runs it (TLS,
+  authenticated SuperNodes, approved app bundle), synthetic updates; plaintext and fedchat only.
+
+A row reports the mean of the rounds after the first (the first also loads models and starts
+processes; the only one when --rounds is 1), per-stage seconds of the last round, bytes per node
+per round (the serialized message contents the coordinator meters, every stage), and peak RSS (the
+kernel's high-water mark, VmHWM, polled while the run lasts: coordinator = the simulation's driver,
+node = the largest Ray worker; in deployment each process role). A configuration that runs past
+--timeout is stopped and its row says so, with how long it ran (a lower bound, not a skipped row).
+Results: bench/results/scale.json (rows merged by configuration), scale.md, scale_nodes.png and
+scale_adapter.png.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import random
 import shutil
+import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -52,9 +52,11 @@ from pathlib import Path
 from bench.common import RESULTS, machine, md_table
 
 RESULT_TAG = "SCALE-RESULT "
-TINY_TRAIN = {"base-model": "tiny", "local-steps": 2, "batch-size": 4, "dp": False, "merge": False, "eval-data": ""}
-DEMO_ROUND = {"base-model": "smollm2-135m", "local-steps": 2, "micro-batch-tokens": 512, "dp": True, "merge": False,
-              "eval-data": ""}
+PROTOCOLS = ("plaintext", "flower-secagg+", "fedchat")
+STOCK = "flower-secagg+"
+TINY_TRAIN = {"base-model": "tiny", "local-steps": 2, "batch-size": 4, "dp": False}
+DEMO_ROUND = {"base-model": "smollm2-135m", "local-steps": 2, "micro-batch-tokens": 512, "dp": True}
+PROGRESS_SECONDS = 30.0
 
 
 # ------------------------------------------------------------------ one configuration (child process)
@@ -63,24 +65,31 @@ DEMO_ROUND = {"base-model": "smollm2-135m", "local-steps": 2, "micro-batch-token
 def _run_config(spec: dict, out: Path):
     from shared.config import RunConfig
 
-    values = {"num-rounds": spec["rounds"], "min-nodes": spec["nodes"], "secagg": spec["secagg"],
-              "out-dir": str(out / "run"), "dp": False, "merge": False, "eval-data": "",
-              "secagg-colluding-fraction": spec.get("colluding", 0.5), **spec.get("run", {})}
+    values = {"num-rounds": spec["rounds"], "min-nodes": spec["nodes"], "secagg": spec["protocol"] != "plaintext",
+              "out-dir": str(out / "run"), "dp": False, "merge": False, "eval-data": "", "secagg-timeout": 3600.0,
+              **spec.get("run", {})}
     return RunConfig.from_flower(values)
 
 
 def _node_settings(spec: dict) -> dict:
-    return {"secagg-colluding-fraction": spec.get("colluding", 0.5), "require-secagg": spec["secagg"],
+    return {"require-secagg": spec["protocol"] != "plaintext",
             "require-dp": bool(spec.get("run", {}).get("dp", False)), "target-epsilon": 1000.0}
 
 
 def run_synthetic(spec: dict, out: Path) -> dict:
-    from bench.scale_app import ADAPTER_KEY, make_client_app, make_server_app
-    from fedchat.simulation import run_apps
+    from bench.scale_app import ADAPTER_KEY, make_client_app, make_server_app, use_stock_secagg
+    from fedchat.simulation import provision_roster, run_apps
 
     cfg = _run_config(spec, out)
+    nodes = {i: {**_node_settings(spec), "node-name": f"node-{i}", "state-dir": str(out / "nodes" / f"node-{i}")}
+             for i in range(spec["nodes"])}
+    if cfg.secagg:
+        roster, nodes = provision_roster(out / "run", nodes)
+        cfg = cfg.replace(secagg_roster=str(roster))
+    if spec["protocol"] == STOCK:
+        use_stock_secagg(spec["nodes"])
     server = make_server_app({**cfg.to_flower(), ADAPTER_KEY: spec["adapter_params"]})
-    return run_apps(cfg, server, make_client_app(_node_settings(spec)), spec["nodes"])
+    return run_apps(cfg, server, make_client_app(spec["protocol"], nodes), spec["nodes"])
 
 
 def split_corpus(folder: Path, nodes: int) -> list[Path]:
@@ -98,13 +107,21 @@ def split_corpus(folder: Path, nodes: int) -> list[Path]:
 
 
 def run_train(spec: dict, out: Path) -> dict:
-    from fedchat.simulation import simulate
+    import fedchat.simulation as simulation
+    from bench.scale_app import STOCK as STOCK_APP
+    from bench.scale_app import train_client_app, use_stock_secagg
 
     cfg = _run_config(spec, out)
     paths = split_corpus(out / "data", spec["nodes"])
+    # Each organisation its own host's ledger registry: the demo corpus repeats a few conversations across
+    # topics, which one shared registry would (rightly) refuse to budget twice.
     nodes = {i: {"data-path": str(p), "state-dir": str(out / "nodes" / p.stem), "node-name": p.stem,
-                 **_node_settings(spec)} for i, p in enumerate(paths)}
-    return simulate(cfg, nodes)
+                 "ledger-registry": str(out / "nodes" / p.stem / "registry"), **_node_settings(spec)}
+             for i, p in enumerate(paths)}
+    if spec["protocol"] == STOCK_APP:  # the same simulation, with Flower's stock protocol on both sides
+        use_stock_secagg(spec["nodes"])
+        simulation.make_client_app = lambda sim_nodes: train_client_app(STOCK_APP, sim_nodes)
+    return simulation.simulate(cfg, nodes)
 
 
 def run_deployment(spec: dict, out: Path) -> dict:
@@ -113,9 +130,12 @@ def run_deployment(spec: dict, out: Path) -> dict:
     from fedchat.local_federation import LocalFederation, Runner
     from fedchat.processes import become_subreaper
 
+    if spec["protocol"] == STOCK:
+        raise SystemExit("deployment rows run plaintext and fedchat only (the bundle ships product code)")
     app = _synthetic_bundle_folder(out / "app-src", spec["adapter_params"])
     fed = LocalFederation(nodes=spec["nodes"], rounds=spec["rounds"], base_model="tiny", out=out / "fed",
-                          dp=False, secagg=spec["secagg"], app=app, timeout=3000.0, startup_timeout=300.0,
+                          dp=False, secagg=spec["protocol"] == "fedchat", app=app, timeout=3000.0,
+                          startup_timeout=300.0,
                           run_config={"secagg-timeout": 1800.0, "merge": False, "eval-data": ""})
     become_subreaper()  # Flower's orphans come back to this process, to be watched and stopped
     runner = Runner(fed)
@@ -141,8 +161,7 @@ def _synthetic_bundle_folder(folder: Path, params: int) -> Path:
             shutil.copyfile(source, target)
     (folder / "bench").mkdir(parents=True)
     (folder / "bench" / "__init__.py").write_text("")
-    for name in ("scale_app.py",):
-        shutil.copyfile(root / "bench" / name, folder / "bench" / name)
+    shutil.copyfile(root / "bench" / "scale_app.py", folder / "bench" / "scale_app.py")
     project = tomllib.loads((root / "pyproject.toml").read_text())
     flwr = project["tool"]["flwr"]["app"]
     flwr["components"] = {"serverapp": "bench.scale_app:server_app", "clientapp": "bench.scale_app:client_app"}
@@ -159,32 +178,31 @@ def one(spec: dict) -> None:
     setup_logging(quiet_flower=True)
     runner = {"synthetic": run_synthetic, "train": run_train, "parallel": run_train,
               "deployment": run_deployment}[spec["kind"]]
-    with tempfile.TemporaryDirectory(prefix="fedchat-scale-") as tmp:
-        try:
-            report = runner(spec, Path(tmp))
-        except BaseException:
-            if spec.get("keep_logs") and (Path(tmp) / "fed" / "logs").exists():  # the processes' logs, kept
-                shutil.copytree(Path(tmp) / "fed" / "logs", spec["keep_logs"], dirs_exist_ok=True)
-            raise
-    last = report["rounds"][-1]
+    print(RESULT_TAG + json.dumps(summary(runner(spec, Path(spec["workdir"])))), flush=True)
+
+
+def summary(report: dict) -> dict:
+    """A row's figures from a run's report (or from the rounds a stopped run had finished)."""
+    rounds = report["rounds"]
+    warm = rounds[1:] or rounds
+    last = rounds[-1]
     clients = last["clients"]
-    result = {"round_seconds": last["seconds"], "status": last["status"],
-              "round_seconds_all": [r["seconds"] for r in report["rounds"]],
+    result = {"round_seconds": round(statistics.mean(r["seconds"] for r in warm), 3),
+              "round_seconds_all": [r["seconds"] for r in rounds], "status": [r["status"] for r in rounds],
               "bytes_up_per_node": sum(c.get("bytes_up", 0) for c in clients) / max(len(clients), 1),
               "bytes_down_per_node": sum(c.get("bytes_down", 0) for c in clients) / max(len(clients), 1),
               "update_bytes_float32": report.get("adapter_update_bytes"), "nodes_in_round": len(clients)}
     if "secagg" in last:
         s = last["secagg"]
-        result.update({"graph": s.get("graph"), "num_shares": s.get("num_shares"),
-                       "threshold": s.get("reconstruction_threshold"), "assumption": s.get("assumption"),
-                       "stage_seconds": s.get("stage_seconds")})
+        result.update({"stage_seconds": s.get("stage_seconds"), "threshold": s.get("threshold"),
+                       "num_shares": s.get("num_shares", s.get("nodes"))})
     if "deployment" in report:
         result["deployment"] = {k: report["deployment"][k] for k in ("engine", "flower", "tls", "supernode_auth",
                                                                        "app_sha256", "seconds")}
-    print(RESULT_TAG + json.dumps(result), flush=True)
+    return result
 
 
-# ------------------------------------------------------------------ the parent: run, watch memory, merge
+# ------------------------------------------------------------------ the parent: run, watch, merge
 
 
 def _vmhwm_mb(pid: int) -> float | None:
@@ -210,21 +228,56 @@ def _role(cmdline: str, kind: str) -> str:
     return "other"
 
 
-def measure(spec: dict, log: Path) -> dict:
-    """Run `spec` in a child process; its result, with the peak RSS of each process role it started."""
+def _last_progress(log: Path) -> str:
+    """The child's last log line worth showing (fedchat's round and stage lines)."""
+    lines = [line.strip() for line in log.read_text(errors="replace").splitlines()
+             if "fedchat" in line or "round" in line]
+    return lines[-1][-160:] if lines else ""
+
+
+def _finished_rounds(workdir: Path) -> dict:
+    """The figures of the rounds a stopped run had finished (its report is written after each round)."""
+    reports = [p for p in workdir.rglob("report.json") if "rounds" in p.read_text(errors="replace")]
+    try:
+        report = json.loads(reports[0].read_text()) if reports else {}
+    except ValueError:
+        report = {}
+    if not report.get("rounds"):
+        return {}
+    return {f"finished_{k}": v for k, v in summary(report).items()}
+
+
+def _stop(processes: list) -> None:
+    """Stop the child and every process it started (by pid), then wait for them."""
     import psutil
 
-    argv = [sys.executable, "-m", "bench.scale", "--one", json.dumps({**spec, "keep_logs": str(log) + ".d"})]
+    for p in processes:
+        try:
+            p.send_signal(signal.SIGKILL)
+        except psutil.Error:
+            pass
+    psutil.wait_procs(processes, timeout=30)
+
+
+def measure(spec: dict, log: Path, timeout: float | None = None) -> dict:
+    """Run `spec` in a child process; its result, with the peak RSS of each process role it started.
+    Past `timeout` seconds the child is stopped and the result says how long it ran."""
+    import psutil
+
+    workdir = Path(tempfile.mkdtemp(prefix="fedchat-scale-"))
+    argv = [sys.executable, "-m", "bench.scale", "--one", json.dumps({**spec, "workdir": str(workdir)})]
     peaks: dict[str, float] = {}
-    started = time.perf_counter()
+    started = shown = time.perf_counter()
+    timed_out = False
     with open(log, "w") as f:
         child = subprocess.Popen(argv, stdout=f, stderr=subprocess.STDOUT, cwd=Path(__file__).resolve().parents[1])
         root = psutil.Process(child.pid)
+        processes = [root]
         while child.poll() is None:
             try:
                 processes = [root] + root.children(recursive=True)
             except psutil.Error:
-                processes = []
+                pass
             for p in processes:
                 try:
                     role = "coordinator" if p.pid == child.pid else _role(" ".join(p.cmdline()), spec["kind"])
@@ -233,14 +286,29 @@ def measure(spec: dict, log: Path) -> dict:
                 hwm = _vmhwm_mb(p.pid)
                 if hwm is not None:
                     peaks[role] = max(peaks.get(role, 0.0), hwm)
+            elapsed = time.perf_counter() - started
+            if elapsed - (shown - started) >= PROGRESS_SECONDS:
+                shown = time.perf_counter()
+                print(f"   ... {elapsed:.0f} s: {_last_progress(log)}", flush=True)
+            if timeout is not None and elapsed > timeout:
+                timed_out = True
+                _stop(processes)
+                break
             time.sleep(0.2)
+    wall = round(time.perf_counter() - started, 1)
+    if timed_out:
+        partial = _finished_rounds(workdir)
+        shutil.rmtree(workdir, ignore_errors=True)
+        return {**partial, "timed_out_after_seconds": wall, "last_progress": _last_progress(log),
+                "peak_rss_mb_by_role": {k: round(v, 1) for k, v in sorted(peaks.items())}, "wall_seconds": wall}
+    shutil.rmtree(workdir, ignore_errors=True)
     lines = [line for line in log.read_text(errors="replace").splitlines() if line.startswith(RESULT_TAG)]
     if child.returncode != 0 or not lines:
         tail = "\n".join(log.read_text(errors="replace").splitlines()[-30:])
         raise SystemExit(f"{spec} failed (exit {child.returncode}); log {log}:\n{tail}")
     result = json.loads(lines[-1][len(RESULT_TAG):])
     result["peak_rss_mb_by_role"] = {k: round(v, 1) for k, v in sorted(peaks.items())}
-    result["wall_seconds"] = round(time.perf_counter() - started, 1)
+    result["wall_seconds"] = wall
     return result
 
 
@@ -251,237 +319,192 @@ def row_for(spec: dict, result: dict) -> dict:
         node = max(peaks.get("supernode", 0.0), peaks.get("clientapp", 0.0))
     else:
         coordinator, node = peaks.get("coordinator", 0.0), peaks.get("node", 0.0)
-    row = {"kind": spec["kind"], "nodes": spec["nodes"], "adapter_params": spec["adapter_params"],
-           "secagg": spec["secagg"], "colluding_fraction": spec.get("colluding", 0.5) if spec["secagg"] else None,
-           "round_seconds": result.pop("round_seconds"), "peak_rss_mb": round(max(coordinator, node), 1),
+    row = {"kind": spec["kind"], "protocol": spec["protocol"], "nodes": spec["nodes"],
+           "adapter_params": spec["adapter_params"], "round_seconds": result.pop("round_seconds", None),
+           "bytes_up_per_node": round(result.pop("bytes_up_per_node", 0)) or None,
+           "bytes_down_per_node": round(result.pop("bytes_down_per_node", 0)) or None,
+           "stage_seconds": result.pop("stage_seconds", None), "rounds": spec["rounds"],
            "peak_rss_mb_coordinator": round(coordinator, 1), "peak_rss_mb_node": round(node, 1),
-           "peak_rss_mb_by_role": peaks, "bytes_up_per_node": round(result.pop("bytes_up_per_node")),
-           "rounds": spec["rounds"],
-           **{k: v for k, v in spec.items() if k in ("label", "at_once", "threads", "sparse_from")}, **result,
+           **{k: v for k, v in spec.items() if k in ("label", "at_once", "threads", "base_model")}, **result,
            "date": time.strftime("%Y-%m-%d %H:%M")}
+    if row["round_seconds"] is None and row.get("finished_round_seconds_all"):  # stopped after finishing a round
+        row["round_seconds"] = row["finished_round_seconds_all"][-1]
+        row["round_seconds_note"] = (f"the last of the {len(row['finished_round_seconds_all'])} round(s) finished "
+                                     f"before the run was stopped after {row['timed_out_after_seconds']:.0f} s")
+        for key in ("bytes_up_per_node", "bytes_down_per_node", "stage_seconds"):
+            row[key] = row.get(f"finished_{key}")
+    if spec["kind"] in ("train", "parallel") and result.get("update_bytes_float32"):
+        row["adapter_params"] = result["update_bytes_float32"] // 4
     return row
 
 
+def run_specs(specs: list[dict], logs: Path, timeouts: dict[int, float] | None = None) -> list[dict]:
+    """Measure each spec in turn, printing progress; the rows."""
+    logs.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i, spec in enumerate(specs):
+        size = spec.get("base_model", "tiny") + " model" if spec["kind"] != "synthetic" else \
+            f"{spec['adapter_params']:,} params"
+        print(f"== [{i + 1}/{len(specs)}] {spec['kind']}, {spec['nodes']} nodes, {size}, {spec['protocol']}"
+              + (f" ({spec['label']})" if spec.get("label") else "") + f", {time.strftime('%H:%M:%S')}", flush=True)
+        result = measure(spec, logs / f"{i:02d}.log", (timeouts or {}).get(i))
+        row = row_for(spec, result)
+        if row["round_seconds"] is None:
+            print(f"   stopped after {row['timed_out_after_seconds']:.0f} s (limit): {row['last_progress']}",
+                  flush=True)
+        else:
+            print(f"   {row['round_seconds']:.2f} s a round (all: {row['round_seconds_all']}), stages "
+                  f"{row['stage_seconds']}, {(row['bytes_up_per_node'] or 0) / 1e6:.3f} MB up per node, peak RSS "
+                  f"{row['peak_rss_mb_coordinator']:.0f} / {row['peak_rss_mb_node']:.0f} MB (wall "
+                  f"{row['wall_seconds']:.0f} s)", flush=True)
+        rows.append(row)
+    return rows
+
+
 def _key(row: dict) -> tuple:
-    return (row["kind"], row["nodes"], row["adapter_params"], row["secagg"], row.get("colluding_fraction"),
-            row.get("label"))
+    return (row["kind"], row["nodes"], row["adapter_params"], row["protocol"], row.get("label"),
+            row.get("base_model"))
 
 
 def merge_rows(rows: list[dict]) -> list[dict]:
+    """scale.json's rows with these in place of the same configurations' (rows of the protocol fedchat
+    replaced, which have no 'protocol', are dropped)."""
     path = RESULTS / "scale.json"
-    old = json.loads(path.read_text())["rows"] if path.exists() else []
+    old = [r for r in json.loads(path.read_text())["rows"] if "protocol" in r] if path.exists() else []
     fresh = {_key(r) for r in rows}
     merged = [r for r in old if _key(r) not in fresh] + rows
-    return sorted(merged, key=lambda r: (r["kind"], r["adapter_params"], r["nodes"], r["secagg"],
-                                         -(r.get("colluding_fraction") or 1), str(r.get("label"))))
+    return sorted(merged, key=lambda r: (r["kind"], r["adapter_params"], r["nodes"], PROTOCOLS.index(r["protocol"]),
+                                         str(r.get("label"))))
 
 
-# ------------------------------------------------------------------ fits, tables, plots
-
-
-def power_fit(xs: list[float], ys: list[float]) -> tuple[float, float] | None:
-    """(a, b) of y = a * x**b by least squares in log-log; None with fewer than 2 points."""
-    pts = [(math.log(x), math.log(y)) for x, y in zip(xs, ys) if x > 0 and y > 0]
-    if len(pts) < 2:
-        return None
-    mx, my = sum(p[0] for p in pts) / len(pts), sum(p[1] for p in pts) / len(pts)
-    sxx = sum((p[0] - mx) ** 2 for p in pts)
-    if sxx == 0:
-        return None
-    b = sum((p[0] - mx) * (p[1] - my) for p in pts) / sxx
-    return math.exp(my - b * mx), b
-
-
-def linear_fit(xs: list[float], ys: list[float]) -> tuple[float, float] | None:
-    """(a, b) of y = a + b * x by least squares; None with fewer than 2 distinct x."""
-    if len(set(xs)) < 2:
-        return None
-    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
-    b = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
-    return my - b * mx, b
-
-
-def _series(rows: list[dict]) -> dict[str, list[dict]]:
-    out: dict[str, list[dict]] = {}
-    for r in rows:
-        name = "plaintext" if not r["secagg"] else (
-            "SecAgg+ all pairs" if (r.get("colluding_fraction") or 0.5) >= 0.5
-            else f"SecAgg+ sparse from {r.get('sparse_from', 40)} (colluding {r['colluding_fraction']:g})")
-        out.setdefault(name, []).append(r)
-    return out
-
-
-def fits(rows: list[dict]) -> dict:
-    """Growth of round time with nodes (power law) and with adapter size (linear), per series."""
-    out: dict = {"vs_nodes": {}, "vs_adapter": {}}
-    for kind in ("synthetic", "train"):
-        rs = [r for r in rows if r["kind"] == kind]
-        for params in sorted({r["adapter_params"] for r in rs}):
-            for name, series in _series([r for r in rs if r["adapter_params"] == params]).items():
-                series = sorted(series, key=lambda r: r["nodes"])
-                fit = power_fit([r["nodes"] for r in series], [r["round_seconds"] for r in series])
-                if fit and len(series) >= 3:
-                    out["vs_nodes"][f"{kind}, {params:,} params, {name}"] = {
-                        "a": round(fit[0], 4), "exponent": round(fit[1], 3),
-                        "nodes": [r["nodes"] for r in series], "seconds": [r["round_seconds"] for r in series]}
-    rs = [r for r in rows if r["kind"] == "synthetic"]
-    for nodes in sorted({r["nodes"] for r in rs}):
-        for name, series in _series([r for r in rs if r["nodes"] == nodes]).items():
-            series = sorted(series, key=lambda r: r["adapter_params"])
-            if len(series) < 3:
-                continue
-            xs = [r["adapter_params"] / 1e6 for r in series]
-            entry = {"params_millions": xs}
-            for metric in ("round_seconds", "peak_rss_mb_coordinator", "peak_rss_mb_node", "bytes_up_per_node"):
-                fit = linear_fit(xs, [r[metric] for r in series])
-                if fit:
-                    entry[metric] = {"intercept": round(fit[0], 3), "per_million": round(fit[1], 4)}
-            out["vs_adapter"][f"{nodes} nodes, {name}"] = entry
-    return out
+# ------------------------------------------------------------------ tables and plots
 
 
 def ratios(rows: list[dict]) -> list[dict]:
-    """SecAgg+ / plaintext round time and upload, measured side by side (same run of this script)."""
+    """fedchat against Flower's stock SecAgg+ and against plaintext, per configuration."""
     out = []
     for r in rows:
-        if not r["secagg"] or r["kind"] == "parallel":
+        if r["protocol"] != "fedchat" or r["kind"] == "parallel":
             continue
-        plain = [p for p in rows if not p["secagg"] and p["kind"] == r["kind"] and p["nodes"] == r["nodes"]
-                 and p["adapter_params"] == r["adapter_params"] and p.get("label") == r.get("label")]
-        if plain:
-            p = plain[0]
-            out.append({"kind": r["kind"], "nodes": r["nodes"], "adapter_params": r["adapter_params"],
-                        "graph": r.get("graph"), "num_shares": r.get("num_shares"),
-                        "colluding_fraction": r.get("colluding_fraction"),
-                        "time_ratio": round(r["round_seconds"] / p["round_seconds"], 3),
-                        "upload_ratio": round(r["bytes_up_per_node"] / p["bytes_up_per_node"], 3)})
+        same = {p["protocol"]: p for p in rows if _key(p)[:3] == _key(r)[:3] and p.get("label") == r.get("label")
+                and p.get("base_model") == r.get("base_model")}
+        entry = {"kind": r["kind"], "nodes": r["nodes"], "adapter_params": r["adapter_params"],
+                 **({"base_model": r["base_model"]} if r.get("base_model") else {})}
+        for other, name in ((STOCK, "flower"), ("plaintext", "plaintext")):
+            o = same.get(other)
+            for metric in ("round_seconds", "bytes_up_per_node", "bytes_down_per_node"):
+                if o and r.get(metric) and o.get(metric):
+                    entry[f"{metric}_fedchat_over_{name}"] = round(r[metric] / o[metric], 3)
+            if o and o.get("round_seconds") is None:
+                entry[f"{name}_stopped_after_seconds"] = o.get("timed_out_after_seconds")
+        out.append(entry)
     return out
 
 
-def _graph(row: dict) -> str:
-    """The SecAgg+ graph of a row, with the colluding fraction every party assumed when it was below 0.5."""
-    colluding = row.get("colluding_fraction") or 0.5
-    return f"{row.get('graph', '')}" + (f" (colluding {colluding:g})" if colluding < 0.5 else "")
+def _stages(row: dict) -> str:
+    return ", ".join(f"{k} {v:.2f}" for k, v in (row.get("stage_seconds") or {}).items())
 
 
-def _mb(b: float) -> str:
-    return f"{b / 1e6:.2f}"
+def _mb(b: float | None) -> str:
+    return f"{b / 1e6:.3f}" if b else ""
 
 
-def tables(data: dict) -> str:
-    rows = data["rows"]
-    main = [r for r in rows if r["kind"] in ("synthetic", "train", "deployment")]
-    header = ["kind", "nodes", "adapter params", "transport", "shares / threshold", "round s", "stages s (setup, "
-              "share keys, collect, unmask)", "peak RSS MB coord / node", "MB up / node"]
-    body = []
-    for r in main:
-        st = r.get("stage_seconds") or {}
-        stages = ", ".join(f"{st[k]:.2f}" for k in ("setup", "share_keys", "collect_masked_vectors", "unmask")
-                           if k in st)
-        transport = "plaintext" if not r["secagg"] else f"SecAgg+ {_graph(r)}"
-        shares = f"{r['num_shares']} / {r['threshold']}" if r["secagg"] and r.get("num_shares") else ""
-        body.append([r["kind"], r["nodes"], f"{r['adapter_params']:,}", transport, shares, f"{r['round_seconds']:.1f}",
-                     stages, f"{r['peak_rss_mb_coordinator']:.0f} / {r['peak_rss_mb_node']:.0f}",
-                     _mb(r["bytes_up_per_node"])])
+def _seconds(row: dict) -> str:
+    if row["round_seconds"] is None:
+        return f"> {row['timed_out_after_seconds']:.0f} (stopped)"
+    return f"{row['round_seconds']:.2f}"
+
+
+def tables(rows: list[dict]) -> str:
+    header = ["kind", "nodes", "adapter params", "protocol", "round s", "stages s (last round)",
+              "MB up / node", "MB down / node", "peak RSS MB coord / node"]
+    body = [[r["kind"] + (f" ({r['label']})" if r.get("label") else ""), r["nodes"],
+             f"{r['adapter_params']:,}" + (f" ({r['base_model']})" if r.get("base_model") else ""), r["protocol"],
+             _seconds(r), _stages(r), _mb(r.get("bytes_up_per_node")), _mb(r.get("bytes_down_per_node")),
+             f"{r['peak_rss_mb_coordinator']:.0f} / {r['peak_rss_mb_node']:.0f}"] for r in rows]
     out = md_table(header, body)
-    ratio_rows = [[x["kind"], x["nodes"], f"{x['adapter_params']:,}", _graph(x), x["num_shares"],
-                   f"{x['time_ratio']:.3f}", f"{x['upload_ratio']:.3f}"] for x in data.get("ratios", [])]
-    if ratio_rows:
-        out += "\n\n" + md_table(["kind", "nodes", "adapter params", "SecAgg+ graph", "shares",
-                                  "SecAgg+ / plaintext round time", "SecAgg+ / plaintext upload"], ratio_rows)
-    par = [r for r in rows if r["kind"] == "parallel"]
-    if par:
+    rs = ratios(rows)
+    if rs:
+        def fmt(x: dict, key: str) -> str:
+            return f"{x[key]:.3f}" if key in x else ""
+
         out += "\n\n" + md_table(
-            ["3-node demo round", "nodes at once", "torch threads each", "round s", "peak RSS MB coord / node"],
-            [[r.get("label"), r.get("at_once"), r.get("threads"), f"{r['round_seconds']:.1f}",
-              f"{r['peak_rss_mb_coordinator']:.0f} / {r['peak_rss_mb_node']:.0f}"] for r in par])
-        if data.get("parallel_speedup"):
-            out += f"\n\nSpeed-up of the parallel round over the serial one: {data['parallel_speedup']:.3f}x."
-    growth = data.get("fits", {}).get("vs_nodes", {})
-    if growth:
-        out += "\n\n" + md_table(["series", "nodes", "fit: round s = a * nodes^b"],
-                                 [[k, ", ".join(map(str, v["nodes"])), f"a = {v['a']:.3g}, b = {v['exponent']:.2f}"]
-                                  for k, v in growth.items()])
+            ["kind", "nodes", "adapter params", "round time fedchat / flower", "round time fedchat / plaintext",
+             "bytes up fedchat / flower", "bytes up fedchat / plaintext"],
+            [[x["kind"], x["nodes"], f"{x['adapter_params']:,}",
+              fmt(x, "round_seconds_fedchat_over_flower") or _stopped(x),
+              fmt(x, "round_seconds_fedchat_over_plaintext"), fmt(x, "bytes_up_per_node_fedchat_over_flower"),
+              fmt(x, "bytes_up_per_node_fedchat_over_plaintext")] for x in rs])
     return out
 
 
-def plots(data: dict) -> None:
+def _stopped(ratio: dict) -> str:
+    after = ratio.get("flower_stopped_after_seconds")
+    return f"flower stopped after {after:.0f} s" if after else ""
+
+
+def panel(ax, rows: list[dict], x: str, title: str) -> None:
+    """Round seconds against `x` ("nodes" or "adapter_params"), one line per protocol (and per the other
+    variable's value); a stopped run is drawn as an open marker at the time it ran (a lower bound)."""
+    other = "adapter_params" if x == "nodes" else "nodes"
+    for protocol, marker in zip(PROTOCOLS, "os^"):
+        for value in sorted({r[other] for r in rows}):
+            series = sorted((r for r in rows if r["protocol"] == protocol and r[other] == value), key=lambda r: r[x])
+            if not series:
+                continue
+            xs = [r[x] / (1e6 if x == "adapter_params" else 1) for r in series]
+            ys = [r["round_seconds"] or r["timed_out_after_seconds"] for r in series]
+            label = f"{protocol}, " + (f"{value / 1e6:g}M params" if other == "adapter_params" else f"{value} nodes")
+            line = ax.plot(xs, ys, marker + "-", label=label)[0]
+            for xv, r in zip(xs, series):
+                if r["round_seconds"] is None:
+                    ax.plot([xv], [r["timed_out_after_seconds"]], marker, mfc="white", color=line.get_color(),
+                            markersize=11)
+                    ax.annotate("stopped", (xv, r["timed_out_after_seconds"]), fontsize=7)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("nodes in the round" if x == "nodes" else "adapter parameters (millions)")
+    ax.set_ylabel("round seconds")
+    ax.set_title(title, fontsize=10)
+    ax.grid(True, which="both", alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7)
+
+
+def _figure(path: Path, panels: list[tuple[list[dict], str, str]]) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [r for r in data["rows"] if r["kind"] in ("synthetic", "train")]
-    fig, axes = plt.subplots(1, 2, figsize=(13, 5))
-    for ax, kind in zip(axes, ("synthetic", "train")):
-        rs = [r for r in rows if r["kind"] == kind]
-        params = sorted({r["adapter_params"] for r in rs if len({x["nodes"] for x in rs
-                                                                 if x["adapter_params"] == r["adapter_params"]}) >= 3})
-        for p in params:
-            for name, series in _series([r for r in rs if r["adapter_params"] == p]).items():
-                series = sorted(series, key=lambda r: r["nodes"])
-                xs, ys = [r["nodes"] for r in series], [r["round_seconds"] for r in series]
-                line = ax.plot(xs, ys, "o", label=None)[0]
-                fit = power_fit(xs, ys)
-                if fit and len(xs) >= 3:
-                    grid = [min(xs) * (max(xs) / min(xs)) ** (i / 50) for i in range(51)]
-                    ax.plot(grid, [fit[0] * x ** fit[1] for x in grid], "-", color=line.get_color(),
-                            label=f"{name}: {fit[0]:.3g}·n^{fit[1]:.2f}")
-        ax.set_xscale("log")
-        ax.set_yscale("log")
-        ax.set_xlabel("nodes in the round")
-        ax.set_ylabel("round seconds")
-        titles = {"synthetic": "synthetic updates (protocol only)", "train": "tiny model, every node training"}
-        ax.set_title(titles[kind]
-                     + (f", {params[0]:,} params" if len(params) == 1 else ""))
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=7)
-        ax.grid(True, which="both", alpha=0.3)
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 5), squeeze=False)
+    for ax, (rows, x, title) in zip(axes[0], panels):
+        panel(ax, rows, x, title)
     fig.tight_layout()
-    fig.savefig(RESULTS / "scale_nodes.png", dpi=110)
-    plt.close(fig)
-
-    rs = [r for r in data["rows"] if r["kind"] == "synthetic"]
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4.8))
-    for nodes in sorted({r["nodes"] for r in rs}):
-        for name, series in _series([r for r in rs if r["nodes"] == nodes]).items():
-            series = sorted(series, key=lambda r: r["adapter_params"])
-            if len(series) < 3:
-                continue
-            xs = [r["adapter_params"] / 1e6 for r in series]
-            for ax, metric, label in ((axes[0], "round_seconds", "round seconds"),
-                                      (axes[1], "peak_rss_mb_coordinator", "coordinator peak RSS (MB)"),
-                                      (axes[2], "peak_rss_mb_node", "node peak RSS (MB)")):
-                ys = [r[metric] for r in series]
-                line = ax.plot(xs, ys, "o")[0]
-                fit = linear_fit(xs, ys)
-                if fit:
-                    ax.plot([0, max(xs)], [fit[0], fit[0] + fit[1] * max(xs)], "-", color=line.get_color(),
-                            label=f"{nodes} nodes, {name}: {fit[0]:.3g} + {fit[1]:.3g}/M params")
-                ax.set_xlabel("adapter parameters (millions)")
-                ax.set_ylabel(label)
-    for ax in axes:
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=7)
-        ax.grid(True, alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(RESULTS / "scale_adapter.png", dpi=110)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
-def write(rows: list[dict], extra: dict | None = None) -> None:
+def synthetic_figure(rows: list[dict], path: Path) -> None:
+    """Round time against nodes (synthetic 0.5M-parameter rows) and against adapter size (synthetic rows)."""
+    synthetic = [r for r in rows if r["kind"] == "synthetic"]
+    small = [r for r in synthetic if r["adapter_params"] == min((s["adapter_params"] for s in synthetic), default=0)]
+    _figure(path, [(small, "nodes", "synthetic updates: round time against nodes"),
+                   (synthetic, "adapter_params", "synthetic updates: round time against adapter size")])
+
+
+def write(rows: list[dict]) -> None:
     path = RESULTS / "scale.json"
-    data = json.loads(path.read_text()) if path.exists() else {}
-    data.update(extra or {})
-    data["rows"] = rows
-    data["ratios"] = ratios(rows)
-    data["fits"] = fits(rows)
-    data["machine"] = machine()
+    data = {"rows": rows, "ratios": ratios(rows), "machine": machine()}
     RESULTS.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data, indent=2))
-    (RESULTS / "scale.md").write_text(tables(data).rstrip() + "\n")
-    plots(data)
-    print(tables(data))
+    (RESULTS / "scale.md").write_text(tables(rows).rstrip() + "\n")
+    synthetic = [r for r in rows if r["kind"] == "synthetic"]
+    _figure(RESULTS / "scale_nodes.png", [([r for r in rows if r["kind"] == kind], "nodes", kind)
+                                          for kind in ("synthetic", "train") if any(r["kind"] == kind for r in rows)])
+    _figure(RESULTS / "scale_adapter.png", [(synthetic, "adapter_params", "synthetic updates")])
+    print(tables(rows))
     print(f"wrote {path}, scale.md, scale_nodes.png, scale_adapter.png")
 
 
@@ -492,22 +515,21 @@ def specs(args) -> list[dict]:
     base = {"rounds": args.rounds}
     if args.parallel:
         cores = os.cpu_count() or 1
-        run = {**DEMO_ROUND}
-        return [{**base, "kind": "parallel", "nodes": 3, "adapter_params": 0, "secagg": True, "label": "serial",
-                 "at_once": 1, "threads": cores, "run": run},
-                {**base, "kind": "parallel", "nodes": 3, "adapter_params": 0, "secagg": True, "label": "parallel",
-                 "at_once": 3, "threads": 1,
-                 "run": {**run, "sim-cpus-per-node": cores / 3, "sim-threads-per-node": 1}}]
-    out = []
+        return [{**base, "kind": "parallel", "nodes": 3, "adapter_params": 0, "protocol": "fedchat",
+                 "label": "serial", "at_once": 1, "threads": cores, "run": DEMO_ROUND, "base_model": "smollm2-135m"},
+                {**base, "kind": "parallel", "nodes": 3, "adapter_params": 0, "protocol": "fedchat",
+                 "label": "parallel", "at_once": 3, "threads": 1, "base_model": "smollm2-135m",
+                 "run": {**DEMO_ROUND, "sim-cpus-per-node": cores / 3, "sim-threads-per-node": 1}}]
     kind = "deployment" if args.deployment else "train" if args.train else "synthetic"
+    out = []
     for params in (args.adapter_params if kind != "train" else [0]):
         for nodes in args.nodes:
-            run = {**(TINY_TRAIN if kind == "train" else {}), "secagg-sparse-from": args.sparse_from}
-            common = {**base, "kind": kind, "nodes": nodes, "adapter_params": params, "run": run}
-            if not args.secagg_only:
-                out.append({**common, "secagg": False})
-            for colluding in args.colluding:
-                out.append({**common, "secagg": True, "colluding": colluding, "sparse_from": args.sparse_from})
+            for protocol in args.protocols:
+                spec = {**base, "kind": kind, "nodes": nodes, "adapter_params": params, "protocol": protocol}
+                if kind == "train":
+                    spec["base_model"] = args.base_model
+                    spec["run"] = TINY_TRAIN if args.base_model == "tiny" else DEMO_ROUND
+                out.append(spec)
     return out
 
 
@@ -515,14 +537,12 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--nodes", type=int, nargs="+", default=[5])
     parser.add_argument("--adapter-params", type=int, nargs="+", default=[500_000])
-    parser.add_argument("--colluding", type=float, nargs="*", default=[0.5],
-                        help="secagg-colluding-fraction of the coordinator and every node: one SecAgg+ row each "
-                             "(0.5: keys shared between all pairs; none: plaintext only)")
-    parser.add_argument("--sparse-from", type=int, default=40, help="secagg-sparse-from")
+    parser.add_argument("--protocols", nargs="+", choices=PROTOCOLS, default=list(PROTOCOLS))
     parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--secagg-only", action="store_true", help="no plaintext row")
+    parser.add_argument("--base-model", default="tiny", help="--train: tiny or smollm2-135m (with DP)")
+    parser.add_argument("--timeout", type=float, default=None, help="stop a configuration after this many seconds")
     mode = parser.add_mutually_exclusive_group()
-    mode.add_argument("--train", action="store_true", help="nodes train the tiny model (real ClientApp)")
+    mode.add_argument("--train", action="store_true", help="nodes train (real ServerApp and ClientApp)")
     mode.add_argument("--parallel", action="store_true", help="3-node demo round: serial against parallel")
     mode.add_argument("--deployment", action="store_true", help="Flower's deployment engine (TLS, auth)")
     mode.add_argument("--report", action="store_true", help="rebuild tables and plots from scale.json")
@@ -531,31 +551,11 @@ def main(argv: list[str] | None = None) -> None:
     if args.one:
         return one(json.loads(args.one))
     if args.report:
-        path = RESULTS / "scale.json"
-        return write(json.loads(path.read_text())["rows"])
-    if args.train:
-        args.adapter_params = [0]
-    logs = Path(tempfile.mkdtemp(prefix="fedchat-scale-logs-"))
-    rows = []
-    for i, spec in enumerate(specs(args)):
-        size = "the tiny model's adapter" if spec["kind"] == "train" else f"{spec['adapter_params']:,} params"
-        what = (f"{spec['kind']} {spec['nodes']} nodes, {size}, "
-                + ("plaintext" if not spec["secagg"] else f"SecAgg+ colluding {spec.get('colluding', 0.5):g}")
-                + (f" ({spec['label']})" if spec.get("label") else ""))
-        print(f"== {what}", flush=True)
-        result = measure(spec, logs / f"{i:02d}.log")
-        row = row_for(spec, result)
-        if spec["kind"] == "train":
-            row["adapter_params"] = result.get("update_bytes_float32", 0) // 4
-        print(f"   {row['round_seconds']:.1f} s, peak RSS {row['peak_rss_mb_coordinator']:.0f} / "
-              f"{row['peak_rss_mb_node']:.0f} MB, {row['bytes_up_per_node'] / 1e6:.3f} MB up per node "
-              f"(wall {result['wall_seconds']:.0f} s)", flush=True)
-        rows.append(row)
-    extra = {}
-    if args.parallel:
-        serial, parallel = rows
-        extra["parallel_speedup"] = round(serial["round_seconds"] / parallel["round_seconds"], 3)
-    write(merge_rows(rows), extra)
+        return write(json.loads((RESULTS / "scale.json").read_text())["rows"])
+    todo = specs(args)
+    rows = run_specs(todo, Path(tempfile.mkdtemp(prefix="fedchat-scale-logs-")),
+                     {i: args.timeout for i in range(len(todo))} if args.timeout else None)
+    write(merge_rows(rows))
 
 
 if __name__ == "__main__":
