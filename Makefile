@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.fedchat-installed
 
-.PHONY: install demo lint test test-fast bench clean
+.PHONY: install demo lint test test-fast mutants bench clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -28,10 +28,14 @@ lint: install
 	$(PY) -m ruff check .
 
 test: lint
-	$(PY) -m pytest -q -n 2 --no-loadscope-reorder --durations=25
+	$(PY) -m pytest -q -rs -n 2 --no-loadscope-reorder --durations=25
 
 test-fast: lint
-	$(PY) -m pytest -q -n 2 --no-loadscope-reorder -m "not slow"
+	$(PY) -m pytest -q -rs -n 2 --no-loadscope-reorder -m "not slow"
+
+# Each threat-model protection removed in turn (tests/mutants.py): its row's tests must fail. Slow; not in `test`.
+mutants: install
+	$(PY) -m tests.mutants
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info

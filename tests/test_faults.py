@@ -16,7 +16,8 @@ dirs and ledgers), runs two rounds under SecAgg+ and DP with one fault in round 
 * no process is left: after each test none runs on any node host, and at the end no process,
   namespace, hosts file or mount of the drill survives.
 
-They skip, saying why, where network namespaces cannot be made (not root, no `ip`), and carry the
+They skip, saying why, where network namespaces cannot be made (not root, no `ip`), except under
+CI=true, where they fail instead (CI must run them); they carry the
 marker `faults` as well as `slow`. The fast tests check the tools (the proxy's modes, the namespaces,
 the ledger check, which must be able to fail) and the two fixes for a node restarted after a crash on
 their own: the node starts its SuperNode again while the SuperLink refuses it, and the coordinator asks
@@ -39,7 +40,27 @@ from fedchat.netns import Network, unavailable
 from fedchat.netproxy import ProxyControl
 
 NETNS = unavailable()
-needs_netns = pytest.mark.skipif(NETNS is not None, reason=f"no network namespaces here: {NETNS}")
+MUST_RUN = os.environ.get("CI", "").lower() in ("true", "1", "yes")  # CI=true: the drill must run, never skip
+
+
+def require_netns() -> None:
+    """Skip where network namespaces cannot be made; under CI=true fail instead: a CI machine without them
+    would otherwise pass without running the drill."""
+    if NETNS is None:
+        return
+    if MUST_RUN:
+        pytest.fail(f"CI=true, but no network namespaces here ({NETNS}): the fault drill must run in CI. Run the "
+                    "tests as root on a machine with iproute2 and veth support (a CI runner VM, or a container with "
+                    "--privileged), or unset CI to let the drill skip locally.", pytrace=False)
+    pytest.skip(f"no network namespaces here: {NETNS}")
+
+
+@pytest.fixture
+def netns_required() -> None:
+    require_netns()
+
+
+needs_netns = pytest.mark.usefixtures("netns_required")
 OTHERS = ("org-1", "org-3")  # the faulted node is org-2 (fedchat.drill.VICTIM)
 
 
@@ -345,8 +366,7 @@ def test_a_network_of_namespaces_is_made_and_removed_entirely(tmp_path):
 def fed(tmp_path_factory, model_cache):
     from fedchat.drill import DrillSettings, NetworkFederation
 
-    if NETNS is not None:
-        pytest.skip(f"no network namespaces here: {NETNS}")
+    require_netns()
     net = NetworkFederation(tmp_path_factory.mktemp("faults"), DrillSettings())
     try:
         net.open()
@@ -464,3 +484,17 @@ def test_nodes_reconnect_to_a_restarted_superlink_and_the_run_resumes(fed):
     assert out.facts["same_node_processes"] is True  # the SuperNodes reconnected by themselves (Flower #4844)
     assert [r["status"] for r in out.rows] == ["ok", "ok"]
     assert all(rounds == [1, 2] for rounds in out.facts["ledger_rounds"].values())
+
+
+def test_under_ci_the_drill_fails_instead_of_skipping_without_namespaces(tmp_path):
+    """A CI machine without network namespaces must fail the drill, not pass it as skipped: run one drill test
+    where `ip` cannot be found, with and without CI=true."""
+    test = f"{__file__}::test_a_link_cut_while_a_node_trains_fails_the_round_clearly_and_the_next_round_runs"
+    outcomes = {}
+    for ci in ("true", ""):
+        env = {**os.environ, "PATH": str(tmp_path), "CI": ci}  # no `ip` on this PATH
+        done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:xdist", "-p", "no:cacheprovider",
+                               test], env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+        outcomes[ci] = (done.returncode, done.stdout + done.stderr)
+    assert outcomes["true"][0] == 1 and "CI=true, but no network namespaces here" in outcomes["true"][1]
+    assert outcomes[""][0] == 0 and "SKIPPED" in outcomes[""][1] and "1 skipped" in outcomes[""][1]
