@@ -10,6 +10,10 @@ one has infinite epsilon.
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import numpy as np
 
 from shared.errors import PrivacyError
 
@@ -71,3 +75,99 @@ def check_delta(delta: float, num_conversations: int) -> None:
 def ledger_history(entries: list[dict]) -> list[tuple[float, float, int]]:
     """The accountant history of ledger entries (a round without DP has noise 0)."""
     return [(float(e["noise_multiplier"]), float(e["sample_rate"]), int(e["steps"])) for e in entries]
+
+
+# ------------------------------------------------------------------ distributed DP: the Skellam mechanism
+#
+# In distributed DP each node adds a share of integer noise, Skellam(mu_i) per value (the difference of two
+# Poisson(mu_i) draws), to its integer-rounded, clipped gradient sum, and only the secure sum is seen: its
+# noise is Skellam(sum of the shares), exactly (Agarwal, Kairouz, Liu 2021, arXiv 2110.04995). Opacus'
+# Gaussian accountants are no proof for integer noise; the bound here is the Skellam RDP of that paper
+# (Theorem 3.5) under the general Poisson-subsampling RDP bound of Zhu and Wang 2019 (Theorem 6), composed
+# over rounds and converted to (epsilon, delta) as Balle et al. 2020 (Opacus' and dp-accounting's rule).
+
+RDP_ORDERS = tuple(range(2, 257))
+
+
+def skellam_rdp(alpha: int, mu: float, l2: float, l1: float) -> float:
+    """RDP of order `alpha` of adding Skellam(mu) noise (variance 2 mu) to a query of integer values with L2
+    sensitivity `l2` and L1 sensitivity `l1` (Agarwal, Kairouz, Liu 2021, Theorem 3.5)."""
+    if mu <= 0:
+        return math.inf
+    return alpha * l2**2 / (4 * mu) + min(((2 * alpha - 1) * l2**2 + 6 * l1) / (16 * mu**2), 3 * l1 / (4 * mu))
+
+
+def poisson_subsampled_rdp(alpha: int, q: float, rdp) -> float:
+    """Upper bound on the RDP of order `alpha` (an integer >= 2) of a mechanism with RDP `rdp(j)` run on a
+    Poisson sample at rate `q` (Zhu and Wang 2019, Theorem 6)."""
+    from scipy.special import gammaln, logsumexp
+
+    if q <= 0:
+        return 0.0
+    if q >= 1:
+        return rdp(alpha)
+
+    def log_comb(n: int, k: int) -> float:
+        return gammaln(n + 1) - gammaln(k + 1) - gammaln(n - k + 1)
+
+    lq, l1q = math.log(q), math.log1p(-q)
+    terms = [(alpha - 1) * l1q + math.log(alpha * q - q + 1),
+             log_comb(alpha, 2) + 2 * lq + (alpha - 2) * l1q + rdp(2)]
+    terms += [math.log(3) + log_comb(alpha, j) + j * lq + (alpha - j) * l1q + (j - 1) * rdp(j)
+              for j in range(3, alpha + 1)]
+    return float(logsumexp(terms)) / (alpha - 1)
+
+
+def rdp_epsilon(rdp_by_order: dict[int, float], delta: float) -> float:
+    """(epsilon, delta)-DP from RDP at each order (Balle et al. 2020's conversion), the smallest over orders."""
+    best = math.inf
+    for alpha, rdp in rdp_by_order.items():
+        if math.isfinite(rdp):
+            eps = rdp + math.log1p(-1 / alpha) - (math.log(delta) + math.log(alpha)) / (alpha - 1)
+            best = min(best, max(eps, 0.0))
+    return best
+
+
+def rounding_sensitivity(scale: float, values: int) -> tuple[float, float]:
+    """(L2, L1) sensitivity, in integer units, of one conversation's clipped gradient (L2 norm <= 1 before
+    scaling by `scale`, the integer units per clipping norm) in a sum of `values` values rounded at random to
+    integers: a coupled rounding moves each value by less than 1 more, so L2 <= scale + sqrt(values) and
+    L1 <= sqrt(values) * scale + values, whatever the gradient (Kairouz, Liu, Steinke 2021)."""
+    root = math.sqrt(values)
+    return scale + root, root * scale + values
+
+
+def skellam_epsilon(history: list[tuple[float, float, float, float, int]], delta: float) -> float:
+    """Epsilon of a composition of Poisson-subsampled Skellam mechanisms: `history` holds (mu, l2, l1,
+    sample rate, steps) per round, mu the Skellam parameter of the noise counted on (0 or less: infinite)."""
+    if not history:
+        return 0.0
+    if any(mu <= 0 for mu, *_ in history):
+        return math.inf
+    total = {a: 0.0 for a in RDP_ORDERS}
+    for mu, l2, l1, q, steps in history:
+        for a in RDP_ORDERS:
+            total[a] += steps * poisson_subsampled_rdp(a, q, lambda j, mu=mu, l2=l2, l1=l1: skellam_rdp(j, mu, l2, l1))
+    return rdp_epsilon(total, delta)
+
+
+def counted_noise(shares: list[float], colluders: int) -> float:
+    """The Skellam parameter a node can count on in a secure sum of `shares` (one announced share per
+    survivor, its own included): the smallest len - colluders - 1 of them, since the coordinator's colluders
+    know theirs and an observing node knows its own (0 when no share is left to count)."""
+    counted = len(shares) - colluders - 1
+    return float(sum(sorted(shares)[:counted])) if counted > 0 else 0.0
+
+
+def skellam_noise(mu: float, size: int, rng) -> np.ndarray:
+    """`size` draws of Skellam(mu): the difference of two Poisson(mu) draws, from `rng` (a CSPRNG-seeded
+    generator: client/train.dp_streams), as int64."""
+    return rng.poisson(mu, size).astype("int64") - rng.poisson(mu, size).astype("int64")
+
+
+def randomized_round(values: np.ndarray, rng) -> np.ndarray:
+    """Each value to the integer below or above it, up with probability its fractional part: unbiased."""
+    import numpy as np
+
+    low = np.floor(values)
+    return (low + (rng.random(values.shape) < values - low)).astype("int64")

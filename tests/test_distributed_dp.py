@@ -1,0 +1,124 @@
+"""Distributed DP's mathematics: the Skellam mechanism's accounting, its noise, and the integer rounding.
+
+The references: dp-accounting (Google's DP accounting library, from the package index) for the
+Poisson-subsampled Gaussian mechanism, which the Skellam mechanism approaches at large scale, and scipy's
+Skellam distribution for the sum of noise shares.
+"""
+
+from __future__ import annotations
+
+import math
+
+import dp_accounting
+import numpy as np
+import pytest
+from scipy import stats
+
+from shared.accounting import (
+    RDP_ORDERS,
+    counted_noise,
+    poisson_subsampled_rdp,
+    randomized_round,
+    rdp_epsilon,
+    rounding_sensitivity,
+    skellam_epsilon,
+    skellam_noise,
+    skellam_rdp,
+)
+
+GRID = [(1.0, 0.05, 30), (0.8, 0.01, 100), (2.0, 0.2, 10), (0.6, 0.05, 6), (1.5, 0.5, 3)]
+
+
+def _gaussian_epsilon(z: float, q: float, steps: int, delta: float) -> float:
+    acc = dp_accounting.rdp.RdpAccountant(orders=list(RDP_ORDERS))
+    event = dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(z))
+    acc.compose(dp_accounting.SelfComposedDpEvent(event, steps))
+    return acc.get_epsilon(delta)
+
+
+@pytest.mark.parametrize(("z", "q", "steps"), GRID)
+def test_skellam_at_large_scale_matches_the_subsampled_gaussian_bound_and_never_undercuts_it(z, q, steps):
+    delta = 1e-5
+    l2, l1 = rounding_sensitivity(2**22, 460_800)
+    mu = (z * l2) ** 2 / 2  # the same variance as Gaussian noise of multiplier z
+    skellam = skellam_epsilon([(mu, l2, l1, q, steps)], delta)
+    # The same subsampling bound over the Gaussian's RDP: Skellam's extra terms vanish at this scale.
+    gaussian_zw = rdp_epsilon({a: steps * poisson_subsampled_rdp(a, q, lambda j: j / (2 * z * z))
+                               for a in RDP_ORDERS}, delta)
+    exact_gaussian = _gaussian_epsilon(z, q, steps, delta)
+    assert skellam == pytest.approx(gaussian_zw, rel=1e-3)
+    # The general subsampling bound is conservative: never below the exact subsampled Gaussian's epsilon.
+    assert exact_gaussian <= skellam <= 1.6 * exact_gaussian
+
+
+def test_the_subsampling_bound_is_the_mechanism_at_rate_one_and_nothing_at_rate_zero():
+    rdp = lambda j: skellam_rdp(j, 50.0, 3.0, 9.0)  # noqa: E731
+    assert poisson_subsampled_rdp(8, 1.0, rdp) == rdp(8)
+    assert poisson_subsampled_rdp(8, 0.0, rdp) == 0.0
+    assert poisson_subsampled_rdp(8, 0.1, rdp) < rdp(8)
+
+
+def test_skellam_at_small_scale_costs_more_than_a_gaussian_of_the_same_variance():
+    l2, l1 = rounding_sensitivity(4.0, 100)  # coarse rounding: the integer terms matter
+    mu = (1.0 * l2) ** 2 / 2
+    for alpha in (2, 8, 32):
+        assert skellam_rdp(alpha, mu, l2, l1) > alpha * l2**2 / (2 * 2 * mu)
+    assert skellam_epsilon([(0.0, l2, l1, 0.1, 1)], 1e-5) == math.inf  # no noise counted: no guarantee
+
+
+def test_epsilon_composes_over_rounds_and_grows_with_each():
+    l2, l1 = rounding_sensitivity(2**20, 1000)
+    mu = (1.2 * l2) ** 2 / 2
+    one = skellam_epsilon([(mu, l2, l1, 0.05, 10)], 1e-5)
+    two = skellam_epsilon([(mu, l2, l1, 0.05, 10)] * 2, 1e-5)
+    assert one < two < 2 * one + 1e-9
+    assert two == pytest.approx(skellam_epsilon([(mu, l2, l1, 0.05, 20)], 1e-5), rel=1e-9)
+
+
+def test_the_sum_of_h_skellam_shares_is_skellam_of_h_times_the_parameter():
+    rng = np.random.Generator(np.random.PCG64DXSM(12345))
+    h, mu, size = 5, 3.0, 200_000
+    total = sum(skellam_noise(mu, size, rng) for _ in range(h))
+    values, counts = np.unique(total, return_counts=True)
+    expected = stats.skellam.pmf(values, h * mu, h * mu) * size
+    keep = expected >= 5  # chi-square over the cells with enough mass
+    chi2 = float((((counts - expected) ** 2) / expected)[keep].sum())
+    dof = int(keep.sum()) - 1
+    assert stats.chi2.sf(chi2, dof) > 1e-4, f"chi2 {chi2:.1f} on {dof} degrees of freedom"
+    assert total.std() == pytest.approx(math.sqrt(2 * h * mu), rel=0.01)  # the planned noise std
+
+
+def test_randomized_rounding_is_unbiased():
+    rng = np.random.Generator(np.random.PCG64DXSM(7))
+    values = np.array([0.25, -1.75, 3.5, 1e6 + 0.125])
+    draws = np.stack([randomized_round(values, rng) for _ in range(40_000)])
+    assert np.allclose(draws.mean(axis=0), values, atol=0.02)
+    assert set(np.unique(draws[:, 0])) <= {0, 1}
+
+
+def test_the_rounding_sensitivity_holds_for_adversarial_gradients():
+    """Neighbouring sums differ by one clipped gradient (norm <= scale); a coupled rounding (one uniform draw
+    per value for both) never moves them further apart than the bound, whichever way the fractions fall."""
+    rng = np.random.Generator(np.random.PCG64DXSM(11))
+    scale, d = 50.0, 400
+    l2, l1 = rounding_sensitivity(scale, d)
+    for trial in range(200):
+        base = rng.normal(0, 1e3, d) + 0.5  # fractional parts where rounding is most uncertain
+        if trial % 2:  # all the gradient in one value, or spread evenly: the extremes of L1 and L2
+            g = np.zeros(d)
+            g[trial % d] = scale
+        else:
+            g = np.full(d, scale / math.sqrt(d)) * rng.choice([-1, 1], d)
+        u = rng.random(d)
+        rounded = np.floor(base + u)
+        neighbour = np.floor(base + g + u)
+        diff = neighbour - rounded
+        assert np.linalg.norm(diff) <= l2 + 1e-9
+        assert np.abs(diff).sum() <= l1 + 1e-9
+
+
+def test_a_node_counts_only_the_shares_of_honest_nodes_it_does_not_know():
+    shares = [5.0, 1.0, 3.0, 4.0, 2.0]  # five survivors' announced shares
+    assert counted_noise(shares, colluders=1) == 1.0 + 2.0 + 3.0  # the smallest 5 - 1 - 1
+    assert counted_noise(shares, colluders=0) == 1.0 + 2.0 + 3.0 + 4.0
+    assert counted_noise(shares[:2], colluders=1) == 0.0  # nothing to count on: the node must refuse
