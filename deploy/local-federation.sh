@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # A real federation on this machine, on Flower's deployment engine:
 #   deploy/local-federation.sh --nodes N --rounds R --base-model M --out DIR [options]
-# starts flower-superlink (TLS + SuperNode authentication), registers and starts N
-# flower-supernode processes, submits fedchat with `flwr run`, waits for the end, writes
+# starts flower-superlink (TLS + SuperNode authentication), gives each of N nodes an identity key
+# and a roster of them that every node approves, registers and starts N flower-supernode
+# processes, submits fedchat with `flwr run`, waits for the end, writes
 # DIR/report.json and every process's log under DIR/logs, and stops every process it
 # started, on success, failure, Ctrl-C or SIGTERM. `--help` lists every option.
 #

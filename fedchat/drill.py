@@ -10,13 +10,18 @@ host of its own (`fedchat.netns`):
     node-i       10.77.0.10i  `fedchat node start node.toml` (flower-supernode --isolation process,
                               the approved app bundle only), its data, state dir and privacy ledger
 
+Every node has an identity key of its own (identities/org-i, kept across sessions like its node
+key) and the coordinator's side builds the roster of them (roster.json, the run config's
+secagg-roster), which each node's operator approves in its node.toml, as `fedchat roster key`,
+`fedchat roster init` and `fedchat roster approve` do.
+
 The TLS certificate is issued for coordinator.fedchat.test (and 10.77.0.1, 127.0.0.1, localhost)
 and every node verifies it by that name, over real TCP through the proxy. Everything runs under
 one `fedchat.processes.Supervisor`; `close` stops every process, unmounts what it mounted and
 removes every namespace, and `leftovers` says whether anything survived.
 
 The scenarios (`SCENARIOS`) each start fresh nodes (new state dirs and ledgers: a node's budget
-is spent by one run), submit a run under SecAgg+ and DP, inject one fault at a chosen moment,
+is spent by one run), submit a run under secure aggregation and DP, inject one fault at a chosen moment,
 and collect the evidence: the coordinator's report, each node's ledger verified with its public
 key (shared/ledger.py) and audited against the report (shared/audit.py, what `fedchat audit` runs),
 the nodes' own record of what they trained (their logs), and what was left behind.
@@ -71,7 +76,7 @@ class DrillSettings:
     conversations: int = 120  # per node: enough for delta 1e-5 and a batch of 4
     local_steps: int = 1
     batch_size: int = 4
-    secagg_timeout: float = 90.0  # seconds per SecAgg+ stage: the round's timeout
+    secagg_timeout: float = 90.0  # seconds per secure-aggregation stage: the round's timeout
     node_wait_timeout: float = 120.0
     startup_timeout: float = 120.0
     run_timeout: float = 600.0
@@ -149,6 +154,7 @@ class NetworkFederation:
         self.certs = None
         self.mounts: list[Path] = []
         self.runs: list[Run] = []
+        self.roster_sha256 = ""
         self.down: set[str] = set()  # services stopped on purpose (a killed node, a restarting SuperLink)
 
     # ---------------------------------------------------------------- set-up
@@ -173,6 +179,7 @@ class NetworkFederation:
             names = [org_name(i) for i in range(1, self.settings.nodes + 1)]
             self.certs = write_certs(self.root / "certs", hosts=[COORDINATOR, coordinator_ip, "127.0.0.1", "localhost"],
                                      nodes=names)
+            self._make_roster(names)
             write_demo_data(self.root / "data", self.settings.nodes)
             for name in names:  # a small share of each organisation's dialogues: the drill tests faults, not learning
                 path = self.root / "data" / f"{name}.jsonl"
@@ -192,6 +199,24 @@ class NetworkFederation:
             self.close()
             raise
         return self
+
+    @property
+    def roster_path(self) -> Path:
+        return self.root / "roster.json"
+
+    def identity_key(self, name: str) -> Path:
+        return self.root / "identities" / name / "identity-key.pem"
+
+    def _make_roster(self, names: list[str]) -> None:
+        """Each node operator's identity key (`fedchat roster key`), and the roster of them all that the coordinator's
+        side builds (`fedchat roster init`, colluder bound: the largest minority)."""
+        from shared.crypto import create_identity_key, raw_public_hex
+        from shared.roster import Member, Roster, write_roster
+
+        members = tuple(Member(name, raw_public_hex(create_identity_key(self.identity_key(name)))) for name in names)
+        roster = Roster("fault-drill", 1, (len(members) - 1) // 2, members, None)
+        write_roster(self.roster_path, roster)
+        self.roster_sha256 = roster.sha256
 
     def _route_address(self, i: int) -> str:
         return f"{SUBNET}.{10 + i}"
@@ -269,14 +294,18 @@ class NetworkFederation:
                 mounted = True
             config = write_toml(folder / "node.toml", {
                 "node": {"node-name": name, "data-path": str(self.root / "data" / f"{name}.jsonl"),
-                         "state-dir": str(state), "target-epsilon": self.settings.target_epsilon,
-                         "require-dp": True, "require-secagg": True},
+                         "state-dir": str(state), "identity-key": str(self.identity_key(name)),
+                         "target-epsilon": self.settings.target_epsilon, "require-dp": True, "require-secagg": True},
                 "connection": {"superlink": f"{COORDINATOR}:{PORT}", "root-certificates": str(self.certs.ca_cert),
                                "auth-private-key": str(self.certs.node_key(name)), "runtime-port": RUNTIME_PORT,
                                "max-wait-time": 900}})
             from fedchat.app_bundle import write_approvals
+            from fedchat.roster_cli import record_approval
+            from fedchat.service_config import read_node_file
+            from shared.roster import load_roster
 
-            write_approvals(config, [self.app_sha256])  # the operator approved the coordinator's bundle
+            write_approvals(config, [self.app_sha256])  # the operator approved the coordinator's bundle...
+            record_approval(read_node_file(config), self.roster_path, load_roster(self.roster_path))  # ...and roster
             log_path = self.logs / f"{name}.log"
             offset = log_path.stat().st_size if log_path.exists() else 0
             service = self._start_node_service(i, folder)
@@ -351,7 +380,8 @@ class NetworkFederation:
         s = self.settings
         return {"base-model": "tiny", "num-rounds": rounds, "local-steps": s.local_steps, "batch-size": s.batch_size,
                 "min-nodes": s.nodes, "node-wait-timeout": s.node_wait_timeout, "secagg-timeout": s.secagg_timeout,
-                "dp": True, "secagg": True, "eval-data": "", "merge": False, "out-dir": str(self.root / "runs" / name),
+                "dp": True, "secagg": True, "secagg-roster": str(self.roster_path), "eval-data": "", "merge": False,
+                "out-dir": str(self.root / "runs" / name),
                 **extra}
 
     def submit(self, name: str, rounds: int, **extra) -> Run:
@@ -656,7 +686,7 @@ def _kill_after_key_sharing(fed: NetworkFederation, out: Outcome) -> Run:
     node = fed.nodes[VICTIM]
     run = fed.submit(out.name, 2)
 
-    def shares_sent() -> bool:  # its second SecAgg+ reply (stage 0: public keys; stage 1: key shares) has left
+    def shares_sent() -> bool:  # its second reply (advertise: its signed public keys; share-keys: its key shares) left
         replies = fed.node_log(VICTIM).split("Sending: train message")
         return len(replies) > 2 and "Sent successfully" in replies[2]
 
@@ -744,8 +774,8 @@ def _stop_dead_run(fed: NetworkFederation, run: Run) -> str:
 SCENARIOS = {s.name: s for s in (
     Scenario("link-down", "org-2's link to the coordinator is cut while it trains round 1, and restored after the "
              "coordinator ended that round", _link_down),
-    Scenario("node-stall", "every byte to and from org-2 is delayed past the round's timeout (the SecAgg+ stage "
-             "timeout) while it trains round 1", _stall),
+    Scenario("node-stall", "every byte to and from org-2 is delayed past the round's timeout (the secure-aggregation "
+             "stage timeout) while it trains round 1", _stall),
     Scenario("kill-after-key-sharing", "org-2 is SIGKILLed after it sent its key shares in round 1, and restarted",
              _kill_after_key_sharing),
     Scenario("kill-before-masked-update", "org-2 is SIGKILLed after its ledger append, before it sent its masked "

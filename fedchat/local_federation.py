@@ -5,12 +5,15 @@ uses the commands a multi-machine deployment uses (deploy/README.md), all on 127
 with ports the kernel picks, and writes under DIR:
 
     certs/            CA, SuperLink certificate (127.0.0.1, localhost), a key pair per node
+    roster.json       the federation roster (secure aggregation): every node's identity key, built by the
+                      coordinator side (`fedchat roster init`), approved by each node (`fedchat roster approve`),
+                      and the run config's secagg-roster
     data/             demo dialogues: org-1.jsonl .. org-N.jsonl, eval.jsonl
     superlink/        coordinator.toml (the SuperLink's config file), its database and FLWR_HOME
     app/              the app bundle: fedchat.fab (`fedchat app build`), and src/, its files, which `flwr run`
                       submits (the very bundle the nodes approved, whatever happens to the checkout meanwhile)
-    nodes/org-i/      node i's state: node.toml (its config file, with the approved bundle's SHA-256),
-                      privacy ledger, ledger key, FLWR_HOME
+    nodes/org-i/      node i's state: node.toml (its config file, with the approved bundle's and roster's
+                      SHA-256), identity key (`fedchat roster key`), privacy ledger, ledger key, FLWR_HOME
     flwr/             the `flwr` CLI's FLWR_HOME (config.toml: the connection to the SuperLink)
     run/              the coordinator's output: checkpoints, adapter, merged model, report.json
     ledgers/          each node's ledger (for `fedchat audit`)
@@ -91,8 +94,8 @@ class LocalFederation:
         if self.nodes < 1:
             raise ConfigError("--nodes must be at least 1.")
         if self.secagg and self.nodes < 3:
-            raise ConfigError("--nodes must be at least 3 with SecAgg+ (with two, each node learns the other's update "
-                              "from the sum); give --nodes 3 or more, or --no-secagg.")
+            raise ConfigError("--nodes must be at least 3 with secure aggregation (with two, each node learns the "
+                              "other's update from the sum); give --nodes 3 or more, or --no-secagg.")
         if self.aggregation not in AGGREGATIONS:
             raise ConfigError(f"--aggregation must be one of {', '.join(AGGREGATIONS)}.")
         for name in ("timeout", "startup_timeout"):
@@ -109,10 +112,16 @@ class LocalFederation:
             "batch-size": self.batch_size, "aggregation": self.aggregation, "dp": self.dp, "secagg": self.secagg,
             "min-nodes": self.nodes, "node-wait-timeout": float(self.startup_timeout),
             "out-dir": str(out / "run"), "eval-data": str(out / "data" / "eval.jsonl"),
+            **({"secagg-roster": str(self.roster_path)} if self.secagg else {}),
             **self.run_config,
         }
         RunConfig.from_flower(values)
         return values
+
+    @property
+    def roster_path(self) -> Path:
+        """The federation roster: the coordinator's copy (secagg-roster), the one every node approves."""
+        return self.out.resolve() / "roster.json"
 
     def node_config(self, i: int) -> dict:
         """Node i's --node-config (validated as a NodeConfig)."""
@@ -175,6 +184,8 @@ class Runner:
         self.app_sha256 = ""
         self.started = time.monotonic()
         self.step_no = 0
+        self.steps = 11 if fed.secagg else 10
+        self.roster_sha256 = ""
 
     # ---------------------------------------------------------------- helpers
 
@@ -236,7 +247,7 @@ class Runner:
 
     def step(self, text: str) -> None:
         self.step_no += 1
-        log.info("[%d/10] %s", self.step_no, text)
+        log.info("[%d/%d] %s", self.step_no, self.steps, text)
 
     def _check_services(self) -> str | None:
         for s in self.sup.services:
@@ -274,6 +285,32 @@ class Runner:
             raise FederationError(f"`fedchat model prepare --base-model {fed.base_model}` failed:\n"
                                   f"{done.stderr.strip()[-1500:]}")
 
+    def build_roster(self) -> None:
+        """Each node operator's `fedchat roster key` (an identity key in the node's state dir), and the roster
+        keeper's `fedchat roster init` of their public keys: the roster every node approves before it starts."""
+        from shared.roster import load_roster
+
+        fed = self.fed
+        self.step(f"identity keys of the {fed.nodes} nodes (`fedchat roster key`) and the roster of them "
+                  "(`fedchat roster init`)")
+        members = []
+        for i in range(1, fed.nodes + 1):
+            name = org_name(i)
+            key = self.out / "nodes" / name / "identity-key.pem"  # the node's default: STATE_DIR/identity-key.pem
+            done = self._run(f"roster-key-{name}", [tool("fedchat"), "roster", "key", "--out", str(key), "--name",
+                                                    name], timeout=120)
+            if done.returncode != 0:
+                raise FederationError(f"`fedchat roster key` for {name} failed:\n{done.stderr.strip()[-1500:]}")
+            members += ["--member", f"{name}={key.with_suffix('.pub')}"]
+        done = self._run("roster-init", [tool("fedchat"), "roster", "init", "--federation", "local-federation",
+                                         *members, "--out", str(fed.roster_path)], timeout=120)
+        if done.returncode != 0:
+            raise FederationError(f"`fedchat roster init` failed:\n{done.stderr.strip()[-1500:]}")
+        roster = load_roster(fed.roster_path)
+        self.roster_sha256 = roster.sha256
+        log.info("    %s: %d members, colluder bound %d, sha256 %s", fed.roster_path, len(roster.members),
+                 roster.colluder_bound, roster.sha256)
+
     def build_app(self) -> None:
         """The coordinator's `fedchat app build`: the bundle every node approves, and its files to submit."""
         from fedchat.app_bundle import load_bundle_file, unpack_bundle
@@ -296,6 +333,20 @@ class Runner:
                                      str(self.app_src)], timeout=300)
         if done.returncode != 0:
             raise FederationError(f"`fedchat node approve {config}` failed:\n{done.stderr.strip()[-1500:]}")
+
+    def approve_roster(self, config: Path) -> None:
+        """A node operator's `fedchat roster approve` of the roster (its hash recorded in node.toml)."""
+        done = self._run("approve-roster", [tool("fedchat"), "roster", "approve", str(config),
+                                            str(self.fed.roster_path)], timeout=120)
+        if done.returncode != 0:
+            raise FederationError(f"`fedchat roster approve {config}` failed:\n{done.stderr.strip()[-1500:]}")
+
+    def approve(self, config: Path) -> None:
+        """What a node operator approves before the node starts: the app bundle and, with secure aggregation,
+        the roster."""
+        self.approve_app(config)
+        if self.fed.secagg:
+            self.approve_roster(config)
 
     def start_superlink(self) -> None:
         self.step("SuperLink with TLS and SuperNode authentication")
@@ -321,14 +372,14 @@ class Runner:
 
     def start_nodes(self) -> None:
         fed = self.fed
-        self.step(f"{fed.nodes} SuperNodes, each with its own data, state, key and ledger")
+        self.step(f"{fed.nodes} SuperNodes, each with its own data, state, keys and ledger")
         for i in range(1, fed.nodes + 1):
             name = org_name(i)
             state = self.out / "nodes" / name
             self._start_service(name, "node", state / "node.toml",
                                 lambda port, i=i, name=name: fed.node_file(i, self.address, self.certs.ca_cert,
                                                                            self.certs.node_key(name), port),
-                                state, ready=lambda service, port: time.sleep(0.5), configure=self.approve_app)
+                                state, ready=lambda service, port: time.sleep(0.5), configure=self.approve)
 
         wanted = set(self.node_ids.values())
 
@@ -345,7 +396,8 @@ class Runner:
         run_config = write_toml(self.out / "run-config.toml", self.fed.coordinator_config())
         self.run_id = self.cli.run(self.app_src, run_config)
         log.info("    run %s: %d rounds, %s, %s, %s", self.run_id, self.fed.rounds, self.fed.aggregation,
-                 "SecAgg+" if self.fed.secagg else "plaintext updates", "DP-SGD" if self.fed.dp else "no DP")
+                 "secure aggregation" if self.fed.secagg else "plaintext updates",
+                 "DP-SGD" if self.fed.dp else "no DP")
 
     def wait(self) -> dict:
         fed = self.fed
@@ -437,6 +489,7 @@ class Runner:
             "engine": "flower-deployment", "flower": version("flwr"), "superlink": self.address,
             "tls": True, "supernode_auth": True, "certs": str(self.certs.root), "run_id": self.run_id,
             "flower_status": "finished:completed", "app": str(fed.app), "app_sha256": self.app_sha256,
+            "roster": str(fed.roster_path) if fed.secagg else None, "roster_sha256": self.roster_sha256 or None,
             "seconds": round(time.monotonic() - self.started, 1), "nodes": nodes, "audit": audit,
             "problems": problems, "logs": str(self.logs), "processes": str(self.out / "processes.json"),
         }
@@ -449,6 +502,8 @@ class Runner:
     def start(self) -> None:
         """Everything before a run is submitted: folders, the approved bundle, the SuperLink, the nodes."""
         self.prepare()
+        if self.fed.secagg:
+            self.build_roster()
         self.build_app()
         self.start_superlink()
         self.register_nodes()
@@ -510,7 +565,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=8, help="conversations per step")
     p.add_argument("--aggregation", choices=AGGREGATIONS, default="fedavg")
     p.add_argument("--dp", action=argparse.BooleanOptionalAction, default=True, help="DP-SGD on every node")
-    p.add_argument("--secagg", action=argparse.BooleanOptionalAction, default=True, help="SecAgg+ every round")
+    p.add_argument("--secagg", action=argparse.BooleanOptionalAction, default=True,
+                   help="secure aggregation every round (each node's identity key, a roster of them every node "
+                        "approves)")
     p.add_argument("--target-epsilon", type=float, default=8.0, help="every node's privacy budget")
     p.add_argument("--timeout", type=float, default=3600.0, help="seconds the run may take before it is stopped")
     p.add_argument("--startup-timeout", type=float, default=180.0,
@@ -559,7 +616,7 @@ def main(argv: list[str] | None = None) -> int:
         report = runner.run()
         d = report["deployment"]
         log.info("finished: %d/%d rounds, %d nodes, %s, %s in %.0f s; report %s", report["completed_rounds"],
-                 report["num_rounds"], len(d["nodes"]), "SecAgg+" if report["secagg"] else "plaintext",
+                 report["num_rounds"], len(d["nodes"]), "secure aggregation" if report["secagg"] else "plaintext",
                  "DP" if report["dp"] else "no DP", d["seconds"], fed.out.resolve() / "report.json")
         code = 0
     except Interrupted as exc:

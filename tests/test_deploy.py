@@ -41,6 +41,7 @@ from fedchat.deployment import (
 from fedchat.processes import Supervisor, survivors
 from shared.certs import CertError, cert_hosts, load_cert, write_certs
 from shared.errors import FederationError
+from shared.secagg_wire import PROTOCOL
 from tests.support.processes import Child
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -139,7 +140,7 @@ def test_certs_keeps_identities_and_reissues_the_server_certificate_for_new_host
 def test_local_federation_refuses_bad_arguments_before_starting_anything(tmp_path):
     (tmp_path / "keep.txt").write_text("not a federation")
     for args, message in [
-        (["--nodes", "2", "--rounds", "1", "--out", str(tmp_path / "a")], "at least 3 with SecAgg+"),
+        (["--nodes", "2", "--rounds", "1", "--out", str(tmp_path / "a")], "at least 3 with secure aggregation"),
         (["--nodes", "3", "--rounds", "0", "--out", str(tmp_path / "b")], "num-rounds"),
         (["--nodes", "3", "--rounds", "1", "--out", str(tmp_path)], "is not empty"),
         (["--nodes", "3", "--rounds", "1", "--out", str(tmp_path), "--fresh"], "not one (no commands.sh)"),
@@ -272,7 +273,11 @@ def _assert_nothing_left(out: Path, at_least: int) -> None:
 
 @pytest.mark.slow
 def test_local_federation_completes_two_rounds_and_leaves_no_process(tmp_path, tiny_dir):
-    """Three nodes, each running only the app bundle its operator approved (`fedchat node approve`)."""
+    """Three nodes, each running only the app bundle its operator approved (`fedchat node approve`), under
+    fedchat's secure aggregation with the roster of their identity keys each operator approved."""
+    from fedchat.service_config import read_node_file
+    from shared.roster import load_roster
+
     out = tmp_path / "fed"
     script = _script(out, "--rounds", "2", "--timeout", "420")
     log = script.finish(timeout=540)
@@ -282,11 +287,19 @@ def test_local_federation_completes_two_rounds_and_leaves_no_process(tmp_path, t
     assert report["status"] == "finished" and report["completed_rounds"] == 2 and report["num_rounds"] == 2
     assert report["secagg"] is True and report["dp"] is True
     assert [r["status"] for r in report["rounds"]] == ["ok", "ok"]
-    assert all("secagg" in r and r["secagg"]["nodes"] == 3 for r in report["rounds"])  # SecAgg+ parameters per round
+    for r in report["rounds"]:  # the secure sum's parameters per round: every node survived every stage
+        assert r["secagg"]["protocol"] == PROTOCOL and r["secagg"]["nodes"] == 3 and r["secagg"]["survivors"] == 3
+        assert list(r["secagg"]["stage_seconds"]) == ["advertise", "share-keys", "collect", "consistency", "unmask"]
     assert report["nodes"] == ["org-1", "org-2", "org-3"]
     d = report["deployment"]
     assert d["tls"] and d["supernode_auth"] and d["flower_status"] == "finished:completed"
     assert d["superlink"].startswith("127.0.0.1:")
+    roster = load_roster(out / "roster.json")
+    assert d["roster_sha256"] == roster.sha256 and [m.name for m in roster.members] == ["org-1", "org-2", "org-3"]
+    for name in ("org-1", "org-2", "org-3"):  # each operator approved that roster, listing the node's own key
+        nf = read_node_file(out / "nodes" / name / "node.toml")
+        assert nf.node.roster == str(out.resolve() / "roster.json") and nf.node.roster_sha256 == roster.sha256
+        assert nf.identity_key_path == out.resolve() / "nodes" / name / "identity-key.pem"
     assert [a["node"] for a in d["audit"] if a["node"].startswith("org-")] == ["org-1", "org-2", "org-3"]
     assert all(a["verdict"] == "OK" and not a["problems"] for a in d["audit"])
     for node in d["nodes"]:
@@ -298,7 +311,7 @@ def test_local_federation_completes_two_rounds_and_leaves_no_process(tmp_path, t
     for name in ("superlink", "org-1", "org-2", "org-3", "serverapp"):
         assert (out / "logs" / f"{name}.log").stat().st_size > 0, name
     server_log = (out / "logs" / "serverapp.log").read_text()
-    assert server_log.count("Secure aggregation completed") == 2
+    assert server_log.count("secure sum over 3 nodes") == 2
     superlink_log = (out / "logs" / "superlink.log").read_text()
     assert "--enable-supernode-auth" in superlink_log and "Uvicorn running on https://127.0.0.1" in superlink_log
     assert "starting: " in superlink_log and "flower-superlink" in superlink_log  # fedchat coordinator start's exec
@@ -310,6 +323,8 @@ def test_local_federation_completes_two_rounds_and_leaves_no_process(tmp_path, t
     commands = (out / "commands.sh").read_text()
     assert commands.count(" coordinator start ") == 1 and commands.count(" supernode register ") == 3
     assert commands.count(" app build ") == 1 and commands.count(" node approve ") == 3
+    assert commands.count(" roster key ") == 3 and commands.count(" roster init ") == 1
+    assert commands.count(" roster approve ") == 3
     assert commands.count(" node start ") == 3 and commands.count(" run ") == 1
     _assert_nothing_left(out, at_least=7)  # superlink, 2 supernodes, their superexecs, the serverapp...
     assert not (tmp_path / "home" / ".flwr").exists()  # Flower's files went under DIR, not the user's home

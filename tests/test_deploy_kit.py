@@ -22,6 +22,7 @@ import shlex
 import shutil
 import subprocess
 import time
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -32,6 +33,8 @@ from fedchat.deployment import LOOPBACK, SuperLinkTLS, free_port, write_toml
 from fedchat.local_federation import LocalFederation, service_command
 from fedchat.processes import Supervisor, survivors
 from fedchat.service_config import coordinator_command, node_command, read_coordinator_file, read_node_file
+from shared.config import RunConfig
+from shared.roster import load_roster
 from tests.support.deploy_files import (
     COMPOSE,
     DEPLOY,
@@ -68,8 +71,10 @@ def _expected(role: str) -> list[str]:
 def test_compose_file_has_a_coordinator_three_nodes_serving_and_the_one_shot_jobs():
     services = compose()["services"]
     assert {"coordinator", *NODES, "serve"} <= set(services)
-    assert {"coordinator-init", *(f"{n}-init" for n in NODES), "register", "submit"} <= set(services)
-    for job in ("coordinator-init", "register", "submit", *(f"{n}-init" for n in NODES)):
+    jobs = ("coordinator-init", "roster", "register", "submit", *(f"{n}-init" for n in NODES),
+            *(f"{n}-roster" for n in NODES))
+    assert set(jobs) <= set(services)
+    for job in jobs:
         assert services[job]["restart"] == "no", job  # one-shot
     for name in ("coordinator", *NODES, "serve"):
         assert services[name]["restart"] == "unless-stopped", name
@@ -77,14 +82,18 @@ def test_compose_file_has_a_coordinator_three_nodes_serving_and_the_one_shot_job
     assert services["coordinator"]["build"]["target"] == "coordinator"
     assert all(services[n]["build"]["target"] == "node" for n in NODES)
     assert services["serve"]["build"]["target"] == "serve"
-    # The order of the runbooks: certificates, keys and data, registration, then the services, then the run.
+    # The order of the runbooks: certificates, keys and data, registration and the roster, each node's approval
+    # of it, then the services, then the run.
     needs = lambda s: services[s].get("depends_on", {})  # noqa: E731
-    assert needs("coordinator")["coordinator-init"]["condition"] == "service_completed_successfully"
+    done = "service_completed_successfully"
+    assert needs("coordinator")["coordinator-init"]["condition"] == done
     assert needs("register")["coordinator"]["condition"] == "service_healthy"
     for n in NODES:
-        assert needs(f"{n}-init")["coordinator-init"]["condition"] == "service_completed_successfully"
-        assert needs("register")[f"{n}-init"]["condition"] == "service_completed_successfully"
-        assert needs(n)["register"]["condition"] == "service_completed_successfully"
+        assert needs(f"{n}-init")["coordinator-init"]["condition"] == done
+        assert needs("register")[f"{n}-init"]["condition"] == done
+        assert needs("roster")[f"{n}-init"]["condition"] == done  # the roster needs every node's identity key
+        assert needs(f"{n}-roster")["roster"]["condition"] == done
+        assert needs(n)["register"]["condition"] == done and needs(n)[f"{n}-roster"]["condition"] == done
         assert n in needs("submit")
     assert needs("submit")["register"]["condition"] == "service_completed_successfully"
     assert services["submit"]["profiles"] == ["submit"]  # a run is submitted when asked, never by `up` again
@@ -115,6 +124,17 @@ def test_compose_has_tls_node_authentication_and_the_volumes():
     assert coord["/var/lib/fedchat/superlink"][0] == "coordinator-state"
     assert coord["/var/lib/fedchat/run"] == ("coordinator-run", False)  # checkpoints, report, merged model
     assert "coordinator" in services["coordinator-init"]["command"][2]  # the certificate covers the service name
+    # The roster: built from the identity keys in `exchange`, kept where the run config's secagg-roster points
+    # (read-only to the coordinator, whose ServerApp reads it), handed out in `exchange`.
+    run = RunConfig.from_flower(tomllib.loads((EXAMPLES / "run.toml").read_text()))
+    roster_dir = str(Path(run.secagg_roster).parent)
+    assert coord[roster_dir] == ("coordinator-roster", True) and run.secagg
+    assert volumes(services["roster"])[roster_dir] == ("coordinator-roster", False)
+    [init] = fedchat_commands(services["roster"]["command"][2], {})[:1]
+    assert init[:3] == ["fedchat", "roster", "init"] and init[init.index("--out") + 1] == run.secagg_roster
+    members = [init[i + 1] for i, a in enumerate(init) if a == "--member"]
+    assert members == [f"{n}=/var/lib/fedchat/exchange/{n}.identity.pub" for n in NODES]
+    assert f"cp {run.secagg_roster} /var/lib/fedchat/exchange/roster-v1.json" in services["roster"]["command"][2]
     assert "fedchat app build --app /opt/fedchat --out /var/lib/fedchat/exchange/fedchat.fab" in \
         services["coordinator-init"]["command"][2]  # the bundle `submit` sends (`flwr run /opt/fedchat`)
     # The nodes: each its own config, key, ledger (state) and data volume; the CA from the exchange volume.
@@ -129,7 +149,8 @@ def test_compose_has_tls_node_authentication_and_the_volumes():
         assert vols["/srv/fedchat"] == (f"{n}-data", True) and nf.node.data_path.startswith("/srv/fedchat/")
         assert vols["/var/lib/fedchat/exchange"] == ("exchange", True)
         assert nf.node.require_dp and nf.node.require_secagg
-        # approvals: written by the init job (`fedchat node approve`), read-only to the running node
+        # approvals: written by the init jobs (`fedchat node approve`, `fedchat roster approve`), read-only to the
+        # running node; node.toml names where (it is read-only to every job)
         assert vols["/var/lib/fedchat/approval"] == (f"{n}-approval", True)
         assert volumes(services[f"{n}-init"])["/var/lib/fedchat/approval"] == (f"{n}-approval", False)
         assert "fedchat node approve /etc/fedchat/node.toml /var/lib/fedchat/exchange/fedchat.fab" in \
@@ -137,6 +158,21 @@ def test_compose_has_tls_node_authentication_and_the_volumes():
         init = services[f"{n}-init"]
         assert init["environment"]["NODE"] == n and volumes(init)[CONFIG["node"]] == vols[CONFIG["node"]]
         assert volumes(init)["/var/lib/fedchat/keys"] == (f"{n}-keys", False)
+        # the identity key: made by the init job in the node's keys volume, its public half handed out
+        assert nf.identity_key_path == Path("/var/lib/fedchat/keys/identity-key.pem")
+        key = [c for c in fedchat_commands(init["command"][2], init["environment"]) if c[1:3] == ["roster", "key"]]
+        assert key == [["fedchat", "roster", "key", "--out", str(nf.identity_key_path), "--name", n]]
+        assert 'cp /var/lib/fedchat/keys/identity-key.pub "/var/lib/fedchat/exchange/$$NODE.identity.pub"' in \
+            init["command"][2]
+        # the roster: approved by the node's roster job into the approval volume ([approval] roster-file)
+        assert nf.roster_approval is not None and nf.roster_approval.parent == Path("/var/lib/fedchat/approval")
+        approve = services[f"{n}-roster"]
+        assert volumes(approve)[CONFIG["node"]] == vols[CONFIG["node"]]
+        assert volumes(approve)["/var/lib/fedchat/approval"] == (f"{n}-approval", False)
+        assert volumes(approve)["/var/lib/fedchat/keys"] == (f"{n}-keys", True)
+        steps = fedchat_commands(approve["command"][2], {})
+        assert [c[1:3] for c in steps] == [["roster", "show"], ["roster", "approve"], ["node", "check-config"]]
+        assert steps[1][3:] == [CONFIG["node"], "/var/lib/fedchat/approval/roster-v1.json"]
     register = services["register"]["command"][2]
     assert "flwr supernode register /var/lib/fedchat/exchange/$$node.pub fedchat --name $$node" in register
     assert "for node in " + " ".join(NODES) + ";" in register
@@ -326,15 +362,26 @@ def test_runbooks_cover_every_step_the_issue_names_and_are_linked():
     coord_text = "".join(b.text for blocks in coord.values() for b in blocks)
     for step in ("fedchat data check", "fedchat certs --out", "--no-superlink", "fedchat node check-config",
                  "fedchat node approve", "fedchat node start", "fedchat audit", "git pull", "make install",
-                 "systemctl stop fedchat-node"):
+                 "systemctl stop fedchat-node", "fedchat roster key", "fedchat roster show", "fedchat roster approve"):
         assert step in node_text, step
     for step in ("fedchat certs --out", "fedchat app build --out", "fedchat coordinator check-config",
                  "fedchat coordinator start", "flwr supernode register", "flwr run . fedchat --run-config",
-                 "flwr ls fedchat", "flwr log", "fedchat merge", "systemctl stop fedchat-coordinator"):
+                 "flwr ls fedchat", "flwr log", "fedchat merge", "systemctl stop fedchat-coordinator",
+                 "fedchat roster init", "secagg-roster"):
         assert step in coord_text, step
     assert sum(b.keeps_running for b in coord["11"]) == 1  # resume: the SuperLink started again
-    # the node approves before it checks its config (no approval is a problem) and before it starts
-    assert "fedchat node approve" in "".join(b.text for b in node["7"])
+    # the node approves the bundle and the roster before it checks its config (no approval is a problem) and
+    # before it starts; its identity key is made with its node key (step 4), and the roster of the identity
+    # keys is built when the node keys are registered (step 8), before the nodes approve it (their step 7)
+    approve = "".join(b.text for b in node["7"])
+    assert approve.index("fedchat node approve") < approve.index("fedchat roster approve") < \
+        approve.index("fedchat node check-config")
+    assert "fedchat roster key" in "".join(b.text for b in node["4"])
+    assert "fedchat roster init" in "".join(b.text for b in coord["8"])
+    assert "secagg-roster" in "".join(b.text for b in coord["9"])
+    # on upgrade the operator approves both the new bundle and the roster
+    update = (RUNBOOKS / "node-operator.md").read_text().split("## 12. Update fedchat")[1].split("\n## ")[0]
+    assert "app bundle" in update and "roster" in update and "**both**" in update
     assert any(b.keeps_running for b in node["8"])
     audit_text = "".join(b.text for blocks in runbook("auditor").values() for b in blocks)
     assert "--report" in audit_text and "--plot" in audit_text and "--json" in audit_text
@@ -399,10 +446,12 @@ def test_following_the_runbooks_on_one_machine_gives_a_finished_run(tmp_path):
             coordinator.follow(C[s])
         [superlink] = coordinator.follow(C["6"])
         coordinator.follow(C["7"])
-        for node in nodes:
-            for s in ("1", "2", "3", "4", "5", "6", "7"):
+        for node in nodes:  # up to their keys (the node key and the identity key) and their config file
+            for s in ("1", "2", "3", "4", "5", "6"):
                 node.follow(N[s])
-        coordinator.follow(C["8"])
+        coordinator.follow(C["8"])  # registers the node keys and builds the roster of the identity keys
+        for node in nodes:  # approve the bundle and the roster, check the config
+            node.follow(N["7"])
         node_services = [service for node in nodes for service in node.follow(N["8"])]
         assert len(node_services) == 3
         coordinator.follow(C["9"])
@@ -428,6 +477,11 @@ def test_following_the_runbooks_on_one_machine_gives_a_finished_run(tmp_path):
         for service in node_services:  # each node ran the bundle its operator approved, and only that one
             log = service.log_path.read_text(errors="replace")
             assert f"app bundle sha256 {approved} is approved" in log and "REFUSED" not in log
+        roster = load_roster(home / "fedchat-coordinator" / "roster-v1.json")  # the roster every node approved
+        assert [m.name for m in roster.members] == ["org-1", "org-2", "org-3"]
+        for folder in ("fedchat-node", "fedchat-node-2", "fedchat-node-3"):
+            assert read_node_file(home / folder / "node.toml").node.roster_sha256 == roster.sha256
+        assert all(r["secagg"]["survivors"] == 3 for r in report["rounds"])
         coordinator.follow(C["12"])
         assert (home / "fedchat-coordinator" / "export-merged" / "config.json").exists()
         assert (home / "fedchat-coordinator" / "export-latest" / "config.json").exists()
