@@ -285,7 +285,9 @@ def budget_allows_round(node: NodeConfig, cfg: RunConfig, rnd: int, run: str) ->
     data = NodeCache.local_data(cfg, node, load_tokenizer(resolve_base_model(cfg.base_model)))
     path = Path(node.state_dir) / "ledger.jsonl"
     key = ledger.signing_key_for(path, node.ledger_key or Path(node.state_dir) / "ledger-key.pem")
-    plan = plan_round(ledger.verify_lines(path, ledger.read_lines(path), key.public_key()), run,
+    lines = ledger.read_lines(path)
+    LedgerRegistry.of(node.ledger_registry).check(node.data_path, path, lines, key_fingerprint(key.public_key()))
+    plan = plan_round(ledger.verify_lines(path, lines, key.public_key()), run,
                       target_epsilon=node.target_epsilon, delta=node.target_delta, num_conversations=len(data.train),
                       batch_size=cfg.batch_size, local_steps=cfg.local_steps, rounds_left=cfg.num_rounds - rnd + 1,
                       accountant=cfg.dp_accountant)

@@ -109,6 +109,30 @@ class LedgerRegistry:
         record["events"] = record["events"][-MAX_EVENTS:]
         atomic_write_bytes(self.record_path(record["key"]), json.dumps(record, indent=1, sort_keys=True).encode())
 
+    def _refuse_other_ledgers(self, records: dict, digests: frozenset[str], fingerprint: str, path: Path) -> None:
+        for other, record in records.items():
+            shared = len(digests & set(record.get("conversations", ()))) if other != fingerprint else 0
+            if shared:
+                raise LedgerError(
+                    f"{shared} of the {len(digests)} conversations of this node's data file already have their "
+                    f"budget in another ledger ({record.get('ledger')}, key {other[:16]}..., "
+                    f"{record.get('entries', 0)} entries), not in {path}: a conversation has one privacy "
+                    "budget for life, so a new, empty or second state dir over the same data is never a fresh "
+                    "budget. Point state-dir (and ledger-key) back at that ledger. Only if that ledger never "
+                    "trained on these conversations and never will: have your privacy auditor look at it, then "
+                    f"remove its registry record {self.record_path(other)}.")
+
+    def check(self, data_path: str | Path, path: Path, lines: list[bytes], fingerprint: str) -> None:
+        """claim()'s refusals, registering nothing (the node's answer to "can you train this round?")."""
+        digests = conversation_digests(data_path)
+        with self._locked():
+            records = self.records()
+        self._refuse_other_ledgers(records, digests, fingerprint, path)
+        if fingerprint in records:
+            ledger.check_not_behind(path, lines, int(records[fingerprint]["entries"]),
+                                    str(records[fingerprint]["head"]),
+                                    who=f"this node's ledger registry ({self.record_path(fingerprint)})")
+
     def claim(self, data_path: str | Path, book: ledger.LedgerSession, fingerprint: str,
               first_contact: bool) -> Claim:
         """Check that `book` (open for a round) is the one ledger of the conversations in `data_path`
@@ -117,17 +141,7 @@ class LedgerRegistry:
         now = datetime.now(UTC).isoformat(timespec="seconds")
         with self._locked():
             records = self.records()
-            for other, record in records.items():
-                shared = len(digests & set(record.get("conversations", ()))) if other != fingerprint else 0
-                if shared:
-                    raise LedgerError(
-                        f"{shared} of the {len(digests)} conversations of this node's data file already have their "
-                        f"budget in another ledger ({record.get('ledger')}, key {other[:16]}..., "
-                        f"{record.get('entries', 0)} entries), not in {book.path}: a conversation has one privacy "
-                        "budget for life, so a new, empty or second state dir over the same data is never a fresh "
-                        "budget. Point state-dir (and ledger-key) back at that ledger. Only if that ledger never "
-                        "trained on these conversations and never will: have your privacy auditor look at it, then "
-                        f"remove its registry record {self.record_path(other)}.")
+            self._refuse_other_ledgers(records, digests, fingerprint, book.path)
             mine = records.get(fingerprint)
             head, count = book.head()
             events = list(mine["events"]) if mine else [{"time": now, "event": "registered", "entries": count}]

@@ -52,9 +52,15 @@ FIELDS = {  # name -> accepted JSON types (epsilon is null for a round without D
 # Format versions. Version 1 (lines written before versions existed) has exactly FIELDS and no "version";
 # version 2 adds "version": 2 and "first_contact" (true when the coordinator held no record of this
 # ledger when the round was planned). Lines of every version stay valid and keep their spent budget;
-# a ledger never goes back to an older version after a newer line.
-VERSION = 2
+# a ledger never goes back to an older version after a newer line. Version 3 adds "dp_mode" and
+# "local_epsilon" (the epsilon of the node's own noise alone; in local DP, the epsilon); a distributed-DP
+# line (dp_mode "distributed": a Skellam noise share in a secure sum) also records the share it added, the
+# noise it counted on in the sum and the sensitivities, and its "epsilon" is against an observer of the sum.
+VERSION = 3
 V2_FIELDS = {"version": (int,), "first_contact": (bool,)}
+V3_FIELDS = {"dp_mode": (str,), "local_epsilon": (float, int, type(None))}
+DISTRIBUTED_FIELDS = {"noise_share": (float, int), "noise_counted": (float, int), "l2_sensitivity": (float, int),
+                      "l1_sensitivity": (float, int)}
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 _HEX128 = re.compile(r"[0-9a-f]{128}")
 RESTORE = ("Restore the ledger and the ledger.head beside it from the node's newest backup; never edit them by "
@@ -99,10 +105,12 @@ def version(entry: dict) -> int:
 
 def type_problem(entry: dict) -> str | None:
     """The first missing, unknown or mistyped field, or None."""
-    if "version" in entry and (type(entry["version"]) is not int or entry["version"] not in (2,)):
+    if "version" in entry and (type(entry["version"]) is not int or entry["version"] not in (2, 3)):
         return (f"unknown ledger format version {entry['version']!r} (this fedchat reads versions 1 to {VERSION}): "
                 "upgrade fedchat to read it")
     fields = FIELDS if version(entry) == 1 else {**FIELDS, **V2_FIELDS}
+    if version(entry) >= 3:
+        fields = {**fields, **V3_FIELDS, **(DISTRIBUTED_FIELDS if entry.get("dp_mode") == "distributed" else {})}
     for name, types in fields.items():
         if name not in entry:
             return f"field '{name}' is missing"
@@ -144,6 +152,15 @@ def range_problems(entry: dict) -> list[str]:
     else:
         need(math.isfinite(e["epsilon"]) and e["epsilon"] >= 0,
              f"epsilon {e['epsilon']} is not a finite number >= 0 (a round without DP records null)")
+    if version(e) >= 3:
+        need(e["dp_mode"] in ("local", "distributed"), f"unknown dp_mode {e['dp_mode']!r}")
+        need((e["local_epsilon"] is None) == (e["epsilon"] is None), "local_epsilon and epsilon must both be null "
+             "(a round without DP) or both numbers")
+        if e["dp_mode"] == "distributed":
+            for name in DISTRIBUTED_FIELDS:
+                need(math.isfinite(e[name]) and e[name] > 0, f"{name} {e[name]} is not a positive number")
+            if all(math.isfinite(e[n]) for n in DISTRIBUTED_FIELDS):
+                need(e["noise_counted"] > 0 and e["noise_share"] > 0, "a distributed round must count on noise")
     try:
         datetime.fromisoformat(e["time"])
     except ValueError:
@@ -248,7 +265,9 @@ def _write_head_file(path: Path, last: str, count: int) -> None:
     atomic_write_bytes(head_path(path), canonical({"entries": count, "head": last}) + b"\n")
 
 
-def _check_not_behind(path: Path, lines: list[bytes], count: int, last: str, who: str) -> None:
+def check_not_behind(path: Path, lines: list[bytes], count: int, last: str, who: str) -> None:
+    """LedgerError unless `lines` (the ledger at `path`) hold the `count` entries `who` recorded, the last
+    hashing to `last`."""
     if count == 0:
         return
     if not path.exists():
@@ -275,7 +294,7 @@ class LedgerSession:
 
     def check_not_behind(self, count: int, last: str, who: str) -> None:
         """LedgerError unless this ledger holds the `count` entries `who` recorded, the last one hashing to `last`."""
-        _check_not_behind(self.path, self._lines, count, last, who)
+        check_not_behind(self.path, self._lines, count, last, who)
 
     def append(self, entry: dict) -> dict:
         """Chain, sign and durably append one entry, then update the head file; return it as written."""
@@ -283,6 +302,8 @@ class LedgerSession:
             raise LedgerError("the ledger session is closed: append inside `with open_for_training(...)`.")
         entry = {k: v for k, v in entry.items() if k not in ("prev", "signature")}
         entry["version"], entry["first_contact"] = VERSION, entry.get("first_contact", False)
+        entry.setdefault("dp_mode", "local")
+        entry.setdefault("local_epsilon", entry.get("epsilon"))  # local DP: the node's own noise is all there is
         entry["prev"], entry["signature"] = self.head()[0], "0" * 128
         problem = type_problem(entry)
         problems = [problem] if problem else range_problems(entry)
@@ -372,9 +393,9 @@ def open_for_training(path: str | Path, key: Ed25519PrivateKey, recorded: tuple[
                               f"budget. {RESTORE} Only if this node has never trained with this key: create an "
                               f"empty ledger (touch {path}) and start again.")
         if on_file is not None:
-            _check_not_behind(path, lines, *on_file, who=f"this node ({head_path(path).name})")
+            check_not_behind(path, lines, *on_file, who=f"this node ({head_path(path).name})")
         if recorded is not None:
-            _check_not_behind(path, lines, int(recorded[0]), str(recorded[1]), who="the coordinator")
+            check_not_behind(path, lines, int(recorded[0]), str(recorded[1]), who="the coordinator")
         session = LedgerSession(path, key, lines, entries)
         if on_file is None or on_file[0] < len(lines):  # first use of a head file, or a crash
             _write_head_file(path, *session.head())

@@ -362,3 +362,17 @@ def test_the_dp_randomness_of_fit_is_not_a_function_of_what_the_coordinator_know
                                                                     fit_config(cfg, 1, "run-a", loaded.frozen_a))
         updates.append(update)
     assert max(float(np.abs(x - y).max()) for x, y in zip(*updates)) > 1e-5
+
+
+def test_a_node_whose_registry_refuses_answers_the_can_train_question_with_the_refusal(tmp_path):
+    """Before key sharing the coordinator asks whether a node can train: a node that fit() would refuse
+    (a second state dir over conversations another ledger holds) must not answer yes and then fail the
+    round for every node."""
+    node = _node(tmp_path)
+    _round(node, 1)
+    cfg = RunConfig(base_model="tiny", local_steps=2, batch_size=4, secagg=False, num_rounds=5)
+    config = fit_config(cfg, 2, "run-a", NodeCache.model(cfg, node).frozen_a)
+    assert FedChatClient(node, secagg_active=False).get_properties(config) == {"can-train": True}
+    second = node.replace(state_dir=str(tmp_path / "second-state"))
+    with pytest.raises(RoundRefused, match="LedgerError"):
+        FedChatClient(second, secagg_active=False).get_properties(config)
