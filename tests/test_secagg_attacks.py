@@ -1,7 +1,14 @@
-"""Attacks by a coordinator running modified code, written as the adversary, against Flower's stock SecAgg+
-(`secaggplus_mod`, 1.41) in Flower's simulation engine: each recovers a victim's update that secure
-aggregation should have hidden. The harness (tests/support/secagg_attacks.py) keeps each attack's description
-apart from the protocol it runs against, so that the same attack can be run against another protocol."""
+"""Attacks by a coordinator running modified code, written as the adversary, in Flower's simulation engine.
+
+Against Flower's stock SecAgg+ (`secaggplus_mod`, 1.41) each recovers a victim's update that secure aggregation
+should have hidden. The same attacks (same round size, victim and colluders; the tampering written for fedchat's
+messages) then run against fedchat's own secure sum (`client.secagg` on every node, its coordinator workflow
+modified so that it never halts a round by itself): each is refused by the honest nodes with a clear
+PrivacyError, no honest node reveals enough shares to rebuild a secret that would unmask the victim's upload, and
+the attacker's best recovery, with everything its colluders leaked (identity keys, protocol state), is not the
+victim's update. Each fedchat test's docstring names the node check it depends on: with that check off
+(`if False:` in client/secagg.py) the test fails. The harness (tests/support/secagg_attacks.py) keeps each
+attack's description apart from the protocol it runs against."""
 
 import random
 
@@ -9,19 +16,27 @@ import numpy as np
 import pytest
 from flwr.common.secure_aggregation.secaggplus_constants import Key, Stage
 
+from shared import secagg_wire as wire
 from tests.support.secagg_attacks import (
     STEP,
     ConvenientDropouts,
     KeySubstitution,
+    ListEquivocation,
     MaskRange,
     SelectiveForwarding,
     SybilInjection,
     dequantised,
+    fedchat_matches,
+    fedchat_threshold,
     fold_collision,
+    member_name,
     one_ray_session,
     quantised,
+    rebuilt_secrets,
+    refusal,
     stock_mask,
     true_update,
+    victim_shares,
 )
 
 
@@ -112,3 +127,153 @@ def test_stock_masks_fold_the_secret_to_32_bits_and_never_draw_the_top_value():
     draws = stock_mask(secret, 8, 20_000)
     assert set(np.unique(draws).tolist()) == set(range(7))  # 7 is never drawn: masks are not uniform
     assert not stock_mask(secret, 2, 1000).any()  # with a range of 2 every mask is 0
+
+
+# ------------------------------------------------------------------ the same attacks against fedchat's secure sum
+
+
+def _shares_of_the_victim(attack, t) -> dict[str, tuple[int, int]]:
+    """Per secret of the victim's (SELF: self-mask seed, PAIR: mask key): (shares revealed by honest nodes at
+    unmask, shares the attacker holds otherwise: its colluders' and those sealed for keys it holds)."""
+    shares = victim_shares(attack, t)
+    return {kind: (len(by["honest"]), len(by["colluders"]) + len(by["opened"])) for kind, by in shares.items()}
+
+
+def _assert_nothing_unmasks_the_victim(attack, t, recovered, notes, released=frozenset()) -> None:
+    """Honest nodes revealed fewer shares of each secret of the victim than the threshold less what the attacker
+    holds otherwise (except the kinds in `released`, which the protocol may release and which alone unmask
+    nothing), no secret beyond `released` rebuilds, and the attacker's best recovery is not the update."""
+    v = t.nid(attack.victim)
+    if v in t.received.get(wire.ADVERTISE, {}):
+        threshold = fedchat_threshold(t, v)
+        for kind, (honest, held) in _shares_of_the_victim(attack, t).items():
+            if kind not in released:
+                assert honest < threshold - held, f"{honest} honest {kind} shares + {held} held reach {threshold}"
+    assert set(rebuilt_secrets(attack, t)) <= set(released)
+    assert not (wire.SELF in released and wire.PAIR in released)
+    assert not fedchat_matches(recovered, attack.victim), "the attacker recovered the victim's update"
+    if recovered is not None:
+        assert notes["unknown_masks"], "every mask of the victim's upload was known to the attacker"
+
+
+@pytest.mark.slow
+def test_fedchat_nodes_refuse_a_cut_mask_range_before_making_a_key(ray_session, tmp_path):
+    """MaskRange against fedchat (round of 3): nodes 0 and 2 are sent modulus_bits=1, node 1 levels=2. Every node
+    derives the parameters itself and refuses any other value at the advertise stage, before it makes a key or
+    trains. Depends on: the parameter check in NodeProtocol.advertise
+    (`if problem := parameter_mismatch(sent, expected)`)."""
+    attack = MaskRange()
+    recovered, notes, t = attack.run_fedchat(tmp_path / "leaks")
+    assert {attack.tampered(p) for p in range(attack.nodes)} == {("modulus_bits", 1), ("levels", 2)}
+    for partition in range(attack.nodes):
+        name, value = attack.tampered(partition)
+        assert f"the coordinator's '{name}' is {value!r}; this node derives" in refusal(t, wire.ADVERTISE, partition)
+    assert not t.received[wire.ADVERTISE] and t.halted_at == wire.ADVERTISE
+    assert wire.SHARE_KEYS not in t.sent and wire.COLLECT not in t.sent  # no key shared, nothing trained
+    assert recovered is None and not notes["uploaded"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("also_forwarded", [frozenset(), frozenset({1})], ids=["colluders-only", "one-honest-too"])
+def test_fedchat_selective_forwarding_is_refused(ray_session, tmp_path, also_forwarded):
+    """SelectiveForwarding against fedchat (round of 5, colluders 3 and 4: threshold 4, at least 4 survivors).
+    Forwarded only the colluders' key shares, the victim refuses before it trains: it masks with at least 3 others
+    (depends on: the neighbour-set check in NodeProtocol.collect, `if len(view) < d["needed"]`); the others
+    finish the round without it, revealing its mask key (the dropout rule), which masks no upload. Forwarded one
+    honest node's shares too (a neighbour set just large enough), it uploads, and the consistency round stops
+    everyone before unmasking (depends on: the survivor-list check `if outside := set(survivors) - set(d["view"])`
+    for the victim and the equal-views check `if view["view"] != d["view"]` for the honest nodes, in
+    NodeProtocol.consistency)."""
+    attack = SelectiveForwarding(fedchat_also_forwarded=also_forwarded)
+    recovered, notes, t = attack.run_fedchat(tmp_path / "leaks")
+    victim, honest = t.nid(attack.victim), [p for p in range(attack.nodes) if p not in attack.colluders]
+    forwarded = set(t.sent[wire.COLLECT][victim][wire.SOURCES])
+    assert forwarded == {t.nid(p) for p in attack.colluders | also_forwarded}
+    if not also_forwarded:
+        assert "key shares reached this node from 2 other node(s); it masks only with at least 3 others" in \
+            refusal(t, wire.COLLECT, attack.victim)
+        assert recovered is None and not notes["uploaded"]
+        _assert_nothing_unmasks_the_victim(attack, t, recovered, notes, released=frozenset({wire.PAIR}))
+    else:
+        left_out = t.nid(2)
+        assert f"the survivor list names node(s) [{left_out}] this node did not mask with" in \
+            refusal(t, wire.CONSISTENCY, attack.victim)
+        for partition in set(honest) - {attack.victim}:
+            assert "the coordinator forwarded key shares selectively" in refusal(t, wire.CONSISTENCY, partition)
+        assert notes["uploaded"]
+        assert not t.received.get(wire.UNMASK) and t.aggregate is None
+        _assert_nothing_unmasks_the_victim(attack, t, recovered, notes)
+
+
+@pytest.mark.slow
+def test_fedchat_convenient_dropouts_are_refused_at_consistency(ray_session, tmp_path):
+    """ConvenientDropouts against fedchat (round of 5, colluders 3 and 4: threshold 4, at least 4 survivors):
+    nodes 1 and 2 "drop out" after key sharing, and the victim, which has uploaded its masked update, refuses to
+    sign a survivor list of itself and the two colluders. Depends on: the survivor count in
+    NodeProtocol.consistency (`if len(survivors) < d["needed"]`); behind it, the unmask quorum (t = 4 signatures
+    over the same lists) and the threshold itself (the victim and the colluders hold 3 shares of 4)."""
+    attack = ConvenientDropouts()
+    recovered, notes, t = attack.run_fedchat(tmp_path / "leaks")
+    assert set(t.sent[wire.COLLECT]) == {t.nid(p) for p in (attack.victim, *attack.colluders)}
+    assert "only 3 masked updates would be summed; this node needs at least 4 (two honest updates when 2 members " \
+        "may collude)" in refusal(t, wire.CONSISTENCY, attack.victim)
+    assert t.aggregate is None and not t.received.get(wire.UNMASK)
+    assert notes["uploaded"] and {t.nid(p) for p in attack.dropped} <= set(notes["unknown_masks"])
+    _assert_nothing_unmasks_the_victim(attack, t, recovered, notes)
+
+
+@pytest.mark.slow
+def test_fedchat_sybil_advertisements_are_refused_before_any_share_is_sealed(ray_session, tmp_path):
+    """SybilInjection against fedchat: the sample names two sybils (parameters derived for 5 nodes), and each
+    node's advertisement list carries their advertisements, signed with keys the coordinator holds: one claims
+    'org-sybil' (not on the roster), one the honest member 'org-2'. Every node refuses before sealing a share.
+    Depends on: the roster lookup (`if listed is None`) and the signature check (`if not verify(...)`) in
+    NodeProtocol._verify_statement."""
+    attack = SybilInjection()
+    recovered, notes, t = attack.run_fedchat(tmp_path / "leaks")
+    assert "'org-sybil' made a advertisement statement but is not on the roster this node's operator approved" in \
+        refusal(t, wire.SHARE_KEYS, attack.victim)
+    for partition in range(1, attack.nodes):
+        assert f"the advertisement statement of roster member '{member_name(1)}' does not carry that member's " \
+            "signature" in refusal(t, wire.SHARE_KEYS, partition)
+    assert not t.received[wire.SHARE_KEYS]  # no node sealed a share, for a sybil or anyone
+    assert recovered is None and wire.COLLECT not in t.sent
+    assert _shares_of_the_victim(attack, t) == {wire.SELF: (0, 0), wire.PAIR: (0, 0)}
+    _assert_nothing_unmasks_the_victim(attack, t, recovered, notes)
+
+
+@pytest.mark.slow
+def test_fedchat_a_substituted_peer_key_is_refused_before_any_share_is_sealed(ray_session, tmp_path):
+    """KeySubstitution against fedchat (round of 3, colluder 2: threshold 3): the peer's advertisement in the
+    victim's list carries the coordinator's keys under the peer's real signature; the victim refuses before it
+    seals a share for them, and the others, left with too few neighbours, refuse to mask. Depends on: the
+    signature check in NodeProtocol._verify_statement (`if not verify(listed.public_key, blob, ...)`)."""
+    attack = KeySubstitution()
+    recovered, notes, t = attack.run_fedchat(tmp_path / "leaks")
+    assert f"the advertisement statement of roster member '{member_name(attack.peer)}' does not carry that " \
+        "member's signature" in refusal(t, wire.SHARE_KEYS, attack.victim)
+    assert t.nid(attack.victim) not in t.received[wire.SHARE_KEYS]  # nothing sealed for the substitute keys
+    assert recovered is None and not notes["uploaded"]
+    assert _shares_of_the_victim(attack, t) == {wire.SELF: (0, 0), wire.PAIR: (0, 0)}
+    _assert_nothing_unmasks_the_victim(attack, t, recovered, notes)
+
+
+@pytest.mark.slow
+def test_fedchat_different_survivor_lists_never_release_both_secrets_of_the_victim(ray_session, tmp_path):
+    """ListEquivocation (fedchat only; round of 5, colluder 4: threshold 4): node 3 is shown a survivor list
+    without the victim, the others the full one; the colluder's signature is forged over both. The full list
+    collects 4 signatures and its signers reveal the victim's self-mask seed shares (the victim survived); node 3
+    holds 2 over its list and reveals nothing, so the victim's mask key (and its pairwise masks with honest nodes)
+    stays hidden. Depends on: the quorum check in NodeProtocol.unmask (`if len(valid) < threshold`), and the
+    threshold rule (two lists cannot both reach t = 4 with one colluder among 5)."""
+    attack = ListEquivocation()
+    recovered, notes, t = attack.run_fedchat(tmp_path / "leaks")
+    victim = t.nid(attack.victim)
+    assert {len(signers) for signers in t.scratch["signed"].values()} == {4, 2}
+    assert "2 survivor(s) signed the same survivor list as this node; it reveals shares only after 4 have" in \
+        refusal(t, wire.UNMASK, 3)
+    assert _shares_of_the_victim(attack, t)[wire.PAIR][0] == 0
+    assert set(rebuilt_secrets(attack, t)) == {wire.SELF}  # the seed alone: the pairwise masks stay on
+    assert notes["uploaded"] and {t.nid(p) for p in (1, 2, 3)} <= set(notes["unknown_masks"])
+    assert victim in t.received[wire.UNMASK]
+    _assert_nothing_unmasks_the_victim(attack, t, recovered, notes, released=frozenset({wire.SELF}))

@@ -15,15 +15,20 @@ run the attack computes its best recovery of the victim's update from the transc
 
 Protocols. An attack is a description (round size, threshold, victim, colluders) plus, per protocol, message
 hooks and a recovery. `Protocol` says what the nodes run (their mods) and how the coordinator runs a round;
-`STOCK` is Flower 1.41's `secaggplus_mod` with its `SecAggPlusWorkflow`. A second protocol (fedchat's own
-node mod and coordinator workflow) is another `Protocol`; an attack then gets a `run_<protocol>()` beside
+`STOCK` is Flower 1.41's `secaggplus_mod` with its `SecAggPlusWorkflow`. `FEDCHAT` is fedchat's own secure sum:
+every node runs the real `client.secagg` mod with its own identity key and an approved roster (made per run by
+`fedchat.simulation.provision_roster`, colluder bound = the attack's colluders), and the coordinator runs
+`server.secagg.SecureAggregation` modified as a cheating ServerApp would be (`AdversaryCoordinator`: it never
+halts a round by its own rules, so only a node's refusal can stop it). An attack gets a `run_<protocol>()` beside
 `run_stock()` that calls `run_attack(self, PROTOCOL, leak_dir, hooks)` with hooks written for that protocol's
-messages, and asserts on the transcript (the nodes' refusals in `Transcript.errors`, nothing of the update in
-`Transcript.received`) instead of a recovery.
+messages; against fedchat a test asserts on the transcript (the nodes' refusals in `Transcript.errors`, the
+shares of the victim's secrets that reached the attacker: `victim_shares`) and on the attacker's best recovery
+with everything the colluders leaked (`fedchat_recover`), which must not be the victim's update.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import random
@@ -34,7 +39,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import flwr.compat.common.recorddict_compat as compat
 import numpy as np
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.app.message_type import MessageType
 from flwr.client import NumPyClient
@@ -52,10 +59,12 @@ from flwr.common.secure_aggregation.secaggplus_utils import (
 )
 from flwr.compat.common.recorddict_compat import arrayrecord_to_parameters
 from flwr.server import ServerConfig
+from flwr.server.client_manager import SimpleClientManager
 from flwr.server.compat.legacy_context import LegacyContext
 from flwr.server.strategy import FedAvg
 from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
-from flwr.server.workflow.constant import MAIN_PARAMS_RECORD
+from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD
+from flwr.server.workflow.constant import Key as WorkflowKey
 from flwr.server.workflow.secure_aggregation.secaggplus_workflow import WorkflowState
 from flwr.serverapp import Grid, ServerApp
 from flwr.supercore.primitives.asymmetric import (
@@ -65,6 +74,17 @@ from flwr.supercore.primitives.asymmetric import (
     private_key_to_bytes,
     public_key_to_bytes,
 )
+
+from client.secagg import STATE as FEDCHAT_STATE
+from client.secagg import secure_aggregation
+from server.secagg import SecureAggregation
+from shared import masking
+from shared import secagg_wire as wire
+from shared.config import NodeConfig, RunConfig
+from shared.crypto import load_identity_key, sign
+from shared.roster import Roster, load_roster
+from shared.secagg_rules import derive_parameters
+from tests.support.secagg_federation import RecordingStrategy
 
 # ------------------------------------------------------------------ the federation's updates
 
@@ -115,6 +135,10 @@ class Protocol:
         """Run one round of the protocol's coordinator over `grid` (a TamperingGrid), filling
         `transcript.aggregate` with what the round produced, if it produced anything."""
         raise NotImplementedError
+
+    def for_run(self, attack: Attack, folder: Path) -> Protocol:
+        """The protocol as one run of `attack` uses it (a protocol whose nodes need keys makes them in `folder`)."""
+        return self
 
 
 # ------------------------------------------------------------------ nodes
@@ -185,6 +209,7 @@ class Transcript:
     halted_at: str | None = None  # the stage at which the coordinator's workflow gave up, if it did
     aggregate: list[np.ndarray] | None = None  # the global parameters after the round
     scratch: dict[str, Any] = field(default_factory=dict)  # the attack's own keys and notes
+    protocol: Any = None  # the protocol as this run used it (fedchat's: its roster and the nodes' settings)
 
     def nid(self, partition: int) -> int:
         return self.node_ids[partition]
@@ -195,6 +220,12 @@ class Transcript:
     def leak(self, partition: int) -> dict:
         """A colluder's leak: its node id, own update and state snapshots."""
         return pickle.loads(leak_path(self.leak_dir, partition).read_bytes())
+
+    def fedchat_states(self, partition: int) -> list[dict]:
+        """A colluder's fedchat protocol state (the JSON under context state 'fedchat.secagg.state'), after each
+        message it answered, oldest first."""
+        return [json.loads(snapshot[FEDCHAT_STATE]["json"]) for _, snapshot in self.leak(partition)["states"]
+                if FEDCHAT_STATE in snapshot]
 
     def colluder_state(self, partition: int, after: str) -> SecAggPlusState:
         """A colluder's stock SecAgg+ state as it was after stage `after`."""
@@ -310,6 +341,94 @@ class StockSecAggPlus(Protocol):
 STOCK = StockSecAggPlus()
 
 
+# ------------------------------------------------------------------ fedchat's own secure sum
+
+# The run config every fedchat node derives the round's parameters from: clipping range 1 and a weight cap of
+# WEIGHT (the weighting factor is exactly 1), as the stock round's; the modulus (2^32) and the quantisation
+# levels follow from the round's size by rule.
+FEDCHAT_RUN = RunConfig(secagg=True, secagg_clipping_range=CLIPPING_RANGE, secagg_max_weight=WEIGHT,
+                        secagg_timeout=STAGE_TIMEOUT)
+
+
+def member_name(partition: int) -> str:
+    """The roster name of the node with this partition id."""
+    return f"org-{partition + 1}"
+
+
+class NodeSettings:
+    """`client.secagg`'s node settings: the provisioned config of the node's partition (its name, state folder,
+    identity key and approved roster), whatever the run config says."""
+
+    def __init__(self, configs: dict[int, dict]) -> None:
+        self.configs = configs
+
+    def __call__(self, context: Context, run: RunConfig | None) -> NodeConfig:
+        return NodeConfig.from_flower(self.configs[_partition(context)])
+
+
+class AdversaryCoordinator(SecureAggregation):
+    """fedchat's coordinator workflow as a ServerApp running modified code would run it: it goes on with the
+    round while any node is left, however few replied (the coordinator's own `_enough` is what an honest
+    coordinator halts on; a cheating one does not), so what stops a round is a node's refusal."""
+
+    def _enough(self, state, stage: str, needed: int) -> bool:
+        return bool(state.active)
+
+
+class FedchatSecAgg(Protocol):
+    """fedchat's secure sum: the real `client.secagg` mod on every node (an identity key each, one roster every
+    node's operator approved: `fedchat.simulation.provision_roster`), `AdversaryCoordinator` on the ServerApp."""
+
+    name = "fedchat-secagg"
+    node_mods = ()  # the nodes' mod needs their settings: `for_run` makes it
+
+    def __init__(self, roster: Roster | None = None, configs: dict[int, dict] | None = None) -> None:
+        self.roster, self.node_configs = roster, configs or {}
+        if configs is not None:
+            self.node_mods = (secure_aggregation(NodeSettings(configs)),)
+
+    def for_run(self, attack: Attack, folder: Path) -> FedchatSecAgg:
+        """A federation of the attack's nodes: an identity key each and one roster whose colluder bound is the
+        attack's number of colluders (the bound fedchat's guarantees are stated under), approved by every node."""
+        from fedchat.simulation import provision_roster
+
+        nodes = {p: {"node-name": member_name(p), "state-dir": str(folder / member_name(p))}
+                 for p in range(attack.nodes)}
+        path, configs = provision_roster(folder, nodes, len(attack.colluders))
+        return FedchatSecAgg(load_roster(path), configs)
+
+    def configs(self, message: Message) -> dict[str, Any] | None:
+        if not message.has_content() or wire.RECORD not in message.content.config_records:
+            return None
+        return {k: (list(v) if isinstance(v, list) else v)
+                for k, v in message.content.config_records[wire.RECORD].items()}
+
+    def stage(self, configs: dict[str, Any]) -> str | None:
+        return configs.get(wire.STAGE)
+
+    def identity(self, partition: int) -> Ed25519PrivateKey:
+        """A node's identity key (what a colluder hands the attacker)."""
+        return load_identity_key(self.node_configs[partition]["identity-key"])
+
+    def run_round(self, grid, context: Context, attack: Attack, transcript: Transcript) -> None:
+        strategy = RecordingStrategy(FEDCHAT_RUN, sorted(transcript.node_ids.values()), SHAPES)
+        legacy = LegacyContext(context, config=ServerConfig(num_rounds=1), strategy=strategy,
+                               client_manager=SimpleClientManager())
+        legacy.state.config_records[MAIN_CONFIGS_RECORD] = ConfigRecord({WorkflowKey.CURRENT_ROUND: 1})
+        legacy.state.array_records[MAIN_PARAMS_RECORD] = compat.parameters_to_arrayrecord(
+            ndarrays_to_parameters([np.zeros(s) for s in SHAPES]), True)
+        workflow = AdversaryCoordinator(FEDCHAT_RUN, self.roster, SHAPES)
+        try:
+            workflow(grid, legacy)
+        except Exception as error:  # noqa: BLE001 - a tampered round may break the coordinator's arithmetic
+            transcript.workflow_error = repr(error)
+        transcript.halted_at = workflow.last_parameters.get("halted_at")
+        transcript.aggregate = strategy.mean
+
+
+FEDCHAT = FedchatSecAgg()
+
+
 # ------------------------------------------------------------------ running an attack
 
 
@@ -334,7 +453,8 @@ def run_attack(attack: Attack, protocol: Protocol, leak_dir: str | Path, hooks: 
 
     leak_dir = Path(leak_dir)
     leak_dir.mkdir(parents=True, exist_ok=True)
-    transcript = Transcript(leak_dir)
+    protocol = protocol.for_run(attack, leak_dir.parent / f"{protocol.name}-federation")
+    transcript = Transcript(leak_dir, protocol=protocol)
     server = ServerApp()
 
     @server.main()
@@ -420,6 +540,153 @@ def combine(shares: list[bytes]) -> bytes:
     return combine_shares(list(dict.fromkeys(shares)))
 
 
+# ------------------------------------------------------------------ fedchat's arithmetic, as the attacker
+
+
+def advertisement(t: Transcript, node_id: int) -> dict:
+    """The advertisement node `node_id` signed at the advertise stage (its keys, seed commitment, parameters)."""
+    return json.loads(t.received[wire.ADVERTISE][node_id][wire.STATEMENT])
+
+
+def fedchat_threshold(t: Transcript, node_id: int) -> int:
+    """The threshold a node derived itself and signed in its advertisement."""
+    return advertisement(t, node_id)["parameters"]["threshold"]
+
+
+def shown_advertisements(t: Transcript, node_id: int) -> dict[int, dict]:
+    """The advertisements node `node_id` was sent at the share-keys stage, by the node id each names."""
+    sent = t.sent.get(wire.SHARE_KEYS, {}).get(node_id, {})
+    ads = [json.loads(blob) for blob in sent.get(wire.STATEMENTS, [])]
+    return {ad["node"]: ad for ad in ads}
+
+
+def _latest(states: list[dict], key: str):
+    return next((state[key] for state in reversed(states) if key in state), None)
+
+
+def victim_shares(attack: Attack, t: Transcript) -> dict[str, dict[str, dict[int, bytes]]]:
+    """Every share of the victim's two secrets (SELF: its self-mask seed, PAIR: its mask key) the attacker holds,
+    by where it came from ("honest": revealed by an honest node at unmask, "colluders": held by a colluder,
+    "opened": sealed by the victim for a key the attacker holds), each by its Shamir point. Empty when the
+    victim never shared its secrets (it refused before sealing them)."""
+    v = t.nid(attack.victim)
+    out = {kind: {"honest": {}, "colluders": {}, "opened": {}} for kind in (wire.SELF, wire.PAIR)}
+    reply = t.received.get(wire.SHARE_KEYS, {}).get(v)
+    if reply is None:
+        return out
+    ads = shown_advertisements(t, v)
+    point = {node: i + 1 for i, node in enumerate(sorted(ads))}  # the victim's Shamir point of each peer
+    allies = {t.nid(c) for c in attack.colluders}
+    for holder, answer in t.received.get(wire.UNMASK, {}).items():
+        for owner, kind, share in zip(answer[wire.OWNERS], answer[wire.KINDS], answer[wire.SHARES]):
+            if owner == v and holder not in allies:
+                out[kind]["honest"][point.get(holder, -holder)] = share
+    for c in attack.colluders:
+        received = _latest(t.fedchat_states(c), "received") or {}
+        if str(v) in received:
+            for kind in (wire.SELF, wire.PAIR):
+                out[kind]["colluders"][point[t.nid(c)]] = bytes.fromhex(received[str(v)][kind])
+    ctx = wire.context(*(advertisement(t, v)[k] for k in ("roster", "run", "round")))
+    channel_key = bytes.fromhex(advertisement(t, v)["channel_key"])
+    held = attack.fedchat_attacker_keys(t)
+    for dst, blob in zip(reply[wire.DESTINATIONS], reply[wire.SEALED]):
+        if dst in held:
+            opened = masking.open_sealed(masking.agree(held[dst][0], channel_key), ctx + f":{v}->{dst}".encode(), blob)
+            if opened is not None:
+                for kind in (wire.SELF, wire.PAIR):
+                    out[kind]["opened"][point[dst]] = bytes.fromhex(json.loads(opened)[kind])
+    return out
+
+
+def rebuilt_secrets(attack: Attack, t: Transcript) -> dict[str, bytes]:
+    """The victim's secrets the attacker can rebuild from `victim_shares` (checked against what the victim
+    advertised: its seed commitment, its mask public key), by kind."""
+    v = t.nid(attack.victim)
+    shares, out = victim_shares(attack, t), {}
+    if v not in t.received.get(wire.ADVERTISE, {}):
+        return out
+    ad, threshold = advertisement(t, v), fedchat_threshold(t, v)
+    ctx = wire.context(ad["roster"], ad["run"], ad["round"])
+    for kind, by_source in shares.items():
+        points = {x: share for source in by_source.values() for x, share in source.items()}
+        if len(points) < threshold:
+            continue
+        try:
+            secret = masking.combine_shares(dict(list(points.items())[:threshold]))
+        except ValueError:
+            continue
+        if kind == wire.SELF and masking.commit(secret, masking.self_label(ctx, v)) == ad["seed_commitment"]:
+            out[kind] = secret
+        if kind == wire.PAIR and masking.public_of(secret).hex() == ad["mask_key"]:
+            out[kind] = secret
+    return out
+
+
+def fedchat_recover(attack: Attack, t: Transcript) -> tuple[list[np.ndarray] | None, dict]:
+    """The attacker's best recovery of the victim's update from its masked upload: the self mask removed when the
+    seed was rebuilt, each pairwise mask removed when its secret is known (from the victim's rebuilt mask key, a
+    colluder's leaked mask key, or a key the attacker substituted), then dequantised. (None, notes) when the
+    victim uploaded nothing; notes name the masks that stayed on."""
+    v = t.nid(attack.victim)
+    reply = t.received.get(wire.COLLECT, {}).get(v)
+    notes: dict[str, Any] = {"uploaded": reply is not None, "unknown_masks": []}
+    if reply is None:
+        return None, notes
+    ad = advertisement(t, v)
+    p = ad["parameters"]
+    ctx = wire.context(ad["roster"], ad["run"], ad["round"])
+    vector = np.frombuffer(reply[wire.MASKED], dtype="<u4").copy()
+    secrets = rebuilt_secrets(attack, t)
+    notes["rebuilt"] = sorted(secrets)
+    if wire.SELF in secrets:
+        vector -= masking.mask_stream(secrets[wire.SELF], masking.self_label(ctx, v), vector.size)
+    else:
+        notes["unknown_masks"].append("self")
+    keys = {n: bytes.fromhex(a["mask_key"]) for n, a in shown_advertisements(t, v).items()}  # as the victim saw them
+    leaked = {t.nid(c): _latest(t.fedchat_states(c), "mask_sk") for c in attack.colluders}
+    held = attack.fedchat_attacker_keys(t)
+    own_key = bytes.fromhex(ad["mask_key"])
+    for peer in json.loads(reply[wire.STATEMENT])["view"]:
+        if peer == v:
+            continue
+        if wire.PAIR in secrets:
+            secret = masking.agree(secrets[wire.PAIR], keys[peer])
+        elif leaked.get(peer):
+            secret = masking.agree(bytes.fromhex(leaked[peer]), own_key)
+        elif peer in held:
+            secret = masking.agree(held[peer][1], own_key)
+        else:
+            notes["unknown_masks"].append(peer)
+            continue
+        stream = masking.mask_stream(secret, masking.pair_label(ctx, v, peer), vector.size)
+        vector = vector - stream if masking.pair_sign(v, peer) > 0 else vector + stream
+    values = masking.dequantise_sum(vector[1:], 1, p["clip"], p["levels"])  # the weighting factor is 1
+    arrays, offset = [], 0
+    for shape in SHAPES:
+        size = int(np.prod(shape))
+        arrays.append(values[offset:offset + size].reshape(shape))
+        offset += size
+    return arrays, notes
+
+
+def fedchat_matches(recovered: list[np.ndarray] | None, partition: int) -> bool:
+    """Whether a recovery is node `partition`'s update (to 1e-6: fedchat's quantisation step is ~4e-9)."""
+    return recovered is not None and all(np.allclose(r, u, rtol=0, atol=1e-6)
+                                         for r, u in zip(recovered, true_update(partition)))
+
+
+def refusal(t: Transcript, stage: str, partition: int) -> str:
+    """What node `partition` answered at `stage` when it refused ("" if it did not)."""
+    return t.errors.get(stage, {}).get(t.nid(partition), "")
+
+
+def replace_lists(record: ConfigRecord, keys: tuple[str, ...], keep) -> None:
+    """Keep in the parallel lists `keys` of a message's record the entries whose first value passes `keep`."""
+    rows = [row for row in zip(*(record[k] for k in keys)) if keep(row[0])]
+    for i, k in enumerate(keys):
+        record[k] = [row[i] for row in rows]
+
+
 # ------------------------------------------------------------------ attacks
 
 
@@ -439,6 +706,13 @@ class Attack:
     victim = 0
     colluders: frozenset[int] = frozenset()
 
+    def __init__(self, **variant) -> None:
+        """An attack with some of its class attributes changed (a variant of the same attack)."""
+        for name, value in variant.items():
+            if not hasattr(type(self), name):
+                raise AttributeError(f"{type(self).__name__} has no attribute {name!r} to change")
+            setattr(self, name, value)
+
     def stock_hooks(self) -> Hooks:
         return Hooks(self.stock_outgoing, self.stock_incoming)
 
@@ -456,6 +730,23 @@ class Attack:
         transcript = run_attack(self, STOCK, leak_dir, self.stock_hooks())
         return self.stock_recover(transcript), transcript
 
+    def fedchat_outgoing(self, stage: str, messages: list[Message], t: Transcript) -> list[Message]:
+        return messages
+
+    def fedchat_incoming(self, stage: str, replies: list[Message], t: Transcript) -> list[Message]:
+        return replies
+
+    def fedchat_attacker_keys(self, t: Transcript) -> dict[int, tuple[bytes, bytes]]:
+        """Node id -> (channel private key, mask private key) of every key pair the attacker made and put in the
+        nodes' advertisement lists (sybils, substitutes): what was sealed or masked for them, it can open."""
+        return {}
+
+    def run_fedchat(self, leak_dir: str | Path):
+        """(best recovery, notes, transcript) against fedchat's secure sum (`fedchat_recover`)."""
+        transcript = run_attack(self, FEDCHAT, leak_dir, Hooks(self.fedchat_outgoing, self.fedchat_incoming))
+        recovered, notes = fedchat_recover(self, transcript)
+        return recovered, notes, transcript
+
 
 class MaskRange(Attack):
     """Modulus range 2 at setup: every stock mask is randint(0, 1) = 0, so each upload is the node's
@@ -472,6 +763,22 @@ class MaskRange(Attack):
     def stock_recover(self, t) -> dict[int, list[np.ndarray]]:
         """Every node's quantised update mod 2, by partition, from its upload alone."""
         return {p: [a % 2 for a in upload(t, nid)[1:]] for p, nid in t.node_ids.items()}
+
+    # Against fedchat: the same cut in the mask range, written in fedchat's parameter set, sent at the advertise
+    # stage: node p is sent the change `fedchat_tamper[p % len(fedchat_tamper)]` (modulus_bits=1: masks modulo 2;
+    # levels=2: one bit of quantisation), so that one round tries both.
+    fedchat_tamper: tuple[tuple[str, Any], ...] = (("modulus_bits", 1), ("levels", 2))
+
+    def tampered(self, partition: int) -> tuple[str, Any]:
+        return self.fedchat_tamper[partition % len(self.fedchat_tamper)]
+
+    def fedchat_outgoing(self, stage, messages, t):
+        if stage == wire.ADVERTISE:
+            for m in messages:
+                name, value = self.tampered(t.partition(m.metadata.dst_node_id))
+                record = m.content.config_records[wire.RECORD]
+                record[wire.PARAMETERS] = wire.canonical({**json.loads(record[wire.PARAMETERS]), name: value})
+        return messages
 
 
 class SelectiveForwarding(Attack):
@@ -508,6 +815,20 @@ class SelectiveForwarding(Attack):
         pairs = {peer: shared_secret(states[peer].sk1, pk1_v) for peer in masked_with(t, v)}  # KeyError: honest
         return remove_masks(upload(t, v), v, combine(seed_shares), pairs)[1:]
 
+    # Against fedchat: at the collect stage the victim is forwarded only the colluders' sealed key shares (and,
+    # in the variant `fedchat_also_forwarded`, those of some honest nodes too: a neighbour set just large
+    # enough, missing the others).
+    fedchat_also_forwarded: frozenset[int] = frozenset()
+
+    def fedchat_outgoing(self, stage, messages, t):
+        if stage == wire.COLLECT:
+            allies = {t.nid(p) for p in self.colluders | self.fedchat_also_forwarded}
+            for m in messages:
+                if m.metadata.dst_node_id == t.nid(self.victim):
+                    replace_lists(m.content.config_records[wire.RECORD], (wire.SOURCES, wire.SEALED),
+                                  lambda src: src in allies)
+        return messages
+
 
 class ConvenientDropouts(Attack):
     """After key sharing the two honest nodes other than the victim are dropped (their collect messages never
@@ -527,6 +848,13 @@ class ConvenientDropouts(Attack):
         survivors = 1 + len(self.colluders)
         own = [t.leak(c)["update"] for c in self.colluders]
         return [survivors * mean - sum(u[i] for u in own) for i, mean in enumerate(t.aggregate)]
+
+    # Against fedchat: the same dropouts, the honest nodes' collect messages never leave.
+    def fedchat_outgoing(self, stage, messages, t):
+        if stage == wire.COLLECT:
+            gone = {t.nid(p) for p in self.dropped}
+            messages = [m for m in messages if m.metadata.dst_node_id not in gone]
+        return messages
 
 
 class SybilInjection(Attack):
@@ -572,6 +900,48 @@ class SybilInjection(Attack):
         keys = shown_keys(t, v)
         pairs = {peer: shared_secret(sk1_v, keys[peer][0]) for peer in masked_with(t, v)}
         return remove_masks(upload(t, v), v, combine(seed_shares), pairs)[1:]
+
+    # Against fedchat: the sample announced at the advertise stage names the two sybils too, with the parameters
+    # every node derives for that size; at the share-keys stage each node's advertisement list starts with the
+    # sybils' advertisements, signed with identity keys the coordinator holds: one sybil claims a name that is
+    # not on the roster, the other an honest member's name (the victim meets the first first, the others the
+    # second). Every node is sent them (not only the victim): every node must refuse.
+    sybil_names = ("org-sybil", member_name(1))
+
+    def fedchat_outgoing(self, stage, messages, t):
+        if stage == wire.ADVERTISE:
+            real = set(t.node_ids.values())
+            ids: list[int] = []
+            while len(ids) < self.sybils:
+                candidate = random.getrandbits(63)
+                if candidate not in real and candidate not in ids:
+                    ids.append(candidate)
+            parameters = derive_parameters(FEDCHAT_RUN, self.nodes + self.sybils, t.protocol.roster.colluder_bound)
+            t.scratch["parameters"] = parameters.as_dict()
+            t.scratch["sybils"] = {sid: (name, Ed25519PrivateKey.generate(), masking.new_key_pair(),
+                                         masking.new_key_pair()) for sid, name in zip(ids, self.sybil_names)}
+            for m in messages:
+                record = m.content.config_records[wire.RECORD]
+                record[wire.SAMPLE] = [*record[wire.SAMPLE], *ids]
+                record[wire.PARAMETERS] = wire.canonical(parameters.as_dict())
+        if stage == wire.SHARE_KEYS:
+            ad = advertisement(t, t.nid(self.victim))
+            fakes = []
+            for sid, (name, identity, (_, channel_pk), (_, mask_pk)) in t.scratch["sybils"].items():
+                blob = wire.statement("advertisement", ad["roster"], ad["run"], ad["round"], node=sid, member=name,
+                                      channel_key=channel_pk.hex(), mask_key=mask_pk.hex(),
+                                      seed_commitment=masking.commit(masking.random_secret(), b"sybil"),
+                                      parameters=t.scratch["parameters"])
+                fakes.append((blob, bytes.fromhex(sign(identity, blob))))
+            for m in messages:
+                order = fakes if m.metadata.dst_node_id == t.nid(self.victim) else fakes[::-1]
+                record = m.content.config_records[wire.RECORD]
+                record[wire.STATEMENTS] = [blob for blob, _ in order] + list(record[wire.STATEMENTS])
+                record[wire.SIGNATURES] = [sig for _, sig in order] + list(record[wire.SIGNATURES])
+        return messages
+
+    def fedchat_attacker_keys(self, t):
+        return {sid: (channel[0], mask[0]) for sid, (_, _, channel, mask) in t.scratch.get("sybils", {}).items()}
 
 
 class KeySubstitution(Attack):
@@ -623,6 +993,88 @@ class KeySubstitution(Attack):
         keys = shown_keys(t, v)  # the keys the victim used: the substitute for the peer
         pairs = {peer: shared_secret(sk1_v, keys[peer][0]) for peer in masked_with(t, v)}
         return remove_masks(upload(t, v), v, seed, pairs)[1:]
+
+    # Against fedchat: in the advertisement list the victim is sent, the peer's advertisement carries the
+    # coordinator's two public keys in place of the peer's (the peer's own signature kept: the coordinator
+    # cannot sign for it); at the collect stage the victim is forwarded a share forged under the substitute
+    # channel key in place of the peer's, and the peer is not forwarded the victim's.
+    def fedchat_outgoing(self, stage, messages, t):
+        v, h = t.nid(self.victim), t.nid(self.peer)
+        if stage == wire.SHARE_KEYS:
+            t.scratch["substitute"] = (masking.new_key_pair(), masking.new_key_pair())  # (channel, mask)
+            ((_, channel_pk), (_, mask_pk)) = t.scratch["substitute"]
+            for m in messages:
+                if m.metadata.dst_node_id == v:
+                    record = m.content.config_records[wire.RECORD]
+                    record[wire.STATEMENTS] = [
+                        wire.canonical({**ad, "channel_key": channel_pk.hex(), "mask_key": mask_pk.hex()})
+                        if (ad := json.loads(blob))["node"] == h else blob for blob in record[wire.STATEMENTS]]
+        if stage == wire.COLLECT:
+            ((channel_sk, _), _) = t.scratch["substitute"]
+            ad = advertisement(t, v)
+            ctx = wire.context(ad["roster"], ad["run"], ad["round"])
+            for m in messages:
+                record = m.content.config_records[wire.RECORD]
+                if m.metadata.dst_node_id == v:
+                    forged = masking.seal(masking.agree(channel_sk, bytes.fromhex(ad["channel_key"])),
+                                          ctx + f":{h}->{v}".encode(),
+                                          wire.canonical({"from": h, "to": v, "pair": bytes(66).hex(),
+                                                          "self": bytes(66).hex()}))
+                    record[wire.SEALED] = [forged if src == h else blob
+                                           for src, blob in zip(record[wire.SOURCES], record[wire.SEALED])]
+                if m.metadata.dst_node_id == h:
+                    replace_lists(record, (wire.SOURCES, wire.SEALED), lambda src: src != v)
+        return messages
+
+    def fedchat_attacker_keys(self, t):
+        if "substitute" not in t.scratch:
+            return {}
+        ((channel_sk, _), (mask_sk, _)) = t.scratch["substitute"]
+        return {t.nid(self.peer): (channel_sk, mask_sk)}
+
+
+class ListEquivocation(Attack):
+    """fedchat only (Flower's SecAgg+ has no consistency round to equivocate in): the coordinator shows different
+    nodes different survivor lists, to collect the victim's self-mask seed shares from one group (the victim
+    survived) and its mask-key shares from another (the victim dropped out), and so both of its secrets.
+    Round of 5 under a colluder bound of 1 (threshold 4), the colluder signs whatever it is handed (the
+    attacker signs with its identity key). At the consistency stage `group_b` is shown every node but the victim
+    as survivors, the others every node; at the unmask stage each node is sent the signatures over its own list
+    (the colluder's over both)."""
+
+    nodes, victim, colluders = 5, 0, frozenset({4})
+    group_b = frozenset({3})
+
+    def fedchat_outgoing(self, stage, messages, t):
+        v, colluder = t.nid(self.victim), t.nid(next(iter(self.colluders)))
+        if stage == wire.CONSISTENCY:
+            for m in messages:
+                if m.metadata.dst_node_id in {t.nid(p) for p in self.group_b}:
+                    record = m.content.config_records[wire.RECORD]
+                    record[wire.SURVIVORS] = [n for n in record[wire.SURVIVORS] if n != v]
+                    kept = [(blob, sig) for blob, sig in zip(record[wire.STATEMENTS], record[wire.SIGNATURES])
+                            if json.loads(blob)["node"] != v]
+                    record[wire.STATEMENTS] = [blob for blob, _ in kept]
+                    record[wire.SIGNATURES] = [sig for _, sig in kept]
+        if stage == wire.UNMASK:
+            signed: dict[tuple, dict[int, bytes]] = {}  # survivor list -> signer -> signature
+            lists: dict[int, tuple] = {}
+            for node, reply in t.received[wire.CONSISTENCY].items():
+                statement = json.loads(reply[wire.STATEMENT])
+                lists[node] = tuple(statement["survivors"])
+                signed.setdefault(lists[node], {})[node] = reply[wire.SIGNATURE]
+            identity = t.protocol.identity(next(iter(self.colluders)))
+            for survivors, signers in signed.items():  # the colluder signs every list
+                blob = wire.statement("consistency", statement["roster"], statement["run"], statement["round"],
+                                      view=statement["view"], survivors=list(survivors))
+                signers[colluder] = bytes.fromhex(sign(identity, blob))
+            t.scratch["signed"] = {survivors: sorted(signers) for survivors, signers in signed.items()}
+            for m in messages:
+                signers = signed.get(lists.get(m.metadata.dst_node_id), {})
+                record = m.content.config_records[wire.RECORD]
+                record[wire.SIGNERS] = list(signers)
+                record[wire.SIGNATURES] = list(signers.values())
+        return messages
 
 
 # ------------------------------------------------------------------ masks
