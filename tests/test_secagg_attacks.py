@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from flwr.common.secure_aggregation.secaggplus_constants import Key, Stage
 
+from shared import masking
 from shared import secagg_wire as wire
 from tests.support.secagg_attacks import (
     STEP,
@@ -129,6 +130,22 @@ def test_stock_masks_fold_the_secret_to_32_bits_and_never_draw_the_top_value():
     assert not stock_mask(secret, 2, 1000).any()  # with a range of 2 every mask is 0
 
 
+def test_fedchat_masks_from_fold_colliding_secrets_are_unrelated_and_reach_the_top_value():
+    """The stock mask search against fedchat's masks: the same pair of secrets (equal 32-bit XOR folds, equal
+    stock masks) gives unrelated fedchat masks, so there is no 32-bit seed to search, and masks over Z_2^32 reach
+    the top of the range. Depends on: shared/masking.py `mask_stream` (HKDF-SHA256 of the whole secret, then
+    ChaCha20's keystream)."""
+    rng = random.Random(5)
+    secret = bytes(rng.getrandbits(8) for _ in range(32))
+    other = fold_collision(secret)
+    assert np.array_equal(stock_mask(secret, 2**32, 1000), stock_mask(other, 2**32, 1000))
+    label = masking.pair_label(b"fedchat-secagg/1:roster:run:1", 1, 2)
+    mine, theirs = masking.mask_stream(secret, label, 4096), masking.mask_stream(other, label, 4096)
+    assert np.mean(mine == theirs) < 0.01
+    top = masking.mask_stream(secret, label, 1 << 16)
+    assert int(top.max()) > 2**32 - 2**18 and len(np.unique(top >> 29)) == 8  # every eighth of Z_2^32
+
+
 # ------------------------------------------------------------------ the same attacks against fedchat's secure sum
 
 
@@ -161,7 +178,9 @@ def test_fedchat_nodes_refuse_a_cut_mask_range_before_making_a_key(ray_session, 
     """MaskRange against fedchat (round of 3): nodes 0 and 2 are sent modulus_bits=1, node 1 levels=2. Every node
     derives the parameters itself and refuses any other value at the advertise stage, before it makes a key or
     trains. Depends on: the parameter check in NodeProtocol.advertise
-    (`if problem := parameter_mismatch(sent, expected)`)."""
+    (`if problem := parameter_mismatch(sent, expected)`). With it off the nodes still mask with the parameters
+    they derive (the values sent are never used) and the round completes: this test then fails on the missing
+    refusal, and the attacker's recovery still fails."""
     attack = MaskRange()
     recovered, notes, t = attack.run_fedchat(tmp_path / "leaks")
     assert {attack.tampered(p) for p in range(attack.nodes)} == {("modulus_bits", 1), ("levels", 2)}
@@ -183,7 +202,11 @@ def test_fedchat_selective_forwarding_is_refused(ray_session, tmp_path, also_for
     honest node's shares too (a neighbour set just large enough), it uploads, and the consistency round stops
     everyone before unmasking (depends on: the survivor-list check `if outside := set(survivors) - set(d["view"])`
     for the victim and the equal-views check `if view["view"] != d["view"]` for the honest nodes, in
-    NodeProtocol.consistency)."""
+    NodeProtocol.consistency). With the neighbour-set check off the victim masks with the colluders alone and
+    uploads, and the consistency round stops everyone; with the survivor-list check off the victim meets the
+    equal-views check instead; with the equal-views check off the honest nodes unmask a sum and the victim's
+    seed, and one pairwise mask (with the honest node it was forwarded) stays on its upload: each variant then
+    fails here on the refusal it expects, and no recovery matched."""
     attack = SelectiveForwarding(fedchat_also_forwarded=also_forwarded)
     recovered, notes, t = attack.run_fedchat(tmp_path / "leaks")
     victim, honest = t.nid(attack.victim), [p for p in range(attack.nodes) if p not in attack.colluders]
@@ -210,8 +233,9 @@ def test_fedchat_convenient_dropouts_are_refused_at_consistency(ray_session, tmp
     """ConvenientDropouts against fedchat (round of 5, colluders 3 and 4: threshold 4, at least 4 survivors):
     nodes 1 and 2 "drop out" after key sharing, and the victim, which has uploaded its masked update, refuses to
     sign a survivor list of itself and the two colluders. Depends on: the survivor count in
-    NodeProtocol.consistency (`if len(survivors) < d["needed"]`); behind it, the unmask quorum (t = 4 signatures
-    over the same lists) and the threshold itself (the victim and the colluders hold 3 shares of 4)."""
+    NodeProtocol.consistency (`if len(survivors) < d["needed"]`). With it off the nodes sign and the unmask
+    quorum stops them (3 survivors cannot give t = 4 signatures), as does the threshold itself (the victim and
+    the colluders hold 3 shares of 4): the test then fails on the refusal it expects."""
     attack = ConvenientDropouts()
     recovered, notes, t = attack.run_fedchat(tmp_path / "leaks")
     assert set(t.sent[wire.COLLECT]) == {t.nid(p) for p in (attack.victim, *attack.colluders)}
@@ -227,8 +251,9 @@ def test_fedchat_sybil_advertisements_are_refused_before_any_share_is_sealed(ray
     """SybilInjection against fedchat: the sample names two sybils (parameters derived for 5 nodes), and each
     node's advertisement list carries their advertisements, signed with keys the coordinator holds: one claims
     'org-sybil' (not on the roster), one the honest member 'org-2'. Every node refuses before sealing a share.
-    Depends on: the roster lookup (`if listed is None`) and the signature check (`if not verify(...)`) in
-    NodeProtocol._verify_statement."""
+    Depends on: the roster lookup (`if listed is None`: with it off the node fails on a missing member, not with
+    this refusal) and the signature check (`if not verify(...)`: with it off the nodes that meet the name thief
+    first accept it and refuse the off-roster sybil next) in NodeProtocol._verify_statement."""
     attack = SybilInjection()
     recovered, notes, t = attack.run_fedchat(tmp_path / "leaks")
     assert "'org-sybil' made a advertisement statement but is not on the roster this node's operator approved" in \
@@ -247,7 +272,10 @@ def test_fedchat_a_substituted_peer_key_is_refused_before_any_share_is_sealed(ra
     """KeySubstitution against fedchat (round of 3, colluder 2: threshold 3): the peer's advertisement in the
     victim's list carries the coordinator's keys under the peer's real signature; the victim refuses before it
     seals a share for them, and the others, left with too few neighbours, refuse to mask. Depends on: the
-    signature check in NodeProtocol._verify_statement (`if not verify(listed.public_key, blob, ...)`)."""
+    signature check in NodeProtocol._verify_statement (`if not verify(listed.public_key, blob, ...)`). With it
+    off the victim seals shares for the substitute keys and uploads, masked with pairwise masks the attacker all
+    knows (the substitute's and the colluder's): only its self mask stays on, because the survivor count stops
+    the round (the victim and the colluder) and the attacker holds 2 seed shares of 3."""
     attack = KeySubstitution()
     recovered, notes, t = attack.run_fedchat(tmp_path / "leaks")
     assert f"the advertisement statement of roster member '{member_name(attack.peer)}' does not carry that " \
@@ -264,8 +292,10 @@ def test_fedchat_different_survivor_lists_never_release_both_secrets_of_the_vict
     without the victim, the others the full one; the colluder's signature is forged over both. The full list
     collects 4 signatures and its signers reveal the victim's self-mask seed shares (the victim survived); node 3
     holds 2 over its list and reveals nothing, so the victim's mask key (and its pairwise masks with honest nodes)
-    stays hidden. Depends on: the quorum check in NodeProtocol.unmask (`if len(valid) < threshold`), and the
-    threshold rule (two lists cannot both reach t = 4 with one colluder among 5)."""
+    stays hidden. Depends on: the quorum check in NodeProtocol.unmask (`if len(valid) < threshold`). With it off
+    node 3 reveals its share of the victim's mask key too, and this test fails on that; the key still does not
+    rebuild, as the threshold rule alone keeps both secrets from one attacker (each honest holder reveals one
+    kind: n + c = 6 shares in all, 2t = 8 needed)."""
     attack = ListEquivocation()
     recovered, notes, t = attack.run_fedchat(tmp_path / "leaks")
     victim = t.nid(attack.victim)
