@@ -47,9 +47,12 @@ def load_topics() -> dict[str, list[list[dict[str, str]]]]:
 
 def demo_node_config(out: Path, name: str, *, target_epsilon: float, dp: bool, secagg: bool) -> dict:
     """Node `name`'s --node-config in a run laid out under OUT: its data in OUT/data (as
-    write_demo_data(OUT / "data", ...) writes it), its state and ledger in OUT/nodes/NAME."""
+    write_demo_data(OUT / "data", ...) writes it), its state and ledger in OUT/nodes/NAME, and the
+    demo's ledger registry in OUT/ledger-registry (public demo data: a new demo folder is a new demo,
+    not a host's nodes, whose registry outlives their state dirs)."""
     return {"data-path": str(out / "data" / f"{name}.jsonl"), "state-dir": str(out / "nodes" / name),
-            "node-name": name, "target-epsilon": float(target_epsilon), "require-dp": dp, "require-secagg": secagg}
+            "ledger-registry": str(out / "ledger-registry"), "node-name": name,
+            "target-epsilon": float(target_epsilon), "require-dp": dp, "require-secagg": secagg}
 
 
 def write_demo_data(out: str | Path, clients: int, *, eval_fraction: float = 0.1, seed: int = 0) -> dict:

@@ -295,6 +295,8 @@ class NetworkFederation:
             config = write_toml(folder / "node.toml", {
                 "node": {"node-name": name, "data-path": str(self.root / "data" / f"{name}.jsonl"),
                          "state-dir": str(state), "identity-key": str(self.identity_key(name)),
+                         # each scenario is a fresh federation over the same drill data: its own registry
+                         "ledger-registry": str(folder / "ledger-registry"),
                          "target-epsilon": self.settings.target_epsilon, "require-dp": True, "require-secagg": True},
                 "connection": {"superlink": f"{COORDINATOR}:{PORT}", "root-certificates": str(self.certs.ca_cert),
                                "auth-private-key": str(self.certs.node_key(name)), "runtime-port": RUNTIME_PORT,

@@ -352,14 +352,14 @@ def test_the_dp_randomness_of_fit_is_not_a_function_of_what_the_coordinator_know
     """Row 2 on the path fit() takes: two nodes with the same name, data, global adapter, round and run seed
     (everything the coordinator knows or chooses) must draw different DP samples and noise, so their updates
     differ; a node seeded from the run seed, its name and the round would send identical updates."""
-    updates = []
+    updates, sent = [], None
+    cfg = RunConfig(base_model="tiny", local_steps=2, batch_size=4, secagg=False, seed=7)
     for host in ("a", "b"):
         (tmp_path / host).mkdir()
         node = _node(tmp_path / host, **{"ledger-registry": str(tmp_path / host / "registry")})
-        cfg = RunConfig(base_model="tiny", local_steps=2, batch_size=4, secagg=False, seed=7)
         loaded = NodeCache.model(cfg, node)
-        update, _, _ = FedChatClient(node, secagg_active=False).fit(get_arrays(loaded.model, loaded.names),
-                                                                    fit_config(cfg, 1, "run-a", loaded.frozen_a))
+        sent = sent or get_arrays(loaded.model, loaded.names)  # the same global adapter to both
+        update, _, _ = FedChatClient(node, secagg_active=False).fit(sent, fit_config(cfg, 1, "run-a", loaded.frozen_a))
         updates.append(update)
     assert max(float(np.abs(x - y).max()) for x, y in zip(*updates)) > 1e-5
 
