@@ -11,7 +11,10 @@ A refused or failed round sends back only a `client.policy.RoundRefused` message
 
 from __future__ import annotations
 
+import json
 import logging
+import math
+import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -24,8 +27,8 @@ from flwr.clientapp import ClientApp
 
 from client.ledger_registry import LedgerRegistry
 from client.policy import RoundRefused, check_run, refusal
-from client.privacy import fits_budget, plan_round
-from client.secagg import SECAGG_FLAG, secure_aggregation
+from client.privacy import DistributedPlan, fits_budget, plan_distributed_round, plan_round
+from client.secagg import PLAN, SECAGG_FLAG, secure_aggregation
 from shared import ledger
 from shared.config import NodeConfig, RunConfig, org_name
 from shared.crypto import key_fingerprint
@@ -152,10 +155,12 @@ class NodeCache:
 
 
 class FedChatClient(NumPyClient):
-    def __init__(self, node: NodeConfig, secagg_active: bool, partition: int | None = None):
+    def __init__(self, node: NodeConfig, secagg_active: bool, partition: int | None = None,
+                 distributed: dict | None = None):
         self.node = node
         self.secagg_active = secagg_active
         self.partition = partition
+        self.distributed = distributed  # this round's distributed-DP plan, from the secure sum's mod (node state)
 
     def get_properties(self, config):
         """The coordinator's question before a round: can this node train it? One bit, from the node's
@@ -207,7 +212,9 @@ class FedChatClient(NumPyClient):
             claim = LedgerRegistry.of(node.ledger_registry).claim(node.data_path, book, metrics["ledger-key"],
                                                                   first_contact=recorded is None)
             plan = None
-            if cfg.dp:
+            if cfg.dp and cfg.dp_mode == "distributed":
+                plan, update, result = self._distributed_step(cfg, node, book.entries, loaded, data)
+            elif cfg.dp:
                 plan = plan_round(book.entries, run, target_epsilon=node.target_epsilon, delta=node.target_delta,
                                   num_conversations=n, batch_size=cfg.batch_size, local_steps=cfg.local_steps,
                                   rounds_left=cfg.num_rounds - rnd + 1, accountant=cfg.dp_accountant)
@@ -215,11 +222,13 @@ class FedChatClient(NumPyClient):
                     raise RoundRefused(f"node {node.node_name}: this round would bring epsilon from "
                                        f"{plan.epsilon_before:.3f} past its budget {node.target_epsilon:g}; it does "
                                        "not train.")
-            seed = secure_seed() if cfg.dp else derive_seed(cfg.seed, node.node_name, rnd)
-            result = train_round(loaded.model, loaded.names, data.train, cfg, pad_id=loaded.tokenizer.pad_token_id,
-                                 seed=seed, noise_multiplier=plan.noise_multiplier if plan else None)
-            update = result.delta
-            if self.secagg_active:  # the protocol's quantiser silently clips; clip here and say so
+            if not isinstance(plan, DistributedPlan):
+                seed = secure_seed() if cfg.dp else derive_seed(cfg.seed, node.node_name, rnd)
+                result = train_round(loaded.model, loaded.names, data.train, cfg,
+                                     pad_id=loaded.tokenizer.pad_token_id, seed=seed,
+                                     noise_multiplier=plan.noise_multiplier if plan else None)
+                update = result.delta
+            if self.secagg_active and not isinstance(plan, DistributedPlan):  # the quantiser clips silently
                 bound = cfg.update_bound
                 if plan is not None:  # a function of the DP-noised update (post-processing): it may leave
                     metrics["clipped-values"] = int(sum(int((np.abs(u) > bound).sum()) for u in update))
@@ -230,7 +239,11 @@ class FedChatClient(NumPyClient):
             claim.update(book)
             head, count = book.head()
         metrics.update({"ledger-head": head, "ledger-entries": count})
-        if plan is not None:
+        if isinstance(plan, DistributedPlan):
+            metrics.update({"epsilon": entry["epsilon"], "local-epsilon": entry["local_epsilon"],
+                            "target-epsilon": node.target_epsilon, "delta": node.target_delta,
+                            "noise-multiplier": entry["noise_multiplier"]})
+        elif plan is not None:
             metrics.update({"epsilon": entry["epsilon"], "target-epsilon": node.target_epsilon,
                             "delta": node.target_delta, "noise-multiplier": plan.noise_multiplier})
         elif not self.secagg_active:  # neither DP nor the secure sum promised: the coordinator may see how it went
@@ -243,6 +256,36 @@ class FedChatClient(NumPyClient):
                  result.steps, result.seconds, result.train_loss,
                  f", epsilon {plan.epsilon_after:.3f}/{node.target_epsilon:g}" if plan else ", no DP")
         return update, min(n, cfg.secagg_max_weight), metrics
+
+    def _distributed_step(self, cfg: RunConfig, node: NodeConfig, entries: list[dict], loaded, data):
+        """Distributed DP: the round's plan (made when the node advertised its noise share) checked again under
+        the ledger lock, then the clipped gradient sum of one Poisson sample, in the secure sum's integer units,
+        rounded at random, plus this node's Skellam share: the integers the secure sum adds up."""
+        from client.train import TrainResult, clipped_gradient_sum, dp_streams, secure_seed
+        from shared.accounting import ledger_epsilons, randomized_round, skellam_noise
+
+        if self.distributed is None or not self.secagg_active:
+            raise RoundRefused(f"node {node.node_name}: distributed DP runs only inside the secure sum, with the "
+                               "noise share this node announced; refused.")
+        fields = dict(self.distributed)
+        scale = fields.pop("scale")
+        fields.pop("need", None)
+        plan = DistributedPlan(**fields)
+        dist, local = ledger_epsilons(entries + [{**plan.ledger_fields(), "steps": 1}], node.target_delta,
+                                      cfg.dp_accountant)
+        if dist > node.target_epsilon * (1 + 1e-9) or local > node.local_epsilon_cap * (1 + 1e-9):
+            raise RoundRefused(f"node {node.node_name}: this round would bring epsilon to {dist:.3f} (budget "
+                               f"{node.target_epsilon:g}) or its local epsilon to {local:.3f} (cap "
+                               f"{node.local_epsilon_cap:g}); it does not train.")
+        plan = DistributedPlan(**{**fields, "epsilon_after": dist, "local_after": local})
+        started = time.perf_counter()
+        sampling, noise = dp_streams(secure_seed())
+        sums, drawn = clipped_gradient_sum(loaded.model, loaded.names, data.train, cfg,
+                                           pad_id=loaded.tokenizer.pad_token_id, sampling=sampling)
+        units = scale / cfg.dp_max_grad_norm
+        update = [randomized_round(s * units, noise) + skellam_noise(plan.share, s.size, noise).reshape(s.shape)
+                  for s in sums]
+        return plan, update, TrainResult([], math.nan, 1, drawn, time.perf_counter() - started)
 
 
 def _recorded_head(meta: dict, fingerprint: str) -> tuple[int, str] | None:
@@ -268,6 +311,8 @@ def _ledger_entry(node: NodeConfig, cfg: RunConfig, run: str, rnd: int, n: int, 
              "target_epsilon": node.target_epsilon, "update_sha256": fingerprint(update)}
     if plan is None:
         return {**entry, **ledger.no_dp_fields(min(1.0, cfg.batch_size / n), cfg.local_steps)}
+    if isinstance(plan, DistributedPlan):
+        return {**entry, **plan.ledger_fields()}
     return {**entry, "sample_rate": plan.sample_rate, "noise_multiplier": plan.noise_multiplier,
             "steps": plan.steps, "epsilon": plan.epsilon_after}
 
@@ -294,6 +339,31 @@ def budget_allows_round(node: NodeConfig, cfg: RunConfig, rnd: int, run: str) ->
     return fits_budget(plan, node.target_epsilon)
 
 
+def plan_distributed_share(node: NodeConfig, cfg: RunConfig, meta: dict, counted_shares: int,
+                           scale: int) -> DistributedPlan:
+    """The secure sum's planner (client.secagg): this node's noise share for a distributed-DP round, from its
+    own ledger (read only: training checks it again under the lock) and data size."""
+    from shared.model import load_tokenizer, resolve_base_model
+
+    check_run(cfg, node)
+    if node.require_dp and not cfg.dp:
+        raise RoundRefused(f"node {node.node_name} requires DP (require-dp=true); refused.")
+    loaded = NodeCache.model(cfg, node)
+    data = NodeCache.local_data(cfg, node, load_tokenizer(resolve_base_model(cfg.base_model)))
+    path = Path(node.state_dir) / "ledger.jsonl"
+    key = ledger.signing_key_for(path, node.ledger_key or Path(node.state_dir) / "ledger-key.pem")
+    entries = ledger.verify_lines(path, ledger.read_lines(path), key.public_key())
+    from shared.adapter import get_arrays
+
+    values = sum(int(a.size) for a in get_arrays(loaded.model, loaded.names))
+    plan = plan_distributed_round(entries, target_epsilon=node.target_epsilon, local_cap=node.local_epsilon_cap,
+                                  delta=node.target_delta, num_conversations=len(data.train),
+                                  batch_size=cfg.batch_size, rounds_left=cfg.num_rounds - int(meta[META_ROUND]) + 1,
+                                  scale=scale, values=values, counted_shares=max(counted_shares, 1),
+                                  accountant=cfg.dp_accountant)
+    return plan
+
+
 def make_client_app(sim_nodes: dict[int, dict] | None = None) -> ClientApp:
     """The ClientApp. `sim_nodes` gives per-partition node settings in simulation.
 
@@ -310,13 +380,14 @@ def make_client_app(sim_nodes: dict[int, dict] | None = None) -> ClientApp:
         setup_logging(quiet_flower=True)
         node, partition = node_config(context)
         secagg_active = bool(context.state.config_records.get(SECAGG_FLAG, {}).get("active", False))
-        return FedChatClient(node, secagg_active, partition).to_client()
+        plan = context.state.config_records.get(PLAN)
+        return FedChatClient(node, secagg_active, partition, json.loads(plan["json"]) if plan else None).to_client()
 
     def protocol_node(context: Context, run: RunConfig | None) -> NodeConfig:
         node, partition = node_config(context)
         return for_partition(node, partition, run) if run is not None else node
 
-    return ClientApp(client_fn=client_fn, mods=[secure_aggregation(protocol_node)])
+    return ClientApp(client_fn=client_fn, mods=[secure_aggregation(protocol_node, plan_distributed_share)])
 
 
 app = make_client_app()

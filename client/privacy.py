@@ -67,3 +67,64 @@ def fits_budget(plan: RoundPlan, target_epsilon: float) -> bool:
     # The PRV accountant's own estimate error is about 1e-2 relative; no slack on top.
     return plan.epsilon_after <= target_epsilon
 
+
+
+@dataclass(frozen=True)
+class DistributedPlan:
+    """What a node adds and spends if it takes part in this distributed-DP round (one DP step of the federation)."""
+
+    share: float  # the Skellam parameter of the noise this node adds
+    counted: float  # the Skellam parameter it counts on in the sum: the smallest honest shares it cannot know
+    l2: float  # sensitivities of one conversation, in the sum's integer units
+    l1: float
+    sample_rate: float
+    epsilon_before: float  # against an observer of the sums
+    epsilon_after: float
+    local_before: float  # of the node's own noise alone
+    local_after: float
+
+    def ledger_fields(self) -> dict:
+        return {"dp_mode": "distributed", "noise_share": self.share, "noise_counted": self.counted,
+                "l2_sensitivity": self.l2, "l1_sensitivity": self.l1, "sample_rate": self.sample_rate, "steps": 1,
+                "noise_multiplier": (2 * self.counted) ** 0.5 / self.l2, "epsilon": self.epsilon_after,
+                "local_epsilon": self.local_after}
+
+
+def plan_distributed_round(entries: list[dict], *, target_epsilon: float, local_cap: float, delta: float,
+                           num_conversations: int, batch_size: int, rounds_left: int, scale: int, values: int,
+                           counted_shares: int, accountant: str) -> DistributedPlan:
+    """The noise share for this round: the smallest whose sum keeps the epsilon against an observer of the sums
+    within `target_epsilon`, and whose share alone keeps the local epsilon within `local_cap`, over every round
+    left of the run, when the node counts on `counted_shares` shares as large as its own (the rule is the same
+    for every node; at the consistency stage it checks the shares the survivors announced)."""
+    from shared.accounting import ledger_epsilons, rounding_sensitivity
+
+    check_delta(delta, num_conversations)
+    q = min(1.0, batch_size / num_conversations)
+    l2, l1 = rounding_sensitivity(scale, values)
+    rounds = max(rounds_left, 1)
+
+    def entry(counted: float, share: float) -> dict:
+        return {"dp_mode": "distributed", "noise_counted": counted, "noise_share": share, "l2_sensitivity": l2,
+                "l1_sensitivity": l1, "sample_rate": q, "steps": rounds}
+
+    def spent(share: float) -> tuple[float, float]:
+        return ledger_epsilons(entries + [entry(counted_shares * share, share)], delta, accountant)
+
+    def fits(share: float) -> bool:
+        dist, local = spent(share)
+        return dist <= target_epsilon and local <= local_cap
+
+    before = ledger_epsilons(entries, delta, accountant)
+    hi = l2**2
+    while not fits(hi):
+        hi *= 4
+        if hi > 1e8 * l2**2:  # no noise fits: the budget is spent
+            return DistributedPlan(math.inf, math.inf, l2, l1, q, before[0], math.inf, before[1], math.inf)
+    lo = 0.0
+    while hi - lo > 1e-3 * hi:
+        mid = (lo + hi) / 2
+        lo, hi = (lo, mid) if fits(mid) else (mid, hi)
+    one = {**entry(counted_shares * hi, hi), "steps": 1}
+    after = ledger_epsilons(entries + [one], delta, accountant)
+    return DistributedPlan(hi, counted_shares * hi, l2, l1, q, before[0], after[0], before[1], after[1])

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from collections.abc import Callable
 from pathlib import Path
 
@@ -45,6 +46,7 @@ from flwr.compat.common.recorddict_compat import fitres_to_recorddict, recorddic
 
 from shared import masking
 from shared import secagg_wire as wire
+from shared.accounting import counted_noise
 from shared.config import NodeConfig, RunConfig
 from shared.crypto import load_identity_key, raw_public_hex, sign, verify
 from shared.errors import PrivacyError
@@ -55,6 +57,7 @@ from shared.secagg_rules import derive_parameters, parameter_mismatch, round_ref
 log = logging.getLogger("fedchat.node")
 SECAGG_FLAG = "fedchat.secagg"  # context state: whether the current training message runs the secure sum
 STATE = "fedchat.secagg.state"  # context state: this round's protocol state (JSON)
+PLAN = "fedchat.secagg.plan"  # context state, during training only: this round's distributed-DP plan (JSON)
 
 
 class _Round:
@@ -76,9 +79,12 @@ class _Round:
                     f"{repr(expected) if expected else 'a new round (advertise)'}: each stage runs once, in order")
 
 
-def secure_aggregation(node_config: Callable[[Context, RunConfig | None], NodeConfig]):
+def secure_aggregation(node_config: Callable[[Context, RunConfig | None], NodeConfig], plan_share=None):
     """The ClientApp mod. `node_config(context, run)` gives the node's settings: its operator's, never the
-    run's (a virtual node of a simulation, which has only a partition id, takes its folders from the run)."""
+    run's (a virtual node of a simulation, which has only a partition id, takes its folders from the run).
+    `plan_share(node, run, meta, counted_shares, scale)` plans a distributed-DP round (client.privacy's
+    DistributedPlan) from the node's own ledger: its noise share is announced in its advertisement, and the
+    plan reaches training through the node's own context state (PLAN), never through the coordinator."""
 
     def mod(msg: Message, context: Context, call_next) -> Message:
         if msg.metadata.message_type != MessageType.TRAIN:
@@ -93,7 +99,8 @@ def secure_aggregation(node_config: Callable[[Context, RunConfig | None], NodeCo
             return call_next(msg, context)
         stage = record.get(wire.STAGE)
         try:
-            content = NodeProtocol(node_config, context, msg.metadata.dst_node_id).run(stage, record, msg, call_next)
+            content = NodeProtocol(node_config, context, msg.metadata.dst_node_id, plan_share).run(
+                stage, record, msg, call_next)
         except PrivacyError as exc:
             raise PrivacyError(f"node {node.node_name} refuses secure-aggregation stage '{stage}': {exc}") from None
         return Message(content, reply_to=msg)
@@ -102,8 +109,8 @@ def secure_aggregation(node_config: Callable[[Context, RunConfig | None], NodeCo
 
 
 class NodeProtocol:
-    def __init__(self, node_config, context: Context, node_id: int) -> None:
-        self.node_config, self.context, self.node_id = node_config, context, node_id
+    def __init__(self, node_config, context: Context, node_id: int, plan_share=None) -> None:
+        self.node_config, self.context, self.node_id, self.plan_share = node_config, context, node_id, plan_share
         self.round = _Round(context)
 
     def run(self, stage, record: ConfigRecord, msg: Message, call_next) -> RecordDict:
@@ -194,6 +201,18 @@ class NodeProtocol:
         if len(sample) < needed:
             _refuse(f"a round of {len(sample)} nodes; this node needs at least {needed} (secagg-min-nodes)")
         run, rnd = str(meta[META_RUN]), int(meta[META_ROUND])
+        self.context.state.config_records.pop(PLAN, None)
+        need, plan = 0.0, None
+        if expected.mode == "distributed":  # the noise share this node adds, from its own ledger
+            if self.plan_share is None:
+                _refuse("this node cannot plan distributed DP (no planner in its ClientApp)")
+            plan = self.plan_share(self.node, cfg, meta, needed - colluders - 1, expected.scale)
+            if not math.isfinite(plan.share) or plan.epsilon_after > self.node.target_epsilon or \
+                    plan.local_after > self.node.local_epsilon_cap:
+                _refuse(f"no noise share keeps this round within the node's budget (epsilon {plan.epsilon_before:.3f} "
+                        f"of {self.node.target_epsilon:g} spent, local {plan.local_before:.3f} of "
+                        f"{self.node.local_epsilon_cap:g})")
+            need = coarsened(plan.counted)
         channel_sk, channel_pk = masking.new_key_pair()
         mask_sk, mask_pk = masking.new_key_pair()
         seed = masking.random_secret()
@@ -201,11 +220,12 @@ class NodeProtocol:
         blob = wire.statement("advertisement", roster.sha256, run, rnd, node=self.node_id, member=me.name,
                               channel_key=channel_pk.hex(), mask_key=mask_pk.hex(),
                               seed_commitment=masking.commit(seed, masking.self_label(ctx, self.node_id)),
-                              parameters=expected.as_dict())
+                              parameters=expected.as_dict(), noise_need=need)
         self.round.data = {"roster": roster.sha256, "run": run, "round": rnd, "member": me.name,
                            "sample": sorted(sample), "parameters": expected.as_dict(), "colluders": colluders,
                            "needed": needed, "channel_sk": channel_sk.hex(), "mask_sk": mask_sk.hex(),
-                           "seed": seed.hex(), "advertisement": blob.hex(), "fit_config": self.fit_config}
+                           "seed": seed.hex(), "advertisement": blob.hex(), "fit_config": self.fit_config,
+                           "plan": None if plan is None else {**plan.__dict__, "scale": expected.scale, "need": need}}
         return {wire.STATEMENT: blob, wire.SIGNATURE: bytes.fromhex(sign(identity, blob))}
 
     def share_keys(self, record: ConfigRecord, msg, call_next, content) -> dict:
@@ -230,6 +250,9 @@ class NodeProtocol:
             if ad["parameters"] != d["parameters"]:
                 _refuse(f"roster member {member!r} signed other parameters than this node's: the coordinator "
                         "showed nodes different rounds")
+            need = ad.get("noise_need")
+            if type(need) not in (int, float) or not math.isfinite(need) or need < 0:
+                _refuse(f"roster member {member!r} announced no valid noise need")
             peers[node] = ad
             members.add(member)
         if peers.get(self.node_id, {}).get("member") != d["member"] or \
@@ -237,6 +260,10 @@ class NodeProtocol:
             _refuse("this node's own advertisement is missing or was changed")
         if len(peers) < d["needed"]:
             _refuse(f"{len(peers)} node(s) advertised; this node needs at least {d['needed']} to take part")
+        if d["plan"] is not None:  # every node adds at least the largest need over the counted shares
+            counted_shares = d["needed"] - d["colluders"] - 1
+            common = max(ad["noise_need"] for ad in peers.values()) / counted_shares
+            d["plan"].update(share=max(common, d["plan"]["share"]), counted=counted_shares * common, common=common)
         order = sorted(peers)
         xs = {node: i + 1 for i, node in enumerate(order)}  # each node's Shamir point
         threshold = d["parameters"]["threshold"]
@@ -254,7 +281,8 @@ class NodeProtocol:
             destinations.append(node)
             sealed.append(masking.seal(channel, ctx + f":{self.node_id}->{node}".encode(), plaintext))
         d["peers"] = {str(k): {"member": v["member"], "channel_key": v["channel_key"], "mask_key": v["mask_key"],
-                               "seed_commitment": v["seed_commitment"]} for k, v in peers.items()}
+                               "seed_commitment": v["seed_commitment"]}
+                      for k, v in peers.items()}
         return {wire.DESTINATIONS: destinations, wire.SEALED: sealed}
 
     def collect(self, record: ConfigRecord, msg: Message, call_next, content: RecordDict) -> dict:
@@ -281,7 +309,13 @@ class NodeProtocol:
                 _refuse(f"the key share from node {source} does not open under that node's channel key: it was "
                         "altered or made by someone else")
             d["received"][str(source)] = shares
-        reply_msg = call_next(msg, self.context)
+        if d["plan"] is not None:  # for this round's training only; the node's own state, not the message
+            plan = {k: v for k, v in d["plan"].items() if k != "common"}
+            self.context.state.config_records[PLAN] = ConfigRecord({"json": json.dumps(plan)})
+        try:
+            reply_msg = call_next(msg, self.context)
+        finally:
+            self.context.state.config_records.pop(PLAN, None)
         if reply_msg.has_error():
             raise PrivacyError(f"training failed: {reply_msg.error.reason}")
         fit = recorddict_to_fitres(reply_msg.content, keep_input=True)
@@ -305,11 +339,20 @@ class NodeProtocol:
         from client.train import dp_streams, secure_seed  # the CSPRNG-seeded streams of DP training
 
         p = self.round.data["parameters"]
-        weight = min(int(num_examples), p["max_weight"])
-        flat = np.concatenate([np.asarray(u, dtype=np.float64).ravel() for u in update]) * (weight / p["max_weight"])
-        vector = np.empty(flat.size + 1, dtype=np.uint32)
-        vector[0] = weight
-        vector[1:] = masking.quantise(flat, p["clip"], p["levels"], dp_streams(secure_seed())[0])
+        if p["mode"] == "distributed":  # integers already: the gradient sum in scale units plus the noise share
+            ints = np.concatenate([np.asarray(u).ravel() for u in update])
+            if ints.dtype.kind not in "iu":
+                _refuse("a distributed-DP update must be integers (the rounded, noised gradient sum)")
+            vector = np.empty(ints.size + 1, dtype=np.uint32)
+            vector[0] = 1  # one contributor; the weight is the federation's expected batch, a public number
+            vector[1:] = np.mod(ints.astype(np.int64), 2**32).astype(np.uint32)
+        else:
+            weight = min(int(num_examples), p["max_weight"])
+            flat = np.concatenate([np.asarray(u, dtype=np.float64).ravel() for u in update]) * (weight /
+                                                                                                 p["max_weight"])
+            vector = np.empty(flat.size + 1, dtype=np.uint32)
+            vector[0] = weight
+            vector[1:] = masking.quantise(flat, p["clip"], p["levels"], dp_streams(secure_seed())[0])
         vector += masking.mask_stream(bytes.fromhex(self.round.data["seed"]),
                                       masking.self_label(ctx, self.node_id), vector.size)
         mask_sk = bytes.fromhex(self.round.data["mask_sk"])
@@ -341,6 +384,11 @@ class NodeProtocol:
         if dropped > allowed:
             _refuse(f"{dropped} node(s) dropped out after key sharing; this node lets at most {allowed} "
                     f"(secagg-dropout-fraction {self.node.secagg_dropout_fraction:g})")
+        if d["plan"] is not None:  # the noise the sum will hold, counting only shares this node cannot know
+            counted = counted_noise([d["plan"]["common"]] * len(survivors), d["colluders"])
+            if counted < d["plan"]["need"] * (1 - 1e-9):
+                _refuse(f"the survivors' noise shares give {counted:.4g} that this node can count on, less than the "
+                        f"{d['plan']['need']:.4g} its privacy budget was planned with (too few honest survivors)")
         if len(blobs) != len(survivors) or len(signatures) != len(blobs):
             _refuse("each survivor's signed view must be forwarded, once")
         peers = {int(k): v for k, v in d["peers"].items()}
@@ -388,6 +436,12 @@ class NodeProtocol:
         for key in ("mask_sk", "seed", "channel_sk", "received"):  # nothing of this round is needed again
             d.pop(key, None)
         return {wire.OWNERS: owners, wire.KINDS: kinds, wire.SHARES: shares}
+
+
+def coarsened(need: float) -> float:
+    """A noise need rounded up to a power of 2^(1/4): what a node announces of it says little of its data size
+    or its spent budget, and more noise never costs privacy."""
+    return 2 ** (math.ceil(4 * math.log2(need)) / 4) if need > 0 else 0.0
 
 
 def _bytes(record: ConfigRecord, key: str) -> bytes:

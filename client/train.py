@@ -242,3 +242,32 @@ def train_round(model, names: list[str], data: list[Encoded], cfg: RunConfig, *,
     delta = [new - old for new, old in zip(get_arrays(model, names), received)]
     return TrainResult(delta, loss_sum / max(tokens, 1), cfg.local_steps, drawn,
                        time.perf_counter() - started, adamw.state_dict())
+
+
+def clipped_gradient_sum(model, names: list[str], data: list[Encoded], cfg: RunConfig, *, pad_id: int,
+                         sampling: np.random.Generator) -> tuple[list[np.ndarray], int]:
+    """Distributed DP's node step: the sum of the clipped per-conversation gradients of the exchanged tensors
+    over one Poisson sample (rate batch-size / n), with no noise and no division: the secure sum adds the
+    nodes' noise shares and the coordinator divides and steps. Returns (sum per tensor, conversations drawn)."""
+    device = next(model.parameters()).device
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    by_name = dict(model.named_parameters())
+    wanted = [by_name[n] for n in names]
+    gsm, dp_optimizer = make_private(model, torch.optim.SGD(trainable, lr=0.0), cfg, 0.0, sampling)
+    (idx,) = poisson_batches(len(data), min(1.0, cfg.batch_size / len(data)), 1, sampling)
+    model.train()
+    try:
+        backward_batch(gsm, data, idx, pad_id=pad_id, device=device, max_tokens=cfg.micro_batch_tokens,
+                       dp_optimizer=dp_optimizer)
+        sums = [p.summed_grad if getattr(p, "summed_grad", None) is not None else torch.zeros_like(p)
+                for p in wanted]
+        result = [s.detach().to(torch.float64).cpu().numpy().reshape(p.shape) for s, p in zip(sums, wanted)]
+    finally:
+        model.eval()
+        for p in trainable:
+            p.grad, p.grad_sample, p.summed_grad = None, None, None
+        gsm._close()
+    if dp_optimizer.non_finite_samples:
+        log.warning("%d drawn conversation(s) had an inf/NaN gradient and counted as zero (kept on the node)",
+                    dp_optimizer.non_finite_samples)
+    return result, len(idx)

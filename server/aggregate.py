@@ -44,3 +44,25 @@ def update_problem(update: list[np.ndarray], shapes: list[tuple[int, ...]], boun
         if peak > bound * 1.01:
             return f"tensor {i} moves a value by {peak:.3g}, beyond the {bound:.3g} that local-steps AdamW steps can"
     return None
+
+
+class ServerAdam:
+    """Adam on the coordinator, for distributed DP: each round's unmasked, noised mean gradient in, the
+    update to the global adapter out (a post-processing of the DP sum). Its moments live for the run's
+    process: a resumed run starts them again from zero."""
+
+    def __init__(self, lr: float, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> None:
+        self.lr, self.betas, self.eps = lr, betas, eps
+        self.m: np.ndarray | None = None
+        self.v: np.ndarray | None = None
+        self.t = 0
+
+    def step(self, grad: np.ndarray) -> np.ndarray:
+        b1, b2 = self.betas
+        if self.m is None or self.m.shape != grad.shape:
+            self.m, self.v, self.t = np.zeros_like(grad), np.zeros_like(grad), 0
+        self.t += 1
+        self.m = b1 * self.m + (1 - b1) * grad
+        self.v = b2 * self.v + (1 - b2) * grad**2
+        m_hat, v_hat = self.m / (1 - b1**self.t), self.v / (1 - b2**self.t)
+        return -self.lr * m_hat / (np.sqrt(v_hat) + self.eps)

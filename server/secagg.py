@@ -40,6 +40,7 @@ from flwr.server.compat.legacy_context import LegacyContext
 from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD
 from flwr.server.workflow.constant import Key as WorkflowKey
 
+from server.aggregate import ServerAdam
 from shared import masking
 from shared import secagg_wire as wire
 from shared.config import RunConfig
@@ -76,6 +77,7 @@ class SecureAggregation:
         self.cfg, self.roster, self.sizes = cfg, roster, sizes
         self.length = 1 + sum(int(np.prod(s, dtype=np.int64)) for s in sizes)  # the weight, then every value
         self.last_parameters: dict = {}
+        self.server_optimizer = ServerAdam(cfg.learning_rate)  # distributed DP: the federation's optimizer
 
     def __call__(self, grid, context: LegacyContext) -> None:
         state = _RoundState(rnd=int(context.state.config_records[MAIN_CONFIGS_RECORD][WorkflowKey.CURRENT_ROUND]))
@@ -280,7 +282,11 @@ class SecureAggregation:
             state.failures.append(Exception("the unmasked sum of weights is zero"))
             return False
         p = state.params
-        values = masking.dequantise_sum(total[1:], len(survivors), p.clip, p.levels) * (p.max_weight / weight)
+        if p.mode == "distributed":  # the noised sum of clipped gradients, in integer units: one federation step
+            total_gradient = total[1:].view(np.int32).astype(np.float64) * (p.clip / p.scale)
+            values = self.server_optimizer.step(total_gradient / (len(survivors) * self.cfg.batch_size))
+        else:
+            values = masking.dequantise_sum(total[1:], len(survivors), p.clip, p.levels) * (p.max_weight / weight)
         arrays, offset = [], 0
         for shape in self.sizes:
             size = int(np.prod(shape, dtype=np.int64))

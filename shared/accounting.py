@@ -86,7 +86,7 @@ def ledger_history(entries: list[dict]) -> list[tuple[float, float, int]]:
 # (Theorem 3.5) under the general Poisson-subsampling RDP bound of Zhu and Wang 2019 (Theorem 6), composed
 # over rounds and converted to (epsilon, delta) as Balle et al. 2020 (Opacus' and dp-accounting's rule).
 
-RDP_ORDERS = tuple(range(2, 257))
+RDP_ORDERS = tuple(range(2, 65)) + (72, 80, 96, 128, 192, 256)  # integer orders: Zhu and Wang's bound needs them
 
 
 def skellam_rdp(alpha: int, mu: float, l2: float, l1: float) -> float:
@@ -99,23 +99,27 @@ def skellam_rdp(alpha: int, mu: float, l2: float, l1: float) -> float:
 
 def poisson_subsampled_rdp(alpha: int, q: float, rdp) -> float:
     """Upper bound on the RDP of order `alpha` (an integer >= 2) of a mechanism with RDP `rdp(j)` run on a
-    Poisson sample at rate `q` (Zhu and Wang 2019, Theorem 6)."""
+    Poisson sample at rate `q` (Zhu and Wang 2019, Theorem 6). `rdp` is a function of the order, or an array
+    of its values at orders 2, 3, ..., alpha (or more)."""
+    import numpy as np
     from scipy.special import gammaln, logsumexp
 
     if q <= 0:
         return 0.0
+    j = np.arange(2, alpha + 1)
+    inner = np.asarray(rdp[: alpha - 1], dtype=float) if not callable(rdp) else np.array([rdp(int(k)) for k in j])
     if q >= 1:
-        return rdp(alpha)
+        return float(inner[-1])
+    log_comb = gammaln(alpha + 1) - gammaln(j + 1) - gammaln(alpha - j + 1)
+    terms = log_comb + j * math.log(q) + (alpha - j) * math.log1p(-q) + (j - 1) * inner
+    terms[1:] += math.log(3)  # the terms from j = 3 on count three times
+    first = (alpha - 1) * math.log1p(-q) + math.log(alpha * q - q + 1)
+    return float(logsumexp(np.append(terms, first))) / (alpha - 1)
 
-    def log_comb(n: int, k: int) -> float:
-        return gammaln(n + 1) - gammaln(k + 1) - gammaln(n - k + 1)
 
-    lq, l1q = math.log(q), math.log1p(-q)
-    terms = [(alpha - 1) * l1q + math.log(alpha * q - q + 1),
-             log_comb(alpha, 2) + 2 * lq + (alpha - 2) * l1q + rdp(2)]
-    terms += [math.log(3) + log_comb(alpha, j) + j * lq + (alpha - j) * l1q + (j - 1) * rdp(j)
-              for j in range(3, alpha + 1)]
-    return float(logsumexp(terms)) / (alpha - 1)
+def subsampled_rdp_curve(q: float, rdp_values) -> dict[int, float]:
+    """The subsampled RDP at every order of RDP_ORDERS, from the mechanism's RDP at orders 2..max."""
+    return {a: poisson_subsampled_rdp(a, q, rdp_values) for a in RDP_ORDERS}
 
 
 def rdp_epsilon(rdp_by_order: dict[int, float], delta: float) -> float:
@@ -137,6 +141,12 @@ def rounding_sensitivity(scale: float, values: int) -> tuple[float, float]:
     return scale + root, root * scale + values
 
 
+def skellam_rdp_curve(mu: float, l2: float, l1: float, q: float, steps: int) -> dict[int, float]:
+    """RDP at every order of RDP_ORDERS of `steps` Poisson-subsampled Skellam mechanisms."""
+    inner = [skellam_rdp(j, mu, l2, l1) for j in range(2, max(RDP_ORDERS) + 1)]
+    return {a: steps * r for a, r in subsampled_rdp_curve(q, inner).items()}
+
+
 def skellam_epsilon(history: list[tuple[float, float, float, float, int]], delta: float) -> float:
     """Epsilon of a composition of Poisson-subsampled Skellam mechanisms: `history` holds (mu, l2, l1,
     sample rate, steps) per round, mu the Skellam parameter of the noise counted on (0 or less: infinite)."""
@@ -145,9 +155,9 @@ def skellam_epsilon(history: list[tuple[float, float, float, float, int]], delta
     if any(mu <= 0 for mu, *_ in history):
         return math.inf
     total = {a: 0.0 for a in RDP_ORDERS}
-    for mu, l2, l1, q, steps in history:
-        for a in RDP_ORDERS:
-            total[a] += steps * poisson_subsampled_rdp(a, q, lambda j, mu=mu, l2=l2, l1=l1: skellam_rdp(j, mu, l2, l1))
+    for entry in history:
+        for a, r in skellam_rdp_curve(*entry).items():
+            total[a] += r
     return rdp_epsilon(total, delta)
 
 
@@ -171,3 +181,37 @@ def randomized_round(values: np.ndarray, rng) -> np.ndarray:
 
     low = np.floor(values)
     return (low + (rng.random(values.shape) < values - low)).astype("int64")
+
+
+def gaussian_rdp_curve(noise_multiplier: float, q: float, steps: int) -> dict[int, float]:
+    """RDP at every order of RDP_ORDERS of `steps` Poisson-subsampled Gaussian mechanisms (Opacus' analysis)."""
+    from opacus.accountants.analysis.rdp import compute_rdp
+
+    if noise_multiplier <= 0:
+        return {a: math.inf for a in RDP_ORDERS}
+    values = compute_rdp(q=q, noise_multiplier=noise_multiplier, steps=steps, orders=list(RDP_ORDERS))
+    return dict(zip(RDP_ORDERS, (float(v) for v in values)))
+
+
+def ledger_epsilons(entries: list[dict], delta: float, accountant: str) -> tuple[float, float]:
+    """(epsilon against an observer of the sums, epsilon of the node's own noise alone) of ledger entries.
+
+    A ledger of local-DP rounds only gives the same number twice, from the chosen accountant. Once it holds a
+    distributed-DP round, both compose every round in RDP: a local round's Gaussian noise protects either way,
+    a distributed round counts the noise of the sum (`noise_counted`) or the node's own share (`noise_share`)."""
+    if not any(e.get("dp_mode") == "distributed" for e in entries):
+        eps = compute_epsilon(ledger_history(entries), delta, accountant)
+        return eps, eps
+    totals = []
+    for counted in ("noise_counted", "noise_share"):
+        total = {a: 0.0 for a in RDP_ORDERS}
+        for e in entries:
+            if e.get("dp_mode") == "distributed":
+                curve = skellam_rdp_curve(float(e[counted]), float(e["l2_sensitivity"]), float(e["l1_sensitivity"]),
+                                          float(e["sample_rate"]), int(e["steps"]))
+            else:
+                curve = gaussian_rdp_curve(float(e["noise_multiplier"]), float(e["sample_rate"]), int(e["steps"]))
+            for a in RDP_ORDERS:
+                total[a] += curve[a]
+        totals.append(rdp_epsilon(total, delta))
+    return totals[0], totals[1]

@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from shared import ledger
-from shared.accounting import compute_epsilon, ledger_history
+from shared.accounting import ledger_epsilons
 from shared.crypto import key_fingerprint, load_public_key
 from shared.errors import LedgerError
 
@@ -111,7 +111,7 @@ def audit_ledger(path: str | Path, key_path: str | Path, recompute: bool = True)
                                    f"{number - 1} entries (a new federation, a coordinator that lost its records, or "
                                    "a copy of the node's state dir): ask the node's operator which")
         nodes.add(entry["node"])
-        history += ledger_history([entry])
+        history.append(entry)
         no_dp = entry["noise_multiplier"] == 0
         result.rounds_without_dp += no_dp
         claimed = math.inf if entry["epsilon"] is None else float(entry["epsilon"])
@@ -119,7 +119,12 @@ def audit_ledger(path: str | Path, key_path: str | Path, recompute: bool = True)
         if not valid:
             recomputed = math.nan
         elif recompute:
-            recomputed = compute_epsilon(history, float(entry["delta"]), entry["accountant"])
+            recomputed, local = ledger_epsilons(history, float(entry["delta"]), entry["accountant"])
+            local_claimed = entry.get("local_epsilon", entry["epsilon"])
+            local_claimed = math.inf if local_claimed is None else float(local_claimed)
+            if not math.isclose(local, local_claimed, rel_tol=TOLERANCE):  # the node's own noise alone
+                result.problems.append(f"{where}: claims local epsilon {local_claimed:.4f} (its own noise share "
+                                       f"alone) but its recorded mechanism gives {local:.4f}")
         else:
             recomputed = claimed
         if valid and not math.isclose(recomputed, claimed, rel_tol=TOLERANCE):

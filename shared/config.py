@@ -26,6 +26,7 @@ from typing import Any, ClassVar
 from shared.errors import ConfigError
 
 AGGREGATIONS = ("fedavg", "ffa")
+DP_MODES = ("local", "distributed")
 ACCOUNTANTS = ("prv", "rdp")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 SECAGG_MIN_NODES = 3  # fewest contributors to a secure sum, whatever a config says
@@ -132,6 +133,7 @@ class RunConfig(_FlowerConfig):
     dp: bool = field(default=True, metadata=_doc("train with DP-SGD on every node"))
     dp_max_grad_norm: float = field(default=0.1, metadata=_doc("per-conversation gradient clipping norm (0.1 clips nearly every conversation, so each weighs the same)"))
     dp_accountant: str = field(default="prv", metadata=_doc("'prv' (tighter) or 'rdp'"))
+    dp_mode: str = field(default="local", metadata=_doc("'local': each node adds all the DP noise to its update; 'distributed': each round is one DP-SGD step of the whole federation, each node adding a share of integer (Skellam) noise to its clipped gradient sum, protected by the secure sum (needs dp and secagg; learning-rate is then the coordinator's Adam rate)"))
     secagg: bool = field(default=True, metadata=_doc("aggregate with fedchat's secure sum so the coordinator only sees the sum of the updates"))
     secagg_roster: str = field(default="", metadata=_doc("the federation roster file (`fedchat roster`), for its colluder bound; empty = SIM-DATA-DIR/roster.json in simulation"))
     secagg_clipping_range: float = field(default=0.0, metadata=_doc("|value| bound before quantisation; 0 = 4 * learning-rate * local-steps"))
@@ -163,6 +165,11 @@ class RunConfig(_FlowerConfig):
             self._fail("aggregation", f"must be one of {', '.join(AGGREGATIONS)}")
         if self.dp_accountant not in ACCOUNTANTS:
             self._fail("dp-accountant", f"must be one of {', '.join(ACCOUNTANTS)}")
+        if self.dp_mode not in DP_MODES:
+            self._fail("dp-mode", f"must be one of {', '.join(DP_MODES)}")
+        if self.dp_mode == "distributed" and not (self.dp and self.secagg):
+            self._fail("dp-mode", "'distributed' shares the noise between the nodes of a secure sum: it needs dp=true "
+                                  "and secagg=true")
         if not self.dp_max_grad_norm > 0:
             self._fail("dp-max-grad-norm", "must be > 0")
         if self.secagg_clipping_range < 0:
@@ -211,7 +218,8 @@ class NodeConfig(_FlowerConfig):
     data_path: str = field(default="", metadata=_doc("the node's private dialogue JSONL file"))
     state_dir: str = field(default="", metadata=_doc("where the node keeps its privacy accountant, ledger and key"))
     node_name: str = field(default="", metadata=_doc("the node's name in logs and in its ledger"))
-    target_epsilon: float = field(default=8.0, metadata=_doc("lifetime privacy budget epsilon of this node's data"))
+    target_epsilon: float = field(default=8.0, metadata=_doc("lifetime privacy budget epsilon of this node's data (against anyone who sees only the secure sum, in distributed DP)"))
+    local_epsilon_cap: float = field(default=64.0, metadata=_doc("distributed DP only: the epsilon of this node's own noise share alone (what would be left if secure aggregation were broken) stays within this"))
     target_delta: float = field(default=1e-5, metadata=_doc("delta of the budget; must be below 1/(training conversations)"))
     device: str = field(default="auto", metadata=_doc("auto, cpu, cuda, cuda:N or mps"))
     dtype: str = field(default="auto", metadata=_doc("base model dtype: auto (bfloat16 on CUDA, else float32), float32, bfloat16, float16"))
@@ -237,6 +245,9 @@ class NodeConfig(_FlowerConfig):
     def __post_init__(self) -> None:
         if not self.target_epsilon > 0:
             self._fail("target-epsilon", "must be > 0")
+        if not self.local_epsilon_cap >= self.target_epsilon:
+            self._fail("local-epsilon-cap", "must be at least target-epsilon (the share alone is never more private "
+                                            "than the sum)")
         if not 0 < self.target_delta < 1:
             self._fail("target-delta", "must be in (0, 1), and below 1/(training conversations)")
         if self.dtype not in DTYPES:

@@ -17,6 +17,14 @@ and refuses any other value.
   (c + 2) under the bound, and at least three updates (a node that knows its own and sees the sum of
   two learns the other).
 
+In distributed DP (dp-mode "distributed") the nodes send integers, not quantised floats: each node's clipped
+gradient sum in units of ``scale`` per clipping norm, rounded at random, plus its Skellam noise share. The
+scale is the largest power of two for which the sum cannot wrap around 2^32 except with probability below
+2^-40: n nodes' Poisson samples each hold at most batch + t conversations (t from a Chernoff bound at 2^-45),
+each adds at most ``scale`` per value, rounding adds less than 1 per node, and 64 units of ``scale`` are left
+for the noise (11.5 standard deviations, 2^-45 per value over 2^25 values, of noise up to 5.5 times the
+sensitivity).
+
 Dropout tolerance, n - max(3, c + 2, t): with c = 0, 0 of 3, 2 of 5 and 9 of 20 nodes; with c = 1,
 0 of 3, 1 of 5 and 9 of 20; with the largest minority (c = (n - 1) // 2), 0 of 3, 1 of 5, 5 of 20.
 """
@@ -41,6 +49,8 @@ class SumParameters:
     clip: float  # |value| bound before quantisation
     max_weight: int  # a node's weight (training conversations) is capped at this
     modulus_bits: int = MODULUS_BITS
+    mode: str = "local"  # the DP mode: "distributed" sends integer gradient sums with noise shares
+    scale: int = 0  # distributed: integer units per clipping norm
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -60,10 +70,27 @@ def survivors_needed(nodes: int, colluders: int, min_nodes: int = SECAGG_MIN_NOD
 
 def derive_parameters(cfg: RunConfig, nodes: int, colluders: int) -> SumParameters:
     """The parameters of a round of `nodes` sampled nodes under a roster that allows `colluders`."""
+    distributed = cfg.dp and cfg.dp_mode == "distributed"
     return SumParameters(nodes=nodes, colluders=colluders, threshold=threshold_for(nodes, colluders),
                          min_survivors=survivors_needed(nodes, colluders),
                          levels=2 ** (MODULUS_BITS - math.ceil(math.log2(max(nodes, 2)))),
-                         clip=float(cfg.update_bound), max_weight=int(cfg.secagg_max_weight))
+                         clip=float(cfg.dp_max_grad_norm if distributed else cfg.update_bound),
+                         max_weight=int(cfg.secagg_max_weight), mode="distributed" if distributed else "local",
+                         scale=integer_scale(nodes, cfg.batch_size) if distributed else 0)
+
+
+def batch_bound(batch_size: int, bits: int = 45) -> int:
+    """Conversations a Poisson sample of expected size `batch_size` exceeds with probability below 2^-bits
+    (Chernoff: P[X >= m + t] <= exp(-t^2 / (2 (m + t / 3))))."""
+    log_p = bits * math.log(2)
+    t = (2 * log_p / 3 + math.sqrt((2 * log_p / 3) ** 2 + 8 * log_p * batch_size)) / 2
+    return math.ceil(batch_size + t)
+
+
+def integer_scale(nodes: int, batch_size: int, noise_room: int = 64) -> int:
+    """Distributed DP's integer units per clipping norm: see the module docstring."""
+    room = (2**31 - 1 - nodes) / (nodes * batch_bound(batch_size) + noise_room)
+    return 2 ** int(math.floor(math.log2(room)))
 
 
 def round_refusal(nodes: int, colluders: int) -> str | None:

@@ -7,6 +7,7 @@ Skellam distribution for the sum of noise shares.
 
 from __future__ import annotations
 
+import json
 import math
 
 import dp_accounting
@@ -14,6 +15,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
+from shared import secagg_wire as wire
 from shared.accounting import (
     RDP_ORDERS,
     counted_noise,
@@ -122,3 +124,109 @@ def test_a_node_counts_only_the_shares_of_honest_nodes_it_does_not_know():
     assert counted_noise(shares, colluders=1) == 1.0 + 2.0 + 3.0  # the smallest 5 - 1 - 1
     assert counted_noise(shares, colluders=0) == 1.0 + 2.0 + 3.0 + 4.0
     assert counted_noise(shares[:2], colluders=1) == 0.0  # nothing to count on: the node must refuse
+
+
+# ------------------------------------------------------------------ distributed DP inside the secure sum
+
+
+def _planner(needs: dict[str, float]):
+    """A planner as client.app's, with a fixed need per node (its data and ledger stand behind it there)."""
+    from client.privacy import DistributedPlan
+
+    def plan(node, cfg, meta, counted_shares, scale):
+        need = needs[node.node_name]
+        return DistributedPlan(need / counted_shares, need, 1.0, 1.0, 0.1, 0.0, 1.0, 0.0, 2.0)
+
+    return plan
+
+
+def _distributed(tmp_path, n=5, colluders=0, needs=None):
+    from shared.config import RunConfig
+    from tests.support.secagg_federation import Federation
+
+    cfg = RunConfig(dp=True, secagg=True, dp_mode="distributed", batch_size=10, dp_max_grad_norm=0.5,
+                    learning_rate=0.01)
+    needs = needs or {f"org-{i + 1}": 100.0 * (i + 1) for i in range(n)}
+    fed = Federation(tmp_path, n, colluders=colluders, cfg=cfg, plan_share=_planner(needs))
+    rng = np.random.default_rng(3)
+    for node in fed.nodes.values():  # integers, as a node's rounded gradient sum plus noise; some near +-2^31
+        node.update = [rng.integers(-(2**28), 2**28, s) for s in ((6, 4), (10,))]
+        node.update[1][0] = 2**31 // n - 1 if node.node_id % 2 else -(2**31 // n) + 1
+    return fed
+
+
+class _Recording:
+    """The coordinator's optimizer, recording the mean gradient it is handed."""
+
+    def __init__(self):
+        self.grads = []
+
+    def step(self, grad):
+        self.grads.append(grad)
+        return np.zeros_like(grad)
+
+
+def test_the_unmasked_signed_sum_is_the_exact_integer_sum_near_the_modulus_and_with_dropouts(tmp_path):
+    from server.secagg import SecureAggregation
+
+    fed = _distributed(tmp_path)
+    gone = sorted(fed.nodes)[-1]
+    recording = _Recording()
+
+    class Drop(SecureAggregation):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.server_optimizer = recording
+
+        def _collect(self, grid, context, state):
+            grid.offline = {gone}
+            return super()._collect(grid, context, state)
+
+    _, workflow = fed.run(Drop)
+    survivors = [n for n in sorted(fed.nodes) if n != gone]
+    exact = sum(np.concatenate([u.ravel() for u in fed.nodes[n].update]).astype(np.int64) for n in survivors)
+    params = workflow.last_parameters
+    got = recording.grads[0] * (len(survivors) * fed.cfg.batch_size) * params["scale"] / params["clip"]
+    assert np.array_equal(np.rint(got).astype(np.int64), exact)
+    assert params["mode"] == "distributed" and params["dropped"] == 1
+
+
+def test_every_node_adds_at_least_the_largest_need_and_counts_only_honest_shares(tmp_path):
+    from server.secagg import SecureAggregation
+    from tests.support.secagg_federation import Federation  # noqa: F401 (the harness the helper builds on)
+
+    fed = _distributed(tmp_path, n=5, colluders=1, needs={"org-1": 800.0, "org-2": 100.0, "org-3": 100.0,
+                                                           "org-4": 100.0, "org-5": 100.0})
+    plans = {}
+
+    class Record(SecureAggregation):
+        def _collect(self, grid, context, state):
+            ok = super()._collect(grid, context, state)
+            for node in fed.nodes.values():
+                plans[node.name] = json.loads(node.context.state.config_records["fedchat.secagg.state"]["json"])["plan"]
+            return ok
+
+    fed.run(Record)
+    counted_shares = 4 - 1 - 1  # at least 4 survivors of 5 with one colluder; minus the observer's own
+    for plan in plans.values():  # the largest need announced (800, rounded up to a power of 2^(1/4)), over 2 shares
+        assert 800 <= plan["counted"] == counted_shares * plan["common"] <= 800 * 2**0.25
+        assert plan["share"] >= plan["common"]
+
+
+def test_a_coordinator_cannot_announce_a_smaller_need_for_a_node(tmp_path):
+    from server.secagg import SecureAggregation
+
+    fed = _distributed(tmp_path, n=3)
+    victim = sorted(fed.nodes)[0]
+
+    class Shrink(SecureAggregation):
+        def _share_keys(self, grid, context, state):
+            blob, signature, ad = state.ads[victim]
+            fields = {k: v for k, v in ad.items() if k not in ("protocol", "kind", "roster", "run", "round")}
+            state.ads[victim] = (wire.statement("advertisement", ad["roster"], ad["run"], ad["round"],
+                                                **{**fields, "noise_need": 1.0}), signature, ad)
+            return super()._share_keys(grid, context, state)
+
+    _, workflow = fed.run(Shrink)
+    assert workflow.last_parameters["halted_at"] == wire.SHARE_KEYS
+    assert all(n.trained == 0 for n in fed.nodes.values())

@@ -226,8 +226,8 @@ def test_an_invalid_entry_is_never_written(tmp_path, key, bad, expected):
 
 def test_lines_of_format_1_stay_valid_and_keep_their_spent_budget(tmp_path, key):
     """Migration: a ledger written before format versions (version 1: no "version" field) opens, its
-    epsilon counts in the next plan, the node appends version-2 lines after it, and the audit passes;
-    a version-1 line after a version-2 one, or an unknown version, is refused."""
+    epsilon counts in the next plan, the node appends lines of the newest version after it, and the audit
+    passes; a version-1 line after a newer one, or an unknown version, is refused."""
     path = tmp_path / "ledger.jsonl"
     history = [(0.9, 0.02, 10)] * 3
     old = [entry(r, history[:r]) for r in (1, 2, 3)]
@@ -239,19 +239,20 @@ def test_lines_of_format_1_stay_valid_and_keep_their_spent_budget(tmp_path, key)
                           batch_size=8, local_steps=10, rounds_left=1, accountant="prv")
         assert plan.epsilon_before == pytest.approx(compute_epsilon(history, 1e-5, "prv"))  # spent budget kept
         new = book.append(entry(4, history + [(0.9, 0.02, 10)], run="run-2", first_contact=True))
-    assert new["version"] == ledger.VERSION == 2 and new["first_contact"] is True
+    assert new["version"] == ledger.VERSION == 3 and new["first_contact"] is True
+    assert new["dp_mode"] == "local" and new["local_epsilon"] == new["epsilon"]
     audit = audit_ledger(path, tmp_path / "ledger-key.pem")
     assert audit.ok, audit.problems
     assert audit.epsilon_recomputed == pytest.approx(compute_epsilon(history + [(0.9, 0.02, 10)], 1e-5, "prv"))
     lines = ledger.read_lines(path)
     downgraded = [json.loads(line) for line in lines] + [entry(5, None)]
     rewrite(path, signed_lines(downgraded, key))
-    with pytest.raises(LedgerError, match="format version 1 after version 2"):
+    with pytest.raises(LedgerError, match="format version 1 after version 3"):
         with ledger.open_for_training(path, key):
             pass
-    assert "line 5: format version 1 after version 2" in " ".join(audit_ledger(path, tmp_path / "ledger-key.pem")
+    assert "line 5: format version 1 after version 3" in " ".join(audit_ledger(path, tmp_path / "ledger-key.pem")
                                                                    .problems)
-    rewrite(path, signed_lines([{**entry(1, None), "version": 3, "first_contact": False}], key))
-    with pytest.raises(LedgerError, match="unknown ledger format version 3"):
+    rewrite(path, signed_lines([{**entry(1, None), "version": 4, "first_contact": False}], key))
+    with pytest.raises(LedgerError, match="unknown ledger format version 4"):
         with ledger.open_for_training(path, key):
             pass

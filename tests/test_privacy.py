@@ -60,7 +60,7 @@ def test_the_accounting_lives_in_shared_for_node_and_auditor():
 
     for name in ("compute_epsilon", "calibrate_noise", "ledger_history", "check_delta"):
         assert getattr(client.privacy, name) is getattr(shared.accounting, name)
-    assert shared.audit.compute_epsilon is shared.accounting.compute_epsilon
+    assert shared.audit.ledger_epsilons is shared.accounting.ledger_epsilons
     for path in (Path(shared.accounting.__file__).parent).glob("*.py"):  # shared/ uses no role package
         for node in ast.walk(ast.parse(path.read_text())):
             names = [a.name for a in node.names] if isinstance(node, ast.Import) else \

@@ -65,10 +65,11 @@ class SimNode:
     context: Context = field(default=None)
     trained: int = 0
     refusals: list[str] = field(default_factory=list)
+    plan_share: object = None  # distributed DP's planner (client.app.plan_distributed_share's signature)
 
     def __post_init__(self) -> None:
         self.context = Context(run_id=1, node_id=self.node_id, node_config={}, state=RecordDict(), run_config={})
-        self.mod = secure_aggregation(lambda context, run: self.config)
+        self.mod = secure_aggregation(lambda context, run: self.config, self.plan_share)
 
     def train(self, msg: Message, context: Context) -> Message:
         self.trained += 1
@@ -143,7 +144,7 @@ class Federation:
     """`n` nodes with identity keys and one approved roster; node i's update is known to the test."""
 
     def __init__(self, folder: Path, n: int, colluders: int | None = None, cfg: RunConfig | None = None,
-                 **node_settings) -> None:
+                 plan_share=None, **node_settings) -> None:
         self.folder, self.cfg = folder, cfg or RunConfig(learning_rate=0.05, local_steps=2, secagg=True)
         rng = np.random.default_rng(7)
         bound = self.cfg.update_bound
@@ -153,7 +154,7 @@ class Federation:
             name, node_id = f"org-{i + 1}", 1000 + 17 * i
             keys[name] = create_identity_key(folder / name / "identity-key.pem")
             update = [rng.uniform(-bound, bound, s) for s in SHAPES]
-            self.nodes[node_id] = SimNode(node_id, name, None, update, weight=50 + 10 * i)
+            self.nodes[node_id] = SimNode(node_id, name, None, update, weight=50 + 10 * i, plan_share=plan_share)
         self.roster = Roster("test", 1, (n - 1) // 2 if colluders is None else colluders,
                              tuple(Member(name, raw_public_hex(k)) for name, k in keys.items()), None)
         write_roster(folder / "roster.json", self.roster)
