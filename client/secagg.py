@@ -35,6 +35,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -336,8 +337,6 @@ class NodeProtocol:
 
     def _masked_vector(self, update: list[np.ndarray], num_examples: int, view: list[int], peers: dict,
                        ctx: bytes) -> np.ndarray:
-        from client.train import dp_streams, secure_seed  # the CSPRNG-seeded streams of DP training
-
         p = self.round.data["parameters"]
         if p["mode"] == "distributed":  # integers already: the gradient sum in scale units plus the noise share
             ints = np.concatenate([np.asarray(u).ravel() for u in update])
@@ -352,7 +351,9 @@ class NodeProtocol:
                                                                                                  p["max_weight"])
             vector = np.empty(flat.size + 1, dtype=np.uint32)
             vector[0] = weight
-            vector[1:] = masking.quantise(flat, p["clip"], p["levels"], dp_streams(secure_seed())[0])
+            # Rounding at random from 256 bits of the OS (the node's other processes need not load torch for it).
+            rng = np.random.Generator(np.random.PCG64DXSM(np.random.SeedSequence(int.from_bytes(os.urandom(32)))))
+            vector[1:] = masking.quantise(flat, p["clip"], p["levels"], rng)
         vector += masking.mask_stream(bytes.fromhex(self.round.data["seed"]),
                                       masking.self_label(ctx, self.node_id), vector.size)
         mask_sk = bytes.fromhex(self.round.data["mask_sk"])
