@@ -230,3 +230,34 @@ def test_a_coordinator_cannot_announce_a_smaller_need_for_a_node(tmp_path):
     _, workflow = fed.run(Shrink)
     assert workflow.last_parameters["halted_at"] == wire.SHARE_KEYS
     assert all(n.trained == 0 for n in fed.nodes.values())
+
+
+def test_a_ledger_of_local_then_distributed_rounds_is_audited_on_both_epsilons(tmp_path):
+    """Migration and audit: format-1 lines of local DP keep their spent budget when distributed rounds follow
+    (both epsilons compose every round), and the audit recomputes both, failing a line that understates either."""
+    from client.privacy import plan_distributed_round
+    from shared import ledger
+    from shared.accounting import compute_epsilon, ledger_epsilons
+    from shared.audit import audit_ledger
+    from shared.crypto import load_or_create_signing_key
+    from tests.support.ledger import entry, rewrite, signed_lines
+
+    key = load_or_create_signing_key(tmp_path / "ledger-key.pem")
+    path = tmp_path / "ledger.jsonl"
+    history = [(0.9, 0.02, 10)] * 2
+    rewrite(path, signed_lines([entry(r, history[:r]) for r in (1, 2)], key))  # format 1, local DP
+    with ledger.open_for_training(path, key) as book:
+        plan = plan_distributed_round(book.entries, target_epsilon=8.0, local_cap=64.0, delta=1e-5,
+                                      num_conversations=400, batch_size=8, rounds_left=2, scale=2**20, values=1000,
+                                      counted_shares=2, accountant="prv")
+        assert plan.epsilon_before == pytest.approx(compute_epsilon(history, 1e-5, "prv"), rel=0.05)  # kept
+        assert plan.epsilon_after <= 8.0 and plan.local_after <= 64.0 and plan.local_after > plan.epsilon_after
+        line = book.append({**entry(3, None), **plan.ledger_fields()})
+    audit = audit_ledger(path, tmp_path / "ledger-key.pem")
+    assert audit.ok, audit.problems
+    dist, local = ledger_epsilons(ledger.verify_lines(path, ledger.read_lines(path), key.public_key()), 1e-5, "prv")
+    assert audit.epsilon_recomputed == pytest.approx(dist) and line["local_epsilon"] == pytest.approx(local)
+    lines = [json.loads(x) for x in ledger.read_lines(path)]
+    lines[-1]["local_epsilon"] = line["local_epsilon"] / 2  # understated, and re-signed with the node's own key
+    rewrite(path, signed_lines(lines, key))
+    assert any("claims local epsilon" in p for p in audit_ledger(path, tmp_path / "ledger-key.pem").problems)
