@@ -28,6 +28,7 @@ import pytest
 from fedchat.app_bundle import build_bundle, load_bundle_file, unpack_bundle
 from fedchat.cli import main as fedchat_main
 from fedchat.service_config import ConfigFileError, node_command, read_node_file
+from shared.crypto import create_identity_key, raw_public_hex
 
 ROOT = Path(__file__).resolve().parents[1]
 CONVERSATION = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]}
@@ -98,8 +99,19 @@ def test_node_approve_lists_the_bundle_and_records_its_hash(app, tmp_path, capsy
     assert "# the operator's comment" in text and "[connection]  # kept" in text  # the rest of the file is kept
     assert fedchat_main(["node", "approve", str(path), sha, "--app", str(app)]) == 0  # the bare hash of this app
     assert read_node_file(path).approved == (sha,)  # recorded once
+    # with the roster approved too (secure aggregation: its identity key listed), the config checks out
+    key_paths = {"org-1": tmp_path / "node" / "state" / "identity-key.pem",  # the node's default place
+                 **{f"org-{i}": tmp_path / "peers" / f"org-{i}.pem" for i in (2, 3)}}
+    keys = {name: raw_public_hex(create_identity_key(key)) for name, key in key_paths.items()}
+    roster = tmp_path / "node" / "roster-v1.json"
+    assert fedchat_main(["roster", "init", "--federation", "test", *(f"--member={n}={k}" for n, k in keys.items()),
+                         "--out", str(roster)]) == 0
+    assert fedchat_main(["roster", "approve", str(path), str(roster)]) == 0
+    assert read_node_file(path).approved == (sha,)  # the bundle's approval is kept beside the roster's
+    capsys.readouterr()
     assert fedchat_main(["node", "check-config", str(path)]) == 0
-    assert f"approved app bundle: sha256 {sha}" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert f"approved app bundle: sha256 {sha}" in out and "roster member org-1" in out
     assert "--isolation process" in " ".join(node_command(read_node_file(path)))  # the SuperNode runs no ClientApp
 
 
