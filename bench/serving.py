@@ -238,7 +238,7 @@ def markdown(r: dict) -> str:
         "| server | clients | completion tokens/s | TTFT p50 | TTFT p90 | latency p50 |",
         "|---|---|---|---|---|---|",
     ]
-    for server in SERVERS:
+    for server in r["servers"]:
         for clients in s["clients"]:
             row = by[(server, clients)]
             lines.append(f"| {server} | {clients} | {row['tokens_per_s']:.1f} | {row['ttft_p50']:.2f} s | "
@@ -248,10 +248,12 @@ def markdown(r: dict) -> str:
     top, h = max(s["clients"]), r["second_arrives"]
     lines += ["", f"fedchat serve, one client / direct `generate`: **{r['ratio_vs_direct']:.2f}x** (goal >= 0.95, "
               f"1.0 hoped); at {top} clients / 1 client: **{r['ratio']:.2f}x** (goal >= 2.5); "
-              f"fedchat serve / transformers serve at {top} clients: **{r['ratio_vs_transformers']:.2f}x**; "
-              f"TTFT p90 at {top} clients: **{by[(SERVERS[0], top)]['ttft_p90']:.2f} s**. Same greedy answers: "
-              f"fedchat serve and transformers serve {r['same_answers']} of {len(PROMPTS)} prompts, fedchat serve "
-              f"and direct `generate` {r['same_answers_direct']} of {len(PROMPTS)}.",
+              + (f"fedchat serve / transformers serve at {top} clients: **{r['ratio_vs_transformers']:.2f}x**; "
+                 if r["ratio_vs_transformers"] is not None else "")
+              + f"TTFT p90 at {top} clients: **{by[(SERVERS[0], top)]['ttft_p90']:.2f} s**. Same greedy answers: "
+              + (f"fedchat serve and transformers serve {r['same_answers']} of {len(PROMPTS)} prompts, "
+                 if r["same_answers"] is not None else "")
+              + f"fedchat serve and direct `generate` {r['same_answers_direct']} of {len(PROMPTS)} prompts.",
               "", f"A second request arriving mid-answer (fedchat serve, {h['pairs']} pairs, medians): the first "
               f"answer takes {h['first_with_second_s_p50']:.2f} s against {h['first_alone_s_p50']:.2f} s alone "
               f"(same text {h['first_same_answer']} of {h['pairs']}); the second's first token comes after "
@@ -265,11 +267,19 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=2, help="tries of each (server, clients) level; best kept")
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 4, 8])
     parser.add_argument("--results", type=Path, default=RESULTS, help="where serving.json and serving.md go")
+    parser.add_argument("--threads", type=int, help="torch threads of the servers and of direct generate (default: "
+                        "torch's, the cores); 1 keeps a loaded machine from stalling torch's thread barriers")
+    parser.add_argument("--no-transformers-serve", action="store_true",
+                        help="fedchat serve and direct generate only (transformers serve is slow on a loaded machine)")
     parser.add_argument("--note", default="", help="what else ran on the machine (kept in serving.json)")
     args = parser.parse_args()
     if 1 not in args.clients:
         parser.error("--clients must include 1: the ratio is against one client")
     quiet_library_warnings()
+    names = list(SERVERS[:1] if args.no_transformers_serve else SERVERS)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+        OFFLINE["OMP_NUM_THREADS"] = str(args.threads)  # the servers' environment
     started, load_before = time.perf_counter(), os.getloadavg()
     args.results.mkdir(parents=True, exist_ok=True)
 
@@ -279,7 +289,7 @@ def main() -> int:
         merged = build_merged(work)
         servers: list[Server] = []
         try:
-            for name in SERVERS:
+            for name in names:
                 say(f"starting {name} on {merged.name}")
                 servers.append(Server(name, merged, work / f"{name.split()[0]}.log"))
             direct = Direct(merged)
@@ -287,7 +297,7 @@ def main() -> int:
             answers = {server.name: [r["text"] for r in level(server, 1, args.max_tokens)["results"]]
                        for server in servers}
             answers[DIRECT] = [r["text"] for r in direct.level(args.max_tokens)["results"]]
-            same = sum(a == b for a, b in zip(answers[SERVERS[0]], answers[SERVERS[1]]))
+            same = sum(a == b for a, b in zip(answers[SERVERS[0]], answers[SERVERS[1]])) if len(names) > 1 else None
             same_direct = sum(a == b for a, b in zip(answers[SERVERS[0]], answers[DIRECT]))
             say(f"same greedy answer: both servers {same}, fedchat serve and generate {same_direct} of {len(PROMPTS)}")
             tries: dict[tuple[str, int], list[dict]] = {}
@@ -320,7 +330,8 @@ def main() -> int:
     result = {
         "ratio": round(by[(SERVERS[0], top)]["tokens_per_s"] / by[(SERVERS[0], 1)]["tokens_per_s"], 3),
         "ratio_vs_transformers": round(by[(SERVERS[0], top)]["tokens_per_s"] / by[(SERVERS[1], top)]["tokens_per_s"],
-                                       3),
+                                       3) if len(names) > 1 else None,
+        "servers": names,
         "ratio_vs_direct": round(by[(SERVERS[0], 1)]["tokens_per_s"] / by[(DIRECT, 1)]["tokens_per_s"], 3),
         "rows": rows,
         "second_arrives": arrives,

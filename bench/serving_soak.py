@@ -269,6 +269,7 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=120.0, help="length of each phase")
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--results", type=Path, default=RESULTS)
+    parser.add_argument("--threads", type=int, help="the server's torch threads (OMP_NUM_THREADS; default torch's)")
     parser.add_argument("--note", default="", help="what else ran on the machine (kept in the results)")
     args = parser.parse_args()
     quiet_library_warnings()
@@ -277,7 +278,8 @@ def main() -> int:
     model = resolve_base_model(BASE)
     log = Path(tempfile.gettempdir()) / f"fedchat-soak-{os.getpid()}.log"
     say(f"starting fedchat serve on {BASE}")
-    server = ServeProcess(["--model", str(model), *SERVER_ARGS], log, env=OFFLINE, timeout=300)
+    env = {**OFFLINE, **({"OMP_NUM_THREADS": str(args.threads)} if args.threads else {})}
+    server = ServeProcess(["--model", str(model), *SERVER_ARGS], log, env=env, timeout=300)
     try:
         soak = Soak(server, args.max_tokens)
         say("warming up")
@@ -301,7 +303,8 @@ def main() -> int:
     result = {
         "command": " ".join([".venv/bin/python -m bench.serving_soak", *sys.argv[1:]]),
         "date": time.strftime("%Y-%m-%d %H:%M:%S"), "model": f"{BASE} (embedded, cpu, float32)",
-        "server_args": SERVER_ARGS, "seconds": args.seconds, "max_tokens": args.max_tokens,
+        "server_args": SERVER_ARGS, "server_threads": args.threads or "torch's default", "seconds": args.seconds,
+        "max_tokens": args.max_tokens,
         "baseline": baseline, "abuse": abuse,
         "p90_ratio": round(abuse["latency_p90"] / baseline["latency_p90"], 3),
         "tokens_ratio": round(abuse["tokens_per_s"] / baseline["tokens_per_s"], 3),

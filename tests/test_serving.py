@@ -581,7 +581,8 @@ def test_a_prompt_that_cannot_fit_is_refused_before_it_is_tokenized(server, toke
                 assert probe.get("/health").status_code == 200
             thread.join()
     assert outcome["huge"]["code"] == "context_length_exceeded"
-    assert f"at least {len(text) // longest} tokens" in outcome["huge"]["message"]  # counted, not tokenized
+    counted = int(outcome["huge"]["message"].split("at least ")[1].split()[0])  # counted, not tokenized
+    assert len(text) // longest <= counted < len(text) // 5  # a bound from its length, not its tokens (~5 a word)
     assert outcome["long"]["code"] == "context_length_exceeded" and "in the messages" in outcome["long"]["message"]
 
 
