@@ -134,6 +134,17 @@ def write_threat_model_table(results: list[dict], path: Path = THREAT_MODEL) -> 
     path.write_text(head + START + "\n" + table(results) + "\n" + END + rest.split(END, 1)[1], encoding="utf-8")
 
 
+def record(fresh: dict[str, dict]) -> list[dict]:
+    """Merge this run's results into bench/results/mutants.json as it is now (another run of other rows may
+    have written it meanwhile), in tests/mutants.toml's order; results of mutants no longer there are dropped."""
+    previous = json.loads(RESULTS.read_text())["mutants"] if RESULTS.exists() else []
+    by_name = {**{r["name"]: r for r in previous}, **fresh}
+    results = [by_name[m["name"]] for m in load()[0] if m["name"] in by_name]
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps({"mutants": results}, indent=1) + "\n")
+    return results
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m tests.mutants", description=__doc__.split("\n\n")[0])
     p.add_argument("--row", action="append", help="only this row's mutants (repeatable); other results are kept")
@@ -149,8 +160,6 @@ def main(argv: list[str] | None = None) -> int:
     if not chosen:
         print(f"no mutants for row(s) {', '.join(args.row)} in {DATA}", file=sys.stderr)
         return 2
-    previous = json.loads(RESULTS.read_text())["mutants"] if RESULTS.exists() else []
-    by_name = {r["name"]: r for r in previous}
     cache = Path(os.environ.get("FEDCHAT_CACHE") or tempfile.mkdtemp(prefix="fedchat-mutants-cache-"))
     try:
         baseline([t for m in chosen for t in m["tests"]], cache, args.timeout)
@@ -158,20 +167,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ERROR: {exc}", file=sys.stderr)
         return 2
     print(f"baseline: the tests of {len(chosen)} mutants pass on the unchanged code", flush=True)
-    failed = 0
+    failed, fresh = 0, {}
     for m in chosen:
         try:
             result = judge(m, cache, args.timeout)
         except MutantError as exc:
             print(f"ERROR row {m['row']}: {exc}", file=sys.stderr)
             result = {"row": m["row"], "name": m["name"], "tests": m["tests"], "caught": False, "error": str(exc)[:500]}
-        by_name[m["name"]] = result
+        fresh[m["name"]] = result
         failed += not result["caught"]
         print(f"row {m['row']:>3}  {'caught' if result['caught'] else 'NOT CAUGHT'}  {m['name']}", flush=True)
-    names = [m["name"] for m in mutants]  # the data's order; results of removed mutants are dropped
-    results = [by_name[n] for n in names if n in by_name]
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps({"mutants": results}, indent=1) + "\n")
+    results = record(fresh)
     write_threat_model_table(results)
     print(f"{len(chosen) - failed} of {len(chosen)} mutants caught; results in {RESULTS.relative_to(ROOT)} and "
           f"{THREAT_MODEL.relative_to(ROOT)}")

@@ -59,15 +59,17 @@ def test_a_run_naming_a_local_path_as_base_model_is_refused_before_any_file_is_o
         assert "exist" not in message and "No such" not in message
 
 
-@pytest.mark.parametrize("key,value,cap", [("local_steps", 100_000, "max-local-steps"),
-                                           ("batch_size", 1_000_000, "max-batch-size"),
-                                           ("max_seq_len", 1_000_000, "max-seq-len"),
-                                           ("micro_batch_tokens", 10**9, "max-micro-batch-tokens"),
-                                           ("lora_r", 4096, "max-lora-r")])
-def test_unbounded_work_asked_by_the_coordinator_is_refused(tmp_path, key, value, cap):
-    """Threat: a coordinator exhausts a node's machine with unbounded steps, batch or sequence length."""
+@pytest.mark.parametrize("key,value,cap,limit", [("local_steps", 3, "max-local-steps", 2),
+                                                 ("batch_size", 5, "max-batch-size", 4),
+                                                 ("max_seq_len", 257, "max-seq-len", 256),
+                                                 ("micro_batch_tokens", 2049, "max-micro-batch-tokens", 2048),
+                                                 ("lora_r", 5, "max-lora-r", 4)])
+def test_unbounded_work_asked_by_the_coordinator_is_refused(tmp_path, key, value, cap, limit):
+    """Threat: a coordinator exhausts a node's machine with unbounded steps, batch or sequence length. Each
+    cap is set just below what the run asks (a node without the check would train at once, and the test
+    fails instead of exhausting the test machine)."""
     with pytest.raises(RoundRefused, match=cap):
-        _fit(_node(tmp_path), **{key: value})
+        _fit(_node(tmp_path, **{cap: limit}), **{key: value})
 
 
 def test_an_allowed_model_within_the_caps_trains(tmp_path):
