@@ -24,7 +24,7 @@ Kinds of rows:
 * deployment (--deployment): Flower's deployment engine as deploy/local-federation.sh runs it (TLS,
   authenticated SuperNodes, approved app bundle), synthetic updates; plaintext and fedchat only.
 
-A row reports the mean of the rounds after the first (the first also loads models and starts
+A row reports the median of the rounds after the first (the first also loads models and starts
 processes; the only one when --rounds is 1), per-stage seconds of the last round, bytes per node
 per round (the serialized message contents the coordinator meters, every stage), and peak RSS (the
 kernel's high-water mark, VmHWM, polled while the run lasts: coordinator = the simulation's driver,
@@ -73,7 +73,7 @@ def _run_config(spec: dict, out: Path):
 
 def _node_settings(spec: dict) -> dict:
     return {"require-secagg": spec["protocol"] != "plaintext",
-            "require-dp": bool(spec.get("run", {}).get("dp", False)), "target-epsilon": 1000.0}
+            "require-dp": bool(spec.get("run", {}).get("dp", False))}
 
 
 def run_synthetic(spec: dict, out: Path) -> dict:
@@ -187,7 +187,7 @@ def summary(report: dict) -> dict:
     warm = rounds[1:] or rounds
     last = rounds[-1]
     clients = last["clients"]
-    result = {"round_seconds": round(statistics.mean(r["seconds"] for r in warm), 3),
+    result = {"round_seconds": round(statistics.median(r["seconds"] for r in warm), 3),
               "round_seconds_all": [r["seconds"] for r in rounds], "status": [r["status"] for r in rounds],
               "bytes_up_per_node": sum(c.get("bytes_up", 0) for c in clients) / max(len(clients), 1),
               "bytes_down_per_node": sum(c.get("bytes_down", 0) for c in clients) / max(len(clients), 1),
@@ -270,7 +270,10 @@ def measure(spec: dict, log: Path, timeout: float | None = None) -> dict:
     started = shown = time.perf_counter()
     timed_out = False
     with open(log, "w") as f:
-        child = subprocess.Popen(argv, stdout=f, stderr=subprocess.STDOUT, cwd=Path(__file__).resolve().parents[1])
+        # On a loaded host Ray's workers can take longer than its 60 s to register, and the run then waits forever.
+        env = {**os.environ, "RAY_worker_register_timeout_seconds": "600"}
+        child = subprocess.Popen(argv, stdout=f, stderr=subprocess.STDOUT, cwd=Path(__file__).resolve().parents[1],
+                                 env=env)
         root = psutil.Process(child.pid)
         processes = [root]
         while child.poll() is None:
@@ -307,6 +310,9 @@ def measure(spec: dict, log: Path, timeout: float | None = None) -> dict:
         tail = "\n".join(log.read_text(errors="replace").splitlines()[-30:])
         raise SystemExit(f"{spec} failed (exit {child.returncode}); log {log}:\n{tail}")
     result = json.loads(lines[-1][len(RESULT_TAG):])
+    if any(status != "ok" for status in result["status"]):
+        tail = "\n".join(line for line in log.read_text(errors="replace").splitlines() if "Error" in line)[-3000:]
+        raise SystemExit(f"{spec}: rounds {result['status']}; log {log}:\n{tail}")
     result["peak_rss_mb_by_role"] = {k: round(v, 1) for k, v in sorted(peaks.items())}
     result["wall_seconds"] = wall
     return result
@@ -361,7 +367,7 @@ def run_specs(specs: list[dict], logs: Path, timeouts: dict[int, float] | None =
     return rows
 
 
-def _key(row: dict) -> tuple:
+def key(row: dict) -> tuple:
     return (row["kind"], row["nodes"], row["adapter_params"], row["protocol"], row.get("label"),
             row.get("base_model"))
 
@@ -371,8 +377,8 @@ def merge_rows(rows: list[dict]) -> list[dict]:
     replaced, which have no 'protocol', are dropped)."""
     path = RESULTS / "scale.json"
     old = [r for r in json.loads(path.read_text())["rows"] if "protocol" in r] if path.exists() else []
-    fresh = {_key(r) for r in rows}
-    merged = [r for r in old if _key(r) not in fresh] + rows
+    fresh = {key(r) for r in rows}
+    merged = [r for r in old if key(r) not in fresh] + rows
     return sorted(merged, key=lambda r: (r["kind"], r["adapter_params"], r["nodes"], PROTOCOLS.index(r["protocol"]),
                                          str(r.get("label"))))
 
@@ -386,7 +392,7 @@ def ratios(rows: list[dict]) -> list[dict]:
     for r in rows:
         if r["protocol"] != "fedchat" or r["kind"] == "parallel":
             continue
-        same = {p["protocol"]: p for p in rows if _key(p)[:3] == _key(r)[:3] and p.get("label") == r.get("label")
+        same = {p["protocol"]: p for p in rows if key(p)[:3] == key(r)[:3] and p.get("label") == r.get("label")
                 and p.get("base_model") == r.get("base_model")}
         entry = {"kind": r["kind"], "nodes": r["nodes"], "adapter_params": r["adapter_params"],
                  **({"base_model": r["base_model"]} if r.get("base_model") else {})}

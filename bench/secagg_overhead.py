@@ -1,18 +1,20 @@
 """What secure aggregation costs: plaintext, Flower's stock SecAgg+ and fedchat's secure sum, side by side.
 
-    nice -n 5 .venv/bin/python -m bench.secagg_overhead [--demo] [--only train synthetic] [--stock-timeout 700]
+    nice -n 5 .venv/bin/python -m bench.secagg_overhead [--demo] [--only train synthetic] [--stock-timeout 400]
+    .venv/bin/python -m bench.secagg_overhead --report   # tables, ratios and figure again from the JSON
 
 One run measures every configuration under the three protocols back to back (bench/scale.py runs each
 in a process of its own; bench/scale_app.py says what each protocol runs), so they share the machine's
 load, and records the load:
 
-* train: 5 nodes training the tiny model (4 rounds: the mean of the last 3), and with --demo the demo
+* train: 5 nodes training the tiny model (5 rounds: the median of the last 4), and with --demo the demo
   model smollm2-135m with DP (2 rounds: the second);
 * synthetic: random updates of 0.5M and 40M parameters at 5 and 20 nodes, and 0.5M at 100 nodes
-  (every pair of nodes shares keys under both secure protocols). Rounds: 3 (the mean of the last 2), 2
-  at 40M and 100 nodes (the second), 1 at 20 nodes x 40M (the first round's start-up of a few seconds is
-  small beside it). A Flower SecAgg+ configuration that runs past --stock-timeout is stopped: its row
-  then says how long it ran and which of its rounds and stages had finished.
+  (every pair of nodes shares keys under both secure protocols). Rounds: 3 at 0.5M and 5 or 20 nodes (the
+  median of the last 2); 1 at 40M and at 100 nodes (its start-up, a few seconds, is small beside such a
+  round, and the same for every protocol). A configuration that runs past its time limit (--stock-timeout
+  for Flower's SecAgg+, --timeout for the others) is stopped: its row then says how long it ran, the
+  rounds and stages that had finished, and the last progress line.
 
 Writes bench/results/secagg_overhead.json ({"rows": [...], "ratios", "goals", "machine", "load", "command"}),
 secagg_overhead.md, docs/results/secagg.png (round time against nodes and adapter size), and merges the
@@ -25,6 +27,7 @@ import argparse
 import json
 import os
 import shlex
+import statistics
 import sys
 import tempfile
 import time
@@ -42,11 +45,11 @@ def configurations(demo: bool, only: list[str]) -> list[dict]:
     """(spec without protocol) in the order they run: the cheap ones first."""
     out = []
     if "train" in only:
-        out.append({"kind": "train", "nodes": 5, "adapter_params": 0, "rounds": 4, "base_model": "tiny",
+        out.append({"kind": "train", "nodes": 5, "adapter_params": 0, "rounds": 5, "base_model": "tiny",
                      "run": scale.TINY_TRAIN})
     if "synthetic" in only:
         out += [{"kind": "synthetic", "nodes": n, "adapter_params": p, "rounds": r}
-                for n, p, r in ((5, SMALL, 3), (20, SMALL, 3), (5, LARGE, 2), (20, LARGE, 1), (100, SMALL, 2))]
+                for n, p, r in ((5, SMALL, 3), (20, SMALL, 3), (5, LARGE, 1), (100, SMALL, 1), (20, LARGE, 1))]
     if demo and "train" in only:
         out.append({"kind": "train", "nodes": 5, "adapter_params": 0, "rounds": 2, "base_model": "smollm2-135m",
                     "run": scale.DEMO_ROUND})
@@ -76,6 +79,12 @@ def goals(ratios: list[dict]) -> list[dict]:
     return out
 
 
+def _configuration(row: dict) -> tuple:
+    """What identifies a row's configuration (a train row's adapter size is measured, not asked for)."""
+    return (row["kind"], row["nodes"], row["protocol"], row.get("base_model"),
+            row["adapter_params"] if row["kind"] == "synthetic" else 0)
+
+
 def load() -> dict:
     return dict(zip(("1min", "5min", "15min"), (round(x, 2) for x in os.getloadavg())))
 
@@ -102,23 +111,42 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--demo", action="store_true", help="also 5 nodes training smollm2-135m with DP")
     parser.add_argument("--only", nargs="+", choices=("train", "synthetic"), default=["train", "synthetic"])
-    parser.add_argument("--stock-timeout", type=float, default=700.0,
+    parser.add_argument("--stock-timeout", type=float, default=400.0,
                         help="stop a Flower SecAgg+ configuration after this many seconds")
+    parser.add_argument("--timeout", type=float, default=900.0,
+                        help="stop any other synthetic configuration after this many seconds")
+    parser.add_argument("--resume", action="store_true",
+                        help="keep the rows of secagg_overhead.json and run only the configurations it lacks")
+    parser.add_argument("--report", action="store_true", help="rebuild the outputs from secagg_overhead.json")
     args = parser.parse_args(argv)
+    if args.report:
+        data = json.loads((RESULTS / "secagg_overhead.json").read_text())
+        for row in data["rows"]:  # the median of the rounds after the first, as scale.summary computes it
+            every = row.get("round_seconds_all")
+            if every and row.get("timed_out_after_seconds") is None:
+                row["round_seconds"] = round(statistics.median(every[1:] or every), 3)
+        write(data["rows"], data["command"], data["load"]["during_rows"], partial=not data["complete"])
+        return print((RESULTS / "secagg_overhead.md").read_text())
     command = "nice -n 5 .venv/bin/python -m bench.secagg_overhead " + shlex.join(sys.argv[1:] if argv is None
                                                                                  else argv)
     logs = Path(tempfile.mkdtemp(prefix="fedchat-secagg-overhead-"))
     print(f"logs in {logs}; load {load()}", flush=True)
     rows, loads = [], []
     todo = [{**c, "protocol": p} for c in configurations(args.demo, args.only) for p in scale.PROTOCOLS]
+    if args.resume:
+        data = json.loads((RESULTS / "secagg_overhead.json").read_text())
+        rows, loads, command = data["rows"], data["load"]["during_rows"], data["command"] + " (then --resume)"
+        done = {_configuration(r) for r in rows}
+        todo = [s for s in todo if _configuration(s) not in done]
     started = time.perf_counter()
     for i, spec in enumerate(todo):
         before = load()
-        timeout = args.stock_timeout if spec["protocol"] == scale.STOCK and spec["kind"] == "synthetic" else None
+        timeout = None if spec["kind"] != "synthetic" else \
+            args.stock_timeout if spec["protocol"] == scale.STOCK else args.timeout
         (row,) = scale.run_specs([spec], logs / f"{i:02d}", {0: timeout} if timeout else None)
         row["load_before"], row["load_after"] = before, load()
         rows.append(row)
-        loads.append({"row": i, "protocol": spec["protocol"], "before": before, "after": row["load_after"]})
+        loads.append({"row": len(rows) - 1, "protocol": spec["protocol"], "before": before, "after": row["load_after"]})
         write(rows, command, loads, partial=i + 1 < len(todo))
         print(f"   [{i + 1}/{len(todo)} done, {(time.perf_counter() - started) / 60:.1f} min so far, load "
               f"{row['load_after']}]", flush=True)
