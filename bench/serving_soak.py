@@ -12,8 +12,8 @@ phases of `--seconds` each, the same server:
    * stops: 4 stop strings of the maximal length (serving.protocol.MAX_STOP_CHARS, none ever said), 64
      tokens streamed, and every other request one stop string a character over the cap (400);
    * bodies: a 2 MiB Content-Length (413 before a byte is read), then 4 connections at once that send their
-     headers and 10 bytes of body, then a byte a second (408 at --body-timeout), then one that sends half a
-     request line and stops (closed at --header-timeout);
+     headers and 10 bytes of body, then a byte a second (408 at --body-timeout), and one that sends its
+     headers a byte a second (closed at --header-timeout);
    * disconnect: streams an answer of up to 512 tokens and closes the connection after 5 pieces;
    * flood: every 2 s, 40 requests at once (8 tokens each; the body of every other one never sent): what
      does not fit in batch and queue gets 503 with Retry-After before its body is read.
@@ -154,7 +154,7 @@ class Soak:
                 for _ in range(4)]
             for t in slow:
                 t.start()
-            self.outcome("bodies", "slow head: " + self._send(head.encode()[:30], b"x" * 100, pace=1.0))
+            self.outcome("bodies", "slow head: " + self._send(head.encode()[:30], head.encode()[30:], pace=1.0))
             for t in slow:
                 t.join()
 
