@@ -453,15 +453,15 @@ def panel(ax, rows: list[dict], x: str, title: str) -> None:
     """Round seconds against `x` ("nodes" or "adapter_params"), one line per protocol (and per the other
     variable's value); a stopped run is drawn as an open marker at the time it ran (a lower bound)."""
     other = "adapter_params" if x == "nodes" else "nodes"
-    for protocol, marker in zip(PROTOCOLS, "os^"):
-        for value in sorted({r[other] for r in rows}):
+    for protocol, marker, color in zip(PROTOCOLS, "os^", ("C0", "C1", "C2")):
+        for value, style in zip(sorted({r[other] for r in rows}), ("-", "--", ":", "-.")):
             series = sorted((r for r in rows if r["protocol"] == protocol and r[other] == value), key=lambda r: r[x])
-            if not series:
+            if len(series) < 2:  # a line needs two configurations
                 continue
             xs = [r[x] / (1e6 if x == "adapter_params" else 1) for r in series]
             ys = [r["round_seconds"] or r["timed_out_after_seconds"] for r in series]
             label = f"{protocol}, " + (f"{value / 1e6:g}M params" if other == "adapter_params" else f"{value} nodes")
-            line = ax.plot(xs, ys, marker + "-", label=label)[0]
+            line = ax.plot(xs, ys, marker + style, color=color, label=label)[0]
             for xv, r in zip(xs, series):
                 if r["round_seconds"] is None:
                     ax.plot([xv], [r["timed_out_after_seconds"]], marker, mfc="white", color=line.get_color(),
