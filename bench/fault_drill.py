@@ -4,7 +4,7 @@
 
 Runs as root (network namespaces). One topology (coordinator, wan proxy, 3 node hosts, TLS for
 coordinator.fedchat.test, SuperNode authentication) serves every fault; each fault gets fresh
-nodes and a 2-round run of the tiny model under SecAgg+ and DP (fedchat.drill). A fault is
+nodes and a 2-round run of the tiny model under secure aggregation and DP (fedchat.drill). A fault is
 survived when the run completes, or its faulted round fails with an error that says what happened
 and the next round runs with every node; no ledger line is lost, duplicated or corrupt; every
 update that reached the coordinator is bound to its node's ledger line; and nothing is left behind.
@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", nargs="+", choices=list(SCENARIOS), help="these faults only")
     parser.add_argument("--round-timeout", type=float, default=DrillSettings.secagg_timeout,
-                        help="secagg-timeout of the runs: seconds each SecAgg+ stage waits for the nodes")
+                        help="secagg-timeout of the runs: seconds each secure-aggregation stage waits for the nodes")
     parser.add_argument("--keep", type=Path, help="keep the drill's files (logs, ledgers, reports) in this folder")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format=FORMAT, datefmt="%H:%M:%S", stream=sys.stderr)
@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0 if all(o.survived for o in outcomes) and not left else 1
 
 
-REFUSED = re.compile(r"node (\S+) refuses SecAgg\+ stage '(\w+)'")
+REFUSED = re.compile(r"node (\S+) refuses secure-aggregation stage '([\w-]+)'")
 ERROR_ID = re.compile(r", error [0-9a-f]+\).*")  # the node's error id and where to find it: its operator's business
 
 
