@@ -145,8 +145,8 @@ def test_an_exhausted_node_is_left_out_before_key_sharing(tmp_path):
     first, second = report["rounds"]
     for row in (first, second):  # the run goes on with the three nodes that can train
         assert row["status"] == "ok" and {c["node"] for c in row["clients"]} == {"org-2", "org-3", "org-4"}
-        assert row["secagg"]["nodes"] == 3 and row["secagg"]["active_after_stage"]["setup"] == 3
-        assert all(c["status"] == "ok" and c["num_examples"] > 0 for c in row["clients"])
+        assert row["secagg"]["nodes"] == 3 and row["secagg"]["active_after_stage"]["advertise"] == 3
+        assert all(c["status"] == "ok" for c in row["clients"]) and row["secagg"]["total_weight"] > 0
     # org-1 said so before key sharing (one bit, its own guard), and was not asked again.
     assert len(first["left_out"]) == 1 and "privacy budget is spent" in first["left_out"][0]["reason"]
     assert second["left_out"] == []
