@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from flwr.common.secure_aggregation.secaggplus_constants import Key, Stage
 
+from fedchat.simulation import one_ray_session
 from shared import masking
 from shared import secagg_wire as wire
 from tests.support.secagg_attacks import (
@@ -31,7 +32,6 @@ from tests.support.secagg_attacks import (
     fedchat_threshold,
     fold_collision,
     member_name,
-    one_ray_session,
     quantised,
     rebuilt_secrets,
     refusal,

@@ -34,7 +34,6 @@ import pickle
 import random
 import time
 from collections.abc import Callable
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -430,21 +429,6 @@ FEDCHAT = FedchatSecAgg()
 
 
 # ------------------------------------------------------------------ running an attack
-
-
-@contextmanager
-def one_ray_session():
-    """One Ray session for every simulation inside: Flower's Ray backend shuts Ray down after each run,
-    and starting it again costs tens of seconds on 2 cores. Shut down for real at the end."""
-    import ray
-
-    shutdown = ray.shutdown
-    ray.shutdown = lambda *args, **kwargs: None
-    try:
-        yield
-    finally:
-        ray.shutdown = shutdown
-        shutdown()
 
 
 def run_attack(attack: Attack, protocol: Protocol, leak_dir: str | Path, hooks: Hooks) -> Transcript:
