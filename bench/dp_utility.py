@@ -50,8 +50,8 @@ def rouge_of(adapter: str | None, base_model: str, heldout, max_len: int, max_ne
     """ROUGE-L, BLEU and chrF of base + adapter (or the base alone) on the held-out questions."""
     import torch
 
-    from server.merge import merged_in_memory
     from shared.evaluation import score_model
+    from shared.merge import merged_in_memory
     from shared.model import load_model, load_tokenizer, resolve_base_model
 
     cpu = torch.device("cpu")

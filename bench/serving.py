@@ -45,11 +45,11 @@ import torch
 from bench.common import RESULTS
 from fedchat.serve_process import ServeProcess
 from server.checkpoint import RunState, round_dir, save_checkpoint
-from server.merge import merge_adapter
 from serving.engine import PAGE_TOKENS, PREFILL_TOKENS
 from shared.adapter import attach_adapter, exchanged_names, get_arrays, set_arrays
 from shared.config import RunConfig
 from shared.logs import quiet_library_warnings
+from shared.merge import merge_adapter
 from shared.model import load_model, load_tokenizer, resolve_base_model
 
 BASE = "smollm2-135m"

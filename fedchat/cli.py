@@ -80,7 +80,7 @@ def cmd_demo(args) -> int:
 
 
 def cmd_merge(args) -> int:
-    from server.merge import merge_adapter
+    from shared.merge import merge_adapter
 
     print(merge_adapter(args.adapter, args.out, base_model=args.base_model, overwrite=args.force))
     return 0

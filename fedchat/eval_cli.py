@@ -13,7 +13,7 @@ log = logging.getLogger("fedchat.eval")
 
 def _load(spec: str, adapter: str | None, device, dtype):
     """(model, tokenizer, name): a model folder or name, with an adapter merged in memory if given."""
-    from server.merge import merged_in_memory
+    from shared.merge import merged_in_memory
     from shared.model import load_model, load_tokenizer, resolve_base_model
 
     if adapter:

@@ -209,8 +209,8 @@ def score_best(adapter: str, base_model: str, eval_file: Path, max_len: int) -> 
     """ROUGE-L, BLEU, chrF (and loss) of base + best adapter beside the base, on the held-out file."""
     import torch
 
-    from server.merge import merged_in_memory
     from shared.evaluation import REPORT_CONVERSATIONS, REPORT_NEW_TOKENS, evaluation_report, load_heldout, score_model
+    from shared.merge import merged_in_memory
     from shared.model import load_model, load_tokenizer
 
     heldout = load_heldout(eval_file, REPORT_CONVERSATIONS)

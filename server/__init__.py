@@ -1,1 +1,1 @@
-"""The coordinator: ServerApp, aggregation, checkpoints, merge, serving."""
+"""The coordinator: ServerApp, secure-aggregation workflow, aggregation, checkpoints, evaluation, reports."""

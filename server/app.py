@@ -139,7 +139,7 @@ class Coordinator:
         return scores
 
     def merge(self) -> Path:
-        from server.merge import merge_adapter
+        from shared.merge import merge_adapter
 
         target = self.out / "models" / f"merged-round-{self.state.round:04d}"
         merge_adapter(self.out / "adapter", target, overwrite=True)

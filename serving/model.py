@@ -15,10 +15,10 @@ from pathlib import Path
 
 import torch
 
-from server.merge import MERGED_META, merged_in_memory
 from serving.config import ModelSource
 from shared.adapter import ADAPTER_META
 from shared.errors import ModelError
+from shared.merge import MERGED_META, merged_in_memory
 from shared.model import load_model, load_tokenizer, select_device, select_dtype
 
 log = logging.getLogger("fedchat.serve")

@@ -7,10 +7,10 @@ import torch
 from peft import PeftModel
 
 from server.checkpoint import RunState, check_resumable, latest_checkpoint, load_state, save_checkpoint
-from server.merge import merge_adapter
 from shared.adapter import attach_adapter, exchanged_names, get_arrays, save_adapter, set_arrays
 from shared.config import RunConfig
 from shared.errors import CheckpointError, ModelError
+from shared.merge import merge_adapter
 from shared.model import load_model
 
 

@@ -27,7 +27,6 @@ from openai import OpenAI
 
 from fedchat.serve_process import ServeProcess
 from server.checkpoint import RunState, publish_link, round_dir, save_checkpoint
-from server.merge import merge_adapter
 from serving.config import MAX_BODY_BYTES, ModelSource, ServeConfig
 from serving.engine import Engine, Generation, GenerationParams, TextStream
 from serving.model import ModelWatcher, load_served
@@ -36,6 +35,7 @@ from serving.sampling import request_rng, sample
 from shared.adapter import attach_adapter, exchanged_names, get_arrays, set_arrays
 from shared.config import RunConfig
 from shared.errors import ConfigError
+from shared.merge import merge_adapter
 from shared.model import load_model
 
 REPO = Path(__file__).resolve().parents[1]
