@@ -10,7 +10,7 @@ and the next round runs with every node; no ledger line is lost, duplicated or c
 update that reached the coordinator is bound to its node's ledger line; and nothing is left behind.
 
 Writes bench/results/faults.json ({"faults": [{"name", "survived", "ledger_entries_lost",
-"rounds_completed", "detail"}], ...}) and faults.md, the table the README shows. Exits 1 if a
+"rounds_completed", "detail"}], ...}) and faults.md, the table docs/results/faults.md shows. Exits 1 if a
 fault was not survived or something was left behind.
 """
 
