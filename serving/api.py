@@ -9,8 +9,15 @@
 
 Errors have OpenAI's body, {"error": {"message", "type", "param", "code"}}, and status:
 401 missing or wrong API key, 400 malformed JSON or a bad parameter or a prompt that does
-not fit the context, 404 unknown model or route, 413 a body over --max-body-bytes, 503 queue
+not fit the context, 404 unknown model or route, 408 a body slower than --body-timeout, 413 a
+body over --max-body-bytes, 429 a client over its share (--max-client-requests), 503 queue
 full, 500 an internal failure.
+
+Fairness: a client is its IP address (an IPv6 address by its /64 network, which one host
+usually holds whole), or the --client-header a reverse proxy sets. It may hold at most
+--max-client-requests places (generating, waiting, or having its body read); one more is
+refused with 429 and Retry-After before its body is read. Batch slots go round robin across
+clients (serving.engine.Batcher), so a client flooding the queue waits behind its own requests.
 
 What a client can learn is kept small: no response holds a file path, and a 500 says only
 that the server failed, with a request id; the exception and its traceback go to the log
@@ -45,7 +52,7 @@ from starlette.requests import ClientDisconnect
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from serving.config import API_KEY_ENV, ModelSource, ServeConfig
-from serving.engine import Admission, Engine, Generation, GenerationParams, Job, QueueFullError
+from serving.engine import Admission, ClientBusyError, Engine, Generation, GenerationParams, Job, QueueFullError
 from serving.model import ModelWatcher, PromptTooLong, ServedModel, model_loader
 from serving.protocol import (
     AssistantMessage,
@@ -253,7 +260,7 @@ def create_app(engine: Engine, cfg: ServeConfig) -> FastAPI:
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         authorize(request)
-        place = _admit(engine)  # before a byte of the body is read: a full server refuses at once
+        place = _admit(engine, client_of(request, cfg.client_header))  # before a byte of the body is read
         try:
             return await completion(request, place)
         finally:
@@ -267,7 +274,7 @@ def create_app(engine: Engine, cfg: ServeConfig) -> FastAPI:
         loop = asyncio.get_running_loop()
         if body.stream:
             events: asyncio.Queue = asyncio.Queue()
-            job = Job(gen, _emitter(loop, events.put_nowait), request_id=reply_id)
+            job = Job(gen, _emitter(loop, events.put_nowait), request_id=reply_id, client=place.client)
             reply = _Reply(reply_id, cfg.model_name, engine.submit(job, served, place))
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             # the background task also frees the slot if the client leaves before the stream starts
@@ -284,7 +291,7 @@ def create_app(engine: Engine, cfg: ServeConfig) -> FastAPI:
             else:
                 finish(event)
 
-        job = Job(gen, emit, request_id=reply_id)
+        job = Job(gen, emit, request_id=reply_id, client=place.client)
         reply = _Reply(reply_id, cfg.model_name, engine.submit(job, served, place))
         gone = asyncio.ensure_future(_disconnected(request))
         try:
@@ -313,11 +320,32 @@ def _public_name(base_model: str | None) -> str | None:
 RETRY_AFTER_S = 2  # what a refused client is told to wait: about the time one answer of a full batch takes
 
 
-def _admit(engine: Engine) -> Admission:
-    """A place for the request, or 503 (queue_full) before its body is read: the connection then closes,
-    so the body is never read."""
+def client_of(request: Request, header: str | None = None) -> str:
+    """Who sent the request, for per-client fairness: `header`'s last comma-separated item when the
+    operator names one (the address a reverse proxy saw), else the peer's address; an IPv6 address by
+    its /64 network (one host usually holds a whole /64, and could take a new address per request)."""
+    value = request.headers.get(header, "") if header else ""
+    address = value.rsplit(",", 1)[-1].strip() if value.strip() else (request.client.host if request.client else "")
     try:
-        return engine.admit()
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return address
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:  # an IPv4 client on a dual-stack socket
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.ip_network(f"{ip}/64", strict=False))
+    return str(ip)
+
+
+def _admit(engine: Engine, client: str) -> Admission:
+    """A place for the request, or 429 (the client holds its share) or 503 (queue_full) before its body is
+    read: the connection then closes, so the body is never read."""
+    try:
+        return engine.admit(client)
+    except ClientBusyError as exc:
+        raise APIError(429, f"Too many requests from you at once: {exc}", type="requests",
+                       code="rate_limit_exceeded",
+                       headers={"Retry-After": str(RETRY_AFTER_S), "Connection": "close"}) from None
     except QueueFullError as exc:
         raise APIError(503, f"The server is busy: {exc}", type="server_error", code="queue_full",
                        headers={"Retry-After": str(RETRY_AFTER_S), "Connection": "close"}) from None
@@ -472,7 +500,8 @@ def run_server(cfg: ServeConfig) -> None:
     sock = _listen(cfg.host, cfg.port)
     try:
         served = load(source)
-        engine = Engine(served, max_queue=cfg.max_queue, max_batch=cfg.max_batch, kv_cache_tokens=cfg.kv_cache_tokens)
+        engine = Engine(served, max_queue=cfg.max_queue, max_batch=cfg.max_batch, kv_cache_tokens=cfg.kv_cache_tokens,
+                        max_client_requests=cfg.max_client_requests)
         app = create_app(engine, cfg)
         if not _is_loopback(cfg.host) and cfg.api_key is None:
             log.warning("listening on %s without an API key: anyone who reaches this port can use the model "

@@ -11,6 +11,7 @@ from serving.config import (
     DTYPES,
     HEADER_TIMEOUT_S,
     MAX_BODY_BYTES,
+    MAX_CLIENT_REQUESTS,
     MAX_CONNECTIONS,
     ServeConfig,
 )
@@ -57,6 +58,13 @@ def add_serving_commands(sub) -> None:
                        help=f"seconds a request's body may take to arrive; then 408 (default {BODY_TIMEOUT_S:g})")
     serve.add_argument("--max-connections", type=int, default=MAX_CONNECTIONS,
                        help=f"open connections; a request on one more gets 503 (default {MAX_CONNECTIONS})")
+    serve.add_argument("--max-client-requests", type=int, default=MAX_CLIENT_REQUESTS,
+                       help="requests one client (one IP address, or --client-header) may have generating or waiting "
+                            "at once; more get 429 with Retry-After. Batch slots go round robin across clients "
+                            f"(default {MAX_CLIENT_REQUESTS})")
+    serve.add_argument("--client-header", metavar="NAME",
+                       help="behind a reverse proxy: the header it sets to the client's address (e.g. X-Forwarded-For; "
+                            "its last item counts); default: the peer address of the connection")
     serve.set_defaults(func=cmd_serve)
 
     chat = sub.add_parser("chat", help="chat in the terminal with a model folder or a running server",
@@ -83,7 +91,8 @@ def cmd_serve(args) -> int:
         dtype=args.dtype, max_queue=args.max_queue, max_batch=args.max_batch,
         kv_cache_tokens=args.kv_cache_tokens, default_max_tokens=args.default_max_tokens,
         max_body_bytes=args.max_body_bytes, header_timeout=args.header_timeout, body_timeout=args.body_timeout,
-        max_connections=args.max_connections))
+        max_connections=args.max_connections, max_client_requests=args.max_client_requests,
+        client_header=args.client_header))
     return 0
 
 

@@ -16,17 +16,20 @@ With ``watch`` the server follows ``WATCH/merged`` (serving merged models) or
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from shared.errors import ConfigError
 
 API_KEY_ENV = "FEDCHAT_API_KEY"
+_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # an HTTP header name (RFC 9110 token)
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 MAX_BODY_BYTES = 1 << 20  # 1 MiB: about 250,000 tokens of text, far more than any context served here
 HEADER_TIMEOUT_S = 10.0  # a request's head (request line and headers) must come within this of the connection
 BODY_TIMEOUT_S = 30.0  # and its body within this of its head: 1 MiB at 35 kB/s
 MAX_CONNECTIONS = 256  # open connections; a request on one more gets 503 at once (uvicorn's limit_concurrency)
+MAX_CLIENT_REQUESTS = 8  # places (generating or waiting) one client may hold: one batch's worth by default
 
 
 @dataclass(frozen=True)
@@ -64,6 +67,12 @@ class ServeConfig:
     header_timeout: float = HEADER_TIMEOUT_S
     body_timeout: float = BODY_TIMEOUT_S
     max_connections: int = MAX_CONNECTIONS
+    # Per-client fairness. A client is the peer's IP address (an IPv6 address by its /64 network), or,
+    # behind a reverse proxy, the value of `client_header` that the proxy sets (its last comma-separated
+    # item: the address the proxy saw). One client may hold at most `max_client_requests` places; more
+    # get 429 with Retry-After before the body is read. Batch slots go round robin across clients.
+    max_client_requests: int = MAX_CLIENT_REQUESTS
+    client_header: str | None = None
 
     def __post_init__(self) -> None:
         if self.model and (self.adapter or self.base):
@@ -100,6 +109,12 @@ class ServeConfig:
         if self.max_connections < self.max_batch + self.max_queue:
             raise ConfigError(f"--max-connections ({self.max_connections}) must be at least --max-batch + --max-queue "
                               f"({self.max_batch + self.max_queue}): every request needs a connection.")
+        if self.max_client_requests < 1:
+            raise ConfigError(f"--max-client-requests must be at least 1 (got {self.max_client_requests}): it is "
+                              "how many requests one client may have generating or waiting at once.")
+        if self.client_header is not None and not _TOKEN.fullmatch(self.client_header):
+            raise ConfigError(f"--client-header {self.client_header!r} is not an HTTP header name (e.g. "
+                              "X-Forwarded-For, X-Real-IP).")
         if self.dtype not in DTYPES:
             raise ConfigError(f"--dtype {self.dtype!r}: use one of {', '.join(DTYPES)}.")
         if not self.model_name or any(c.isspace() for c in self.model_name):

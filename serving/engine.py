@@ -59,6 +59,11 @@ class QueueFullError(FedchatError):
     """Too many requests are waiting: the client should retry later."""
 
 
+class ClientBusyError(FedchatError):
+    """One client holds its share of the server's places already: it should wait for one of its own
+    requests to end."""
+
+
 class GenerationError(FedchatError):
     """A generation failed inside the model (the log has the traceback under the request id)."""
 
@@ -180,6 +185,7 @@ class Job:
     generation: Generation
     emit: Callable[[tuple], None]
     request_id: str = field(default_factory=lambda: f"gen-{secrets.token_hex(8)}")
+    client: str = ""  # who sent it (serving.api: the peer address); places and batch slots are shared per client
     submitted: float = field(default_factory=time.perf_counter)
     batcher: Batcher | None = field(default=None, repr=False)  # where it runs, once submitted
 
@@ -188,13 +194,13 @@ class Admission:
     """A request's place in the engine, from before its body is read until its generation ends
     (Engine.admit); `release` gives it back if the request never starts (a no-op once it has)."""
 
-    def __init__(self, engine: Engine) -> None:
-        self._engine, self.taken, self._released = engine, False, False
+    def __init__(self, engine: Engine, client: str) -> None:
+        self._engine, self.client, self.taken, self._released = engine, client, False, False
 
     def release(self) -> None:
         if not (self.taken or self._released):
             self._released = True
-            self._engine._release()
+            self._engine._release(self.client)
 
 
 @dataclass
@@ -220,6 +226,7 @@ class _Run:
         self.tokens: list[int] = []  # generated so far
         self.offset = 0  # tokens it had made on the fast path before it joined the manager's batch
         self.started = False  # its first token came: it is generating
+        self.placed = False  # it holds one of the batch's slots (on the fast path or in the manager's batch)
         self.solo = False  # on the fast path (Batcher._solo)
         self.handover = False  # another request arrived: leave the fast path for the batch
 
@@ -260,6 +267,13 @@ class Batcher:
     first follows it at its next token: its prompt and the tokens it has made so far are prefilled in the
     batch (one chunked prefill), and it goes on there with its own generator. A request that arrives
     while others are batched joins the batch; the fast path is taken again once the batcher is empty.
+
+    Slots: at most `max_batch` runs generate at once (the fast path counts as one); the manager is never
+    given more, so the order in which waiting requests enter the batch is ours, not the manager's first
+    come, first served. When a slot frees, the waiting run that enters is the one whose client holds the
+    fewest slots, and among equals the client that got a slot least recently, then the earliest arrival:
+    round robin across clients, so a client with many requests waiting takes the slots no other client
+    asks for, never those of a client that waits with one.
     """
 
     def __init__(self, served: ServedModel, engine: Engine) -> None:
@@ -281,7 +295,12 @@ class Batcher:
         self._manager = served.model.init_continuous_batching(  # type: ignore[attr-defined]
             generation_config=config, continuous_batching_config=cb)
         self._manager.logit_processor = per_request_sampling()  # read when start() builds the batch processor
-        self._runs: dict[str, _Run] = {}
+        self._runs: dict[str, _Run] = {}  # every run it holds: placed (generating) or waiting for a slot
+        self._waiting: list[_Run] = []  # in order of arrival
+        self._slots = engine.max_batch
+        self._placed: dict[str, int] = {}  # client -> slots it holds
+        self._served_at: dict[str, int] = {}  # client -> when it last got a slot (a counter)
+        self._tick = 0
         self._solo: _Run | None = None  # the request on the fast path
         self._lock = threading.Lock()
         self._retired = False  # a newer model is served: stop once idle
@@ -305,31 +324,88 @@ class Batcher:
             return len(self._runs) - started, started
 
     def add(self, job: Job) -> bool:
-        """Start the job: on the fast path when it is alone, else in the batch; False when this batcher
-        takes no more requests."""
+        """Take the job: it starts at once while a slot is free (on the fast path when it is alone), else it
+        waits for one; False when this batcher takes no more requests."""
         with self._lock:
             if not self.accepting:
                 return False
             run = _Run(job, self.served)
-            alone = not self._runs
-            if self._solo is not None:
-                self._solo.handover = True
             self._runs[job.request_id] = run
+            self._waiting.append(run)
             job.batcher = self
-            if alone:
+            starts = self._pick()
+        mine = run in starts
+        if mine and not run.solo:  # into the manager's batch now: a refusal is the caller's to handle
+            added = False
+            try:
+                added = self._enqueue(run)
+            finally:
+                if not added:  # the manager stopped in between (or refused it)
+                    with self._lock:
+                        if self._runs.pop(job.request_id, None) is not None:
+                            self._unplace(run)
+            if not added:
+                return False
+        self._start([r for r in starts if r is not run or r.solo])
+        return True
+
+    def _pick(self) -> list[_Run]:
+        """Give free slots to waiting runs, fairly across clients (see the class); the runs to start. Called
+        with the lock held."""
+        starts = []
+        while self._waiting and sum(self._placed.values()) < self._slots:
+            run = min(self._waiting, key=lambda r: (self._placed.get(r.job.client, 0),
+                                                    self._served_at.get(r.job.client, -1)))  # min: first of equals
+            self._waiting.remove(run)
+            client = run.job.client
+            self._tick += 1
+            self._placed[client] = self._placed.get(client, 0) + 1
+            self._served_at[client] = self._tick
+            run.placed = True
+            if sum(self._placed.values()) == 1:  # alone: the fast path
                 self._solo, run.solo = run, True
-        if alone:
-            self._engine.note("fast_path")
-            threading.Thread(target=self._run_solo, args=(run,), name="fedchat-solo", daemon=True).start()
-            return True
-        added = False
-        try:
-            added = self._enqueue(run)
-        finally:
-            if not added:  # the manager stopped in between (or refused it)
-                with self._lock:
-                    self._runs.pop(job.request_id, None)
-        return added
+            elif self._solo is not None:
+                self._solo.handover = True
+            starts.append(run)
+        return starts
+
+    def _unplace(self, run: _Run) -> None:
+        """The run left (with the lock held): its slot is free, or its place in the waiting line."""
+        if run.placed:
+            run.placed = False
+            client = run.job.client
+            self._placed[client] -= 1
+            if not self._placed[client]:
+                del self._placed[client]
+        elif run in self._waiting:
+            self._waiting.remove(run)
+        if not self._runs:
+            self._served_at.clear()  # nothing held: nobody is owed a turn
+
+    def _start(self, runs: list[_Run]) -> None:
+        """Start runs given a slot by _pick: the fast path in a thread of its own, or into the batch."""
+        for run in runs:
+            if run.solo:
+                self._engine.note("fast_path")
+                threading.Thread(target=self._run_solo, args=(run,), name="fedchat-solo", daemon=True).start()
+                continue
+            try:
+                added = self._enqueue(run)
+            except Exception as exc:  # noqa: BLE001 (the manager refused it: failed like any request)
+                self._fail(run, repr(exc), exc)
+                continue
+            if not added:
+                self._fail(run, "the generation loop stopped")
+
+    def _left(self, run: _Run) -> bool:
+        """Take an ended run out (its slot goes to the next waiting run); False when it had left already."""
+        with self._lock:
+            if self._runs.pop(run.job.request_id, None) is None:
+                return False
+            self._unplace(run)
+            starts = self._pick() if not self._closing else []
+        self._start(starts)
+        return True
 
     def _enqueue(self, run: _Run) -> bool:
         """Put the run in the manager's batch, with the tokens it has made already as part of its prompt."""
@@ -387,15 +463,16 @@ class Batcher:
             self._fail(run, "the generation loop stopped")
 
     def cancel(self, request_id: str) -> bool:
-        """Take the request out of the batch now; False when it had ended already."""
+        """Take the request out of the batch (or the waiting line) now; False when it had ended already."""
         with self._lock:
-            run = self._runs.pop(request_id, None)
-        if run is None:
+            run = self._runs.get(request_id)
+            placed, solo = run is not None and run.placed, run is not None and run.solo
+        if run is None or not self._left(run):
             return False
-        if not run.solo:  # the fast path sees it gone before its next token
+        if placed and not solo:  # the fast path sees it gone before its next token
             self._manager.cancel_request(request_id)  # its slot and cache blocks are freed before the next step
         run.gen.finish_reason = "cancelled"
-        self._engine.ended(run.gen)
+        self._engine.ended(run.job)
         self._stop_if_idle()
         return True
 
@@ -447,31 +524,29 @@ class Batcher:
             if reason is not None:
                 self._finish(run, reason)
         with self._lock:  # the loop is gone (stopped, or died before it could fail these)
-            left, self._runs = list(self._runs.values()), {}
+            left, self._runs, self._waiting, self._placed = list(self._runs.values()), {}, [], {}
         for run in left:
             self._fail(run, "the generation loop stopped", remove=False)
 
     def _finish(self, run: _Run, reason: str) -> None:
-        with self._lock:
-            if self._runs.pop(run.job.request_id, None) is None:
-                return  # cancelled meanwhile
-        if reason == "stop" and run.text.stopped and not run.solo:
+        solo = run.solo
+        if not self._left(run):
+            return  # cancelled meanwhile
+        if reason == "stop" and run.text.stopped and not solo:
             self._manager.cancel_request(run.job.request_id)  # a stop string: the manager does not know it
         rest = run.text.flush()
         if rest:
             run.job.emit(("delta", rest))
         run.gen.finish_reason = reason
-        self._engine.ended(run.gen)
+        self._engine.ended(run.job)
         run.job.emit(("done", run.gen))
         self._stop_if_idle()
 
     def _fail(self, run: _Run, error: str, exc: BaseException | None = None, remove: bool = True) -> None:
-        if remove:
-            with self._lock:
-                if self._runs.pop(run.job.request_id, None) is None:
-                    return
+        if remove and not self._left(run):
+            return
         run.gen.finish_reason = "cancelled" if self._closing else "error"
-        self._engine.ended(run.gen)
+        self._engine.ended(run.job)
         if self._closing:  # the server is stopping: nobody waits for an answer
             run.job.emit(("error", run.job.request_id))
             return
@@ -484,15 +559,18 @@ class Batcher:
 class Engine:
     """The served model's batcher, swapped atomically on hot reload, and the request counters.
 
-    At most `max_batch` requests run in one batch; `max_queue` more may wait; the KV cache holds
-    `kv_cache_tokens` tokens (default: see cache_tokens).
+    At most `max_batch` requests run in one batch; `max_queue` more may wait; one client holds at most
+    `max_client_requests` of these places (generating, waiting, or having its body read); the KV cache
+    holds `kv_cache_tokens` tokens (default: see cache_tokens).
     """
 
     def __init__(self, served: ServedModel, max_queue: int = 64, max_batch: int = 8,
-                 kv_cache_tokens: int | None = None) -> None:
+                 kv_cache_tokens: int | None = None, max_client_requests: int | None = None) -> None:
         self.max_queue, self.max_batch, self.kv_cache_tokens = max_queue, max_batch, kv_cache_tokens
+        self.max_client_requests = max_client_requests or max_batch + max_queue
         self._lock = threading.Lock()
         self._in_flight = 0
+        self._by_client: dict[str, int] = {}  # client -> places it holds
         self._stats = EngineStats()
         self._batcher = Batcher(served, self)
         self._retired: list[Batcher] = []  # older rounds' batchers, finishing their requests
@@ -536,25 +614,37 @@ class Engine:
             self._retired = [b for b in self._retired if b.running] + [old]
         old.retire()
 
-    def admit(self) -> Admission:
-        """A place for one more request, taken before its body is read: QueueFullError when `max_batch`
-        requests generate and `max_queue` more are waiting or being read already."""
+    def admit(self, client: str = "") -> Admission:
+        """A place for one more request of `client`, taken before its body is read: ClientBusyError when
+        that client holds `max_client_requests` places already, QueueFullError when `max_batch` requests
+        generate and `max_queue` more are waiting or being read already."""
         with self._lock:
+            mine = self._by_client.get(client, 0)
+            if mine >= self.max_client_requests:
+                raise ClientBusyError(f"you have {mine} requests generating or waiting, the most one client may "
+                                      f"have at once (--max-client-requests {self.max_client_requests}): send the "
+                                      "next one when one of them has ended.")
             if self._in_flight >= self.max_batch + self.max_queue:
                 raise QueueFullError(f"{self._in_flight - self.max_batch} requests are already waiting "
                                      f"(--max-queue {self.max_queue}): retry shortly.")
             self._in_flight += 1
-        return Admission(self)
+            self._by_client[client] = mine + 1
+        return Admission(self, client)
 
-    def _release(self) -> None:
+    def _release(self, client: str) -> None:
         with self._lock:
             self._in_flight -= 1
+            self._by_client[client] -= 1
+            if not self._by_client[client]:
+                del self._by_client[client]
 
     def submit(self, job: Job, served: ServedModel | None = None, place: Admission | None = None) -> ServedModel:
         """Start the job on `served` (the model its prompt was checked against) while that model is
         served, else on the current one, in the place admitted for it (else a new one); returns the model
         it runs on. From here its place is freed when its generation ends."""
-        place = place or self.admit()
+        if place is None:
+            place = self.admit(job.client)
+        job.client = place.client  # the place is given back under the name it was taken in
         try:
             for _ in range(3):
                 batcher = self._batcher_for(served)
@@ -594,10 +684,11 @@ class Engine:
         with self._lock:
             setattr(self._stats, counter, getattr(self._stats, counter) + 1)
 
-    def ended(self, gen: Generation) -> None:
-        """A generation left the batch (called by its batcher)."""
+    def ended(self, job: Job) -> None:
+        """A job's generation left the batch (called by its batcher): its place is free."""
+        self._release(job.client)
+        gen = job.generation
         with self._lock:
-            self._in_flight -= 1
             stats = self._stats
             stats.completion_tokens += gen.completion_tokens
             if gen.finish_reason == "cancelled":

@@ -443,6 +443,75 @@ def _refused(server: LiveServer) -> bool:
     return False
 
 
+@pytest.fixture(scope="module")
+def fair_server(run_dir, tmp_path_factory):
+    """One batch slot, four places, two places per client; behind a (pretend) proxy that names clients in
+    X-Forwarded-For."""
+    srv = LiveServer(["--model", str(merged(run_dir, 1)), "--max-batch", "1", "--max-queue", "3",
+                      "--max-client-requests", "2", "--client-header", "X-Forwarded-For"],
+                     tmp_path_factory.mktemp("logs") / "fair.log", env={"FEDCHAT_API_KEY": KEY})
+    yield srv
+    srv.stop()
+
+
+def _client_at(server: LiveServer, address: str, **headers: str) -> OpenAI:
+    """A client whose connections come from `address` (any 127.x.y.z reaches the server on loopback)."""
+    return OpenAI(base_url=f"{server.url}/v1", api_key=KEY, max_retries=0, timeout=60, default_headers=headers,
+                  http_client=httpx.Client(transport=httpx.HTTPTransport(local_address=address)))
+
+
+def _admitted(client: OpenAI):
+    """A long streamed request, once the server has admitted it (its role chunk came)."""
+    stream = client.chat.completions.create(model="fedchat", messages=HELLO, max_tokens=1900, temperature=0,
+                                            stream=True)
+    chunks = iter(stream)
+    next(chunks)
+    return stream, chunks
+
+
+@pytest.mark.slow
+def test_one_client_cannot_take_the_places_and_slots_of_others(fair_server):
+    """A client that sends more than its share (--max-client-requests) gets 429 with Retry-After before its
+    body is read, while other clients are still admitted; when a slot frees, a client waiting with one
+    request gets it before a client that has had one (round robin), and a client's ended request gives
+    its place back."""
+    a, b = _client_at(fair_server, "127.0.0.2"), _client_at(fair_server, "127.0.0.3")
+    before = fair_server.health()
+    a1 = _admitted(a)
+    next(a1[1])  # generating: it holds the one slot
+    a2 = _admitted(a)  # waiting
+
+    with pytest.raises(openai.RateLimitError) as over:  # a third from the same address
+        ask(a, "One more?", max_tokens=2)
+    assert over.value.status_code == 429 and over.value.response.headers["retry-after"] == "2"
+    assert error_of(over.value)["code"] == "rate_limit_exceeded"
+    assert "--max-client-requests 2" in error_of(over.value)["message"]
+    head = (HEAD + f"Authorization: Bearer {KEY}\r\nContent-Length: 1000000\r\n\r\n").encode()
+    with socket.create_connection(("127.0.0.1", fair_server.port), timeout=60,
+                                  source_address=("127.0.0.2", 0)) as flood:
+        flood.sendall(head)  # and never the body: refused at once all the same
+        assert _http_response(flood).startswith(b"HTTP/1.1 429")
+
+    b1 = _admitted(b)  # another client is admitted while the first is at its cap
+    assert (fair_server.health()["running"], fair_server.health()["queued"]) == (1, 2)
+    a1[0].close()  # the slot frees: b1 (its client holds none yet) takes it before a2 (whose client just had one)
+    next(b1[1])
+    assert (fair_server.health()["running"], fair_server.health()["queued"]) == (1, 1)  # a2 still waits
+    a3 = _admitted(a)  # a1's place came back to its client
+
+    # behind a proxy: the address it names in X-Forwarded-For (the last item) is the client
+    proxied = _admitted(_client_at(fair_server, "127.0.0.2", **{"X-Forwarded-For": "203.0.113.5, 198.51.100.7"}))
+    with pytest.raises(openai.InternalServerError) as full:  # four places taken: the server is full
+        ask(_client_at(fair_server, "127.0.0.4"), "Room?", max_tokens=2)
+    assert full.value.status_code == 503 and error_of(full.value)["code"] == "queue_full"
+    for stream, _ in (a2, b1, a3, proxied):
+        stream.close()
+    _wait_for(lambda: fair_server.health()["cancelled"] == before["cancelled"] + 5, "the places were not freed")
+    health = fair_server.health()
+    assert (health["running"], health["queued"], health["failed"]) == (0, 0, before["failed"])
+    assert ask(a, "Room now?", max_tokens=2).usage.completion_tokens >= 1
+
+
 @pytest.mark.slow
 def test_hot_reload_during_traffic(run_dir, oracles, tmp_path):
     srv = LiveServer(["--watch", str(run_dir), "--watch-interval", "0.2"], tmp_path / "serve.log")
@@ -790,6 +859,10 @@ def test_serve_config_says_what_to_do(tmp_path, monkeypatch):
         ServeConfig(model="a", adapter="b")
     with pytest.raises(ConfigError, match="--max-body-bytes must be at least 1024"):
         ServeConfig(model="m", max_body_bytes=100)
+    with pytest.raises(ConfigError, match="--max-client-requests must be at least 1"):
+        ServeConfig(model="m", max_client_requests=0)
+    with pytest.raises(ConfigError, match="not an HTTP header name"):
+        ServeConfig(model="m", client_header="X Forwarded For")
     with pytest.raises(ConfigError, match="neither 'merged' nor 'adapter'"):
         ServeConfig(watch=str(tmp_path)).source()
     monkeypatch.setenv("FEDCHAT_API_KEY", "from-env")
