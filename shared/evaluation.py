@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from shared.dialogue import encode_conversation, read_dialogues
-from shared.errors import ConfigError, DataError, ModelError
+from shared.errors import ConfigError, DataError, ModelError, require_extra
 from shared.model import heldout_loss
 
 log = logging.getLogger("fedchat.evaluation")
@@ -74,6 +74,7 @@ def load_heldout(path: str | Path, max_conversations: int = 0) -> HeldOut:
 def text_scores(predictions: list[str], references: list[str]) -> dict:
     """ROUGE-L F1 (rouge-score, mean over pairs, 0-1), BLEU and chrF (sacrebleu, corpus, 0-100),
     and the ROUGE-L F1 of each pair."""
+    require_extra("eval", "scoring answers with ROUGE-L, BLEU and chrF")
     import sacrebleu
     from rouge_score import rouge_scorer
 
@@ -181,6 +182,7 @@ def score_model(model, tokenizer, heldout: HeldOut, *, name: str, max_len: int, 
                 engine: str = "continuous", progress: bool = True, with_loss: bool = True) -> ModelScores:
     """Loss and perplexity over every held-out conversation (unless with_loss is False: the
     coordinator has them already), and answer scores on its prompts."""
+    require_extra("eval", "scoring answers with ROUGE-L, BLEU and chrF")  # before the minutes of generation
     started = time.perf_counter()
     loss = None
     if with_loss:
