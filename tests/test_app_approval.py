@@ -239,6 +239,33 @@ def _node_logs(runner) -> dict[str, str]:
 
 
 @pytest.mark.slow
+def test_the_local_federation_starts_its_services_with_the_kits_commands(federation, tmp_path):
+    """The real Runner: the argv it started the SuperLink and the nodes with is `service_command`'s, the one the
+    deploy kit's containers and units run (tests/test_deploy_kit.py), and `node start --print` shows its flags."""
+    import os
+    import shlex
+    import subprocess
+
+    from fedchat.local_federation import service_command
+
+    out = federation.fed.out.resolve()
+    started = {s.name: s.argv for s in federation.sup.services}
+    assert started["superlink"] == service_command("coordinator", out / "superlink" / "coordinator.toml")
+    for n in ("org-1", "org-2", "org-3"):
+        config = out / "nodes" / n / "node.toml"
+        assert started[n] == service_command("node", config)
+        assert federation.app_sha256 in read_node_file(config).approved  # `fedchat node approve` before start
+        printed = subprocess.run([started[n][0], "node", "start", str(config), "--print"], capture_output=True,
+                                 text=True, timeout=120, env={**os.environ, "HOME": str(tmp_path)})
+        assert printed.returncode == 0, printed.stderr
+        flags = [a for a in shlex.split(printed.stdout) if a.startswith("--")]
+        assert flags == [a for a in node_command(read_node_file(config)) if a.startswith("--")]
+    commands = (federation.fed.out / "commands.sh").read_text()
+    assert shlex.join(started["superlink"]) in commands and shlex.join(started["org-2"]) in commands
+    assert commands.count(" app build ") == 1 and commands.count(" node approve ") == 3
+
+
+@pytest.mark.slow
 def test_a_node_refuses_an_app_bundle_its_operator_did_not_approve(federation, tmp_path):
     marker = tmp_path / "unapproved-code-ran"
     changed = tamper(federation.app_src, tmp_path / "fedchat", marker)

@@ -325,33 +325,8 @@ def test_every_fedchat_command_of_the_kit_is_one_fedchat_accepts():
             pytest.fail(f"fedchat does not accept: {shlex.join(argv)}")
 
 
-@pytest.mark.slow
-def test_the_local_federation_starts_its_services_with_those_commands(tmp_path):
-    """The real Runner: the argv it starts the SuperLink and the nodes with is `service_command`'s."""
-    from fedchat.local_federation import Runner
-
-    fed = LocalFederation(nodes=3, rounds=1, base_model="tiny", out=tmp_path / "fed", app=ROOT, startup_timeout=120)
-    fed.out.mkdir()
-    runner = Runner(fed)
-    try:
-        runner.start()
-        started = {s.name: s.argv for s in runner.sup.services}
-        superlink_config = fed.out.resolve() / "superlink" / "coordinator.toml"
-        assert started["superlink"] == service_command("coordinator", superlink_config)
-        for n in ("org-1", "org-2", "org-3"):
-            config = fed.out.resolve() / "nodes" / n / "node.toml"
-            assert started[n] == service_command("node", config)
-            assert read_node_file(config).approved == (runner.app_sha256,)  # `fedchat node approve` before start
-            printed = subprocess.run([started[n][0], "node", "start", str(config), "--print"], capture_output=True,
-                                     text=True, timeout=120, env={**os.environ, "HOME": str(tmp_path)})
-            assert printed.returncode == 0, printed.stderr
-            assert _flags(shlex.split(printed.stdout)) == _flags(node_command(read_node_file(config)))
-        commands = (fed.out / "commands.sh").read_text()
-        assert shlex.join(started["superlink"]) in commands and shlex.join(started["org-2"]) in commands
-        assert commands.count(" app build ") == 1 and commands.count(" node approve ") == 3
-    finally:
-        runner.stop()
-    assert survivors(fed.out / "processes.json") == []
+# The real Runner starts its services with `service_command`'s argv: tests/test_app_approval.py checks it on the
+# federation it starts anyway (test_the_local_federation_starts_its_services_with_the_kits_commands).
 
 
 # ------------------------------------------------------------------ runbooks (static)
