@@ -39,9 +39,12 @@ def warm_rounds(report: dict) -> list[dict]:
     return report["rounds"][1:] or report["rounds"]
 
 
-def simulate_demo(out: Path, clients: int, *, target_epsilon: float = 8.0, **run: object) -> dict:
+def simulate_demo(out: Path, clients: int, *, target_epsilon: float = 8.0, colluders: int | None = None,
+                  node_config: dict | None = None, **run: object) -> dict:
     """A simulated federation on the demo data: `clients` organisations, run-config overrides
-    (held-out evaluation on the demo's eval.jsonl unless eval_data="" turns it off)."""
+    (held-out evaluation on the demo's eval.jsonl unless eval_data="" turns it off); with secure
+    aggregation, `colluders` is the roster's colluder bound (None: the largest minority); `node_config`:
+    node-config keys for every node."""
     import shutil
 
     from fedchat.demo_data import demo_node_config, write_demo_data
@@ -53,6 +56,6 @@ def simulate_demo(out: Path, clients: int, *, target_epsilon: float = 8.0, **run
     cfg = RunConfig.from_flower({"min-nodes": clients, "out-dir": str(out / "run"), "merge": False,
                                  "eval-data": str(out / "data" / "eval.jsonl"),
                                  **{k.replace("_", "-"): v for k, v in run.items()}})
-    nodes = {i: demo_node_config(out, c["node"], target_epsilon=target_epsilon, dp=cfg.dp, secagg=cfg.secagg)
-             for i, c in enumerate(manifest["clients"])}
-    return simulate(cfg, nodes)
+    nodes = {i: {**demo_node_config(out, c["node"], target_epsilon=target_epsilon, dp=cfg.dp, secagg=cfg.secagg),
+                 **(node_config or {})} for i, c in enumerate(manifest["clients"])}
+    return simulate(cfg, nodes, colluders)
