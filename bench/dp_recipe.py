@@ -3,7 +3,7 @@
     .venv/bin/python -m bench.dp_recipe [--epsilon 8] [--rounds 3] [--local-steps 2] [--batch-size 40]
         [--learning-rate 0.15] [--lr-decay 1] [--lora-r 1] [--aggregation ffa] [--eval-conversations 100]
 
-What the search for the default recipe (issue 10) ran, one candidate a call: each round every
+What the search for the default recipe (docs/decisions/dp-recipe.md) ran, one candidate a call: each round every
 demo node (runs/demo/data unless --data) trains with client.train.train_round, the code a node
 runs, its noise calibrated by shared.accounting for the run's planned steps at the node's sampling
 rate, and the round's update is the conversation-weighted mean of the nodes' deltas, as the
@@ -18,9 +18,36 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 from bench.common import RESULTS
+
+
+@contextmanager
+def carried_adamw(state: dict | None, kept: list):
+    """--carry-moments: the AdamW that client.train.train_round makes starts from `state` (the node's moments
+    after its last round, at this round's learning rate) and is appended to `kept` for the next round. Nodes
+    never carry moments (it did not help: docs/decisions/dp-recipe.md), so the product has no option for it."""
+    import torch
+
+    real = torch.optim.AdamW
+
+    class Carried(real):
+        def __init__(self, params, **kwargs) -> None:
+            super().__init__(params, **kwargs)
+            if state is not None:
+                rates = [g["lr"] for g in self.param_groups]
+                self.load_state_dict(state)
+                for group, lr in zip(self.param_groups, rates, strict=True):
+                    group["lr"] = lr
+            kept.append(self)
+
+    torch.optim.AdamW = Carried
+    try:
+        yield
+    finally:
+        torch.optim.AdamW = real
 
 
 def main() -> None:
@@ -83,12 +110,13 @@ def main() -> None:
         round_cfg = cfg.replace(learning_rate=args.learning_rate * args.lr_decay ** (rnd - 1))
         for i, (train, sigma) in enumerate(zip(nodes, sigmas, strict=True)):
             set_arrays(model, names, current)
-            result = train_round(model, names, train, round_cfg, pad_id=tokenizer.pad_token_id,
-                                 seed=secure_seed() if sigma else rnd * 100 + i, noise_multiplier=sigma,
-                                 optimizer_state=moments[i])
+            kept: list = []
+            with carried_adamw(moments[i], kept) if args.carry_moments else nullcontext():
+                result = train_round(model, names, train, round_cfg, pad_id=tokenizer.pad_token_id,
+                                     seed=secure_seed() if sigma else rnd * 100 + i, noise_multiplier=sigma)
             deltas.append(result.delta)
             if args.carry_moments:
-                moments[i] = result.optimizer_state
+                moments[i] = kept[-1].state_dict()
         weights = np.array([len(n) for n in nodes], dtype=float) / sum(len(n) for n in nodes)
         mean = [sum(w * d[k] for w, d in zip(weights, deltas, strict=True)) for k in range(len(current))]
         step = [m + args.server_momentum * s for m, s in zip(mean, step, strict=True)]

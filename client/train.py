@@ -48,7 +48,6 @@ class TrainResult:
     steps: int
     conversations_drawn: int
     seconds: float
-    optimizer_state: dict | None = None  # AdamW's moments after the round, to carry into the next
 
 
 def _uniform_batches(n: int, batch_size: int, steps: int, gen: torch.Generator):
@@ -194,24 +193,15 @@ def make_private(model, optimizer, cfg: RunConfig, noise_multiplier: float, nois
 
 
 def train_round(model, names: list[str], data: list[Encoded], cfg: RunConfig, *, pad_id: int,
-                seed: int, noise_multiplier: float | None = None, optimizer_state: dict | None = None,
+                seed: int, noise_multiplier: float | None = None,
                 on_step: Callable[[int, float], None] | None = None) -> TrainResult:
-    """Train the adapter in place for cfg.local_steps steps and return the update.
-
-    `optimizer_state`, the `optimizer_state` of this node's previous round, starts AdamW from
-    its moments instead of zero (bench/dp_recipe --carry-moments; it did not help there, so
-    nodes do not use it).
-    """
+    """Train the adapter in place for cfg.local_steps steps and return the update. AdamW starts from
+    zero moments every round."""
     started = time.perf_counter()
     device = next(model.parameters()).device
     received = get_arrays(model, names)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    adamw = torch.optim.AdamW(trainable, lr=cfg.learning_rate, weight_decay=0.0)
-    if optimizer_state is not None:
-        adamw.load_state_dict(optimizer_state)
-        for group in adamw.param_groups:
-            group["lr"] = cfg.learning_rate  # this round's rate, not the one carried
-    optimizer = adamw  # wrapped by Opacus under DP
+    optimizer = torch.optim.AdamW(trainable, lr=cfg.learning_rate, weight_decay=0.0)  # wrapped by Opacus under DP
     forward, gsm, dp_optimizer = model, None, None
     if noise_multiplier is not None:
         sampling, noise = dp_streams(seed)
@@ -240,8 +230,7 @@ def train_round(model, names: list[str], data: list[Encoded], cfg: RunConfig, *,
         log.warning("%d drawn conversation(s) had an inf/NaN gradient and counted as zero (kept on the node)",
                     dp_optimizer.non_finite_samples)
     delta = [new - old for new, old in zip(get_arrays(model, names), received)]
-    return TrainResult(delta, loss_sum / max(tokens, 1), cfg.local_steps, drawn,
-                       time.perf_counter() - started, adamw.state_dict())
+    return TrainResult(delta, loss_sum / max(tokens, 1), cfg.local_steps, drawn, time.perf_counter() - started)
 
 
 def clipped_gradient_sum(model, names: list[str], data: list[Encoded], cfg: RunConfig, *, pad_id: int,

@@ -108,7 +108,7 @@ class RunConfig(_FlowerConfig):
     nodes_per_round: int = field(default=0, metadata=_doc("nodes sampled per round; 0 = every connected node"))
     min_nodes: int = field(default=3, metadata=_doc("nodes that must be connected before a round starts (at least 3 with secagg)"))
     node_wait_timeout: float = field(default=600.0, metadata=_doc("seconds to wait for min-nodes before giving up"))
-    # The defaults are the DP recipe (issue 10, bench/dp_utility.py): under DP-SGD noise of std sigma * C / B
+    # The defaults are the DP recipe (docs/decisions/dp-recipe.md): under DP-SGD noise of std sigma * C / B
     # lands on every trainable value while clipping caps the signal at C whatever the size, so few trainable
     # values (FFA-LoRA, rank 4: B only, A frozen) and large expected batches with few, large steps keep most of
     # the gain; small batches and many steps suit training without DP. A clipping norm below nearly every

@@ -128,20 +128,27 @@ def _delta(tiny_dir, data, cfg, noise):
     return train_round(model, names, data, cfg, pad_id=0, seed=3, noise_multiplier=noise)
 
 
-def test_carried_moments_continue_adamw(tiny_dir, tokenizer):
-    """A round started from the last round's moments is AdamW's next steps, not a fresh start."""
+def test_the_recipe_bench_carries_adamw_moments_without_a_product_option(tiny_dir, tokenizer):
+    """bench/dp_recipe --carry-moments: a round started from the last round's moments is AdamW's next steps."""
+    from bench.dp_recipe import carried_adamw
+
     data = _data(tokenizer, 40)
     cfg = RunConfig(base_model="tiny", local_steps=2, batch_size=8, learning_rate=1e-3)
     model = _model(tiny_dir)
     names = exchanged_names(model, cfg.aggregation)
-    first = train_round(model, names, data, cfg.replace(learning_rate=2e-3), pad_id=0, seed=3, noise_multiplier=1.0)
+    first: list = []
+    with carried_adamw(None, first):
+        train_round(model, names, data, cfg.replace(learning_rate=2e-3), pad_id=0, seed=3, noise_multiplier=1.0)
     after_first = get_arrays(model, names)
     fresh = train_round(model, names, data, cfg, pad_id=0, seed=4, noise_multiplier=1.0)
     set_arrays(model, names, after_first)
-    carried = train_round(model, names, data, cfg, pad_id=0, seed=4, noise_multiplier=1.0,
-                          optimizer_state=first.optimizer_state)
-    assert [float(s["step"]) for s in carried.optimizer_state["state"].values()] == [4.0] * len(names)
-    assert carried.optimizer_state["param_groups"][0]["lr"] == 1e-3  # this round's rate, not the carried one
+    second: list = []
+    with carried_adamw(first[-1].state_dict(), second):
+        carried = train_round(model, names, data, cfg, pad_id=0, seed=4, noise_multiplier=1.0)
+    state = second[-1].state_dict()
+    assert [float(s["step"]) for s in state["state"].values()] == [4.0] * len(names)
+    assert state["param_groups"][0]["lr"] == 1e-3  # this round's rate, not the carried one
+    assert torch.optim.AdamW is not type(second[-1])  # the patch is undone
     # the same sample and noise from the same point: only the moments differ
     assert max(float(np.abs(x - y).max()) for x, y in zip(fresh.delta, carried.delta)) > 1e-5
 
