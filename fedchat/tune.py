@@ -1,13 +1,19 @@
-"""`fedchat tune`: search a DP recipe with Optuna's TPE sampler, in Flower's simulation engine,
-on data the coordinator may use (the demo corpus, or JSONL files it owns), never on nodes' data.
+"""`fedchat tune`: search a DP recipe with Optuna (its TPE, random or grid sampler), in Flower's
+simulation engine, on data the coordinator may use (the demo corpus, or JSONL files it owns), never on
+nodes' data.
 
 Each trial is one whole simulated federation (fedchat.simulation.simulate) with every node
-training under DP-SGD at the target epsilon; its objective is the held-out loss of the final
+training under DP at the target epsilon; its objective is the held-out loss of the final
 global adapter, as the coordinator computes it. Searched: learning rate, expected batch,
-clipping norm, local steps, LoRA rank (alpha = 2 x rank, so the LoRA scale stays fixed) and
-aggregation. SecAgg+ is off in trials: it changes the aggregate by less than 1e-7 (see
-bench/dp_utility.py), so it changes nothing the search measures, and the recipe written keeps
-the run config's secagg default.
+clipping norm, local steps, LoRA rank (alpha = 2 x rank, so the LoRA scale stays fixed),
+aggregation, and with --dp-mode both the DP mode itself. The grid sampler searches exactly the
+values --grid declares (every other key keeps the run config's default recipe).
+Local-DP trials run without secure aggregation: fedchat's secure sum changes the aggregate by
+less than its quantisation step, so it changes nothing the search measures, and the recipe written
+keeps the run config's secagg default. Distributed-DP trials (each round one DP step of the whole
+federation, the noise shared between the nodes) run inside the secure sum, which the mode needs,
+with a roster whose colluder bound is --colluders; local-steps does not apply to them (one step a
+round) and is not searched there.
 
 Writes OUT/best.toml (for `flwr run . --run-config OUT/best.toml`), OUT/trials.csv and
 OUT/trials.md, OUT/tune.png, and OUT/tune.json with the ROUGE-L/chrF of the best adapter
@@ -30,8 +36,11 @@ from shared.errors import ConfigError, DataError, FedchatError
 log = logging.getLogger("fedchat.tune")
 
 SEARCHED = ("learning-rate", "batch-size", "dp-max-grad-norm", "local-steps", "lora-r", "aggregation")
+SAMPLERS = ("tpe", "random", "grid")
+DP_MODES = ("local", "distributed", "both")
 # Keys a tuning run sets itself: paths and transport belong to the search, not to the recipe.
-_OWN_KEYS = {"out-dir", "eval-data", "min-nodes", "merge", "secagg", "dp", "resume", "sim-data-dir"}
+_OWN_KEYS = {"out-dir", "eval-data", "min-nodes", "merge", "secagg", "dp", "resume", "sim-data-dir", "secagg-roster"}
+_INT_KEYS = {"batch-size", "local-steps", "lora-r"}
 
 
 def tuning_data(out: Path, clients: int, data_dir: str | None, seed: int) -> tuple[list[Path], Path]:
@@ -66,8 +75,10 @@ class Search:
 
     def __init__(self, *, out: Path, node_files: list[Path], eval_file: Path, base_model: str, rounds: int,
                  target_epsilon: float, seed: int, max_local_steps: int, max_batch_size: int,
-                 eval_max_conversations: int, fixed: dict) -> None:
+                 eval_max_conversations: int, fixed: dict, dp_mode: str = "local", grid: dict | None = None,
+                 colluders: int | None = None) -> None:
         self.out, self.node_files, self.eval_file = out, node_files, eval_file
+        self.dp_mode, self.grid, self.colluders = dp_mode, grid, colluders
         self.base_model, self.rounds, self.target_epsilon, self.seed = base_model, rounds, target_epsilon, seed
         self.max_local_steps, self.fixed = max_local_steps, fixed
         self.eval_max_conversations = eval_max_conversations
@@ -76,37 +87,55 @@ class Search:
         self.min_batch_size = min(8, self.max_batch_size)
 
     def suggest(self, trial) -> dict:
-        # Wide enough for both kinds of recipe: small batches at lr ~1e-3 without DP, and the DP
-        # default's large batches at low rank and lr ~0.1 (the first trial, see `default_trial`).
-        r = trial.suggest_categorical("lora-r", [1, 2, 4, 8, 16])
-        return {
-            "learning-rate": trial.suggest_float("learning-rate", 1e-4, 0.5, log=True),
-            "batch-size": trial.suggest_int("batch-size", self.min_batch_size, self.max_batch_size, log=True),
-            "dp-max-grad-norm": trial.suggest_float("dp-max-grad-norm", 0.05, 5.0, log=True),
-            "local-steps": trial.suggest_int("local-steps", 1, self.max_local_steps),
-            "lora-r": r, "lora-alpha": 2 * r,
-            "aggregation": trial.suggest_categorical("aggregation", ["fedavg", "ffa"]),
-        }
+        """The trial's recipe: the grid's declared values (others at the default recipe), or the ranges."""
+        if self.grid is not None:
+            default = self.default_trial()
+            params = {k: trial.suggest_categorical(k, self.grid[k]) if k in self.grid else default[k]
+                      for k in SEARCHED}
+            mode = trial.suggest_categorical("dp-mode", self.grid["dp-mode"]) if "dp-mode" in self.grid \
+                else self.dp_mode
+        else:
+            # Wide enough for both kinds of recipe: small batches at lr ~1e-3 without DP, and the DP
+            # default's large batches at low rank and lr ~0.1 (the first trial, see `default_trial`).
+            mode = trial.suggest_categorical("dp-mode", ["local", "distributed"]) if self.dp_mode == "both" \
+                else self.dp_mode
+            r = trial.suggest_categorical("lora-r", [1, 2, 4, 8, 16])
+            params = {
+                "learning-rate": trial.suggest_float("learning-rate", 1e-4, 0.5, log=True),
+                "batch-size": trial.suggest_int("batch-size", self.min_batch_size, self.max_batch_size, log=True),
+                "dp-max-grad-norm": trial.suggest_float("dp-max-grad-norm", 0.05, 5.0, log=True),
+                # one DP step of the federation a round: local steps do not apply to distributed DP
+                "local-steps": 1 if mode == "distributed" else trial.suggest_int("local-steps", 1,
+                                                                                 self.max_local_steps),
+                "lora-r": r,
+                "aggregation": trial.suggest_categorical("aggregation", ["fedavg", "ffa"]),
+            }
+        if mode == "distributed":
+            params["local-steps"] = 1
+        return {**params, "lora-alpha": 2 * params["lora-r"], "dp-mode": mode}
 
     def default_trial(self) -> dict:
         """The run config's default recipe, within the searched ranges: the first trial, so the search
         reports how the default does on this data and never returns a recipe that did worse."""
         d = RunConfig()
-        return {"learning-rate": d.learning_rate, "dp-max-grad-norm": d.dp_max_grad_norm, "lora-r": d.lora_r,
-                "aggregation": d.aggregation, "local-steps": min(d.local_steps, self.max_local_steps),
-                "batch-size": max(self.min_batch_size, min(d.batch_size, self.max_batch_size))}
+        default = {"learning-rate": d.learning_rate, "dp-max-grad-norm": d.dp_max_grad_norm, "lora-r": d.lora_r,
+                   "aggregation": d.aggregation, "local-steps": min(d.local_steps, self.max_local_steps),
+                   "batch-size": max(self.min_batch_size, min(d.batch_size, self.max_batch_size))}
+        if self.dp_mode != "local":  # the mode is searched or fixed: the default recipe in local DP first
+            default["dp-mode"] = "local" if self.dp_mode == "both" else self.dp_mode
+        return default
 
     def run_config(self, params: dict, out_dir: Path) -> RunConfig:
         return RunConfig.from_flower({
             **self.fixed, **params, "base-model": self.base_model, "num-rounds": self.rounds, "seed": self.seed,
             "min-nodes": len(self.node_files), "out-dir": str(out_dir), "eval-data": str(self.eval_file),
-            "eval-max-conversations": self.eval_max_conversations, "dp": True, "secagg": False, "merge": False,
-            "resume": False})
+            "eval-max-conversations": self.eval_max_conversations, "dp": True,
+            "secagg": params.get("dp-mode") == "distributed", "merge": False, "resume": False})
 
-    def nodes(self, trial_dir: Path) -> dict[int, dict]:
+    def nodes(self, trial_dir: Path, secagg: bool) -> dict[int, dict]:
         """Fresh node state per trial: each trial is charged to its own ledgers, on the coordinator's data."""
         return {i: {"data-path": str(f), "state-dir": str(trial_dir / "nodes" / f.stem), "node-name": f.stem,
-                    "target-epsilon": self.target_epsilon, "require-dp": True, "require-secagg": False,
+                    "target-epsilon": self.target_epsilon, "require-dp": True, "require-secagg": secagg,
                     "allowed-base-models": self.base_model}
                 for i, f in enumerate(self.node_files)}
 
@@ -114,10 +143,12 @@ class Search:
         from fedchat.simulation import simulate
 
         params = self.suggest(trial)
+        trial.set_user_attr("recipe", params)
         trial_dir = self.out / "trials" / f"trial-{trial.number:03d}"
         started = time.perf_counter()
         try:
-            report = simulate(self.run_config(params, trial_dir / "run"), self.nodes(trial_dir))
+            cfg = self.run_config(params, trial_dir / "run")
+            report = simulate(cfg, self.nodes(trial_dir, cfg.secagg), self.colluders)
         except FedchatError as exc:  # optuna records the trial as failed and goes on (catch=)
             trial.set_user_attr("error", str(exc))
             raise
@@ -137,8 +168,9 @@ class Search:
 def _rows(study) -> list[dict]:
     rows = []
     for t in study.trials:
+        recipe = t.user_attrs.get("recipe", t.params)
         rows.append({"trial": t.number, "state": t.state.name.lower(), "held_out_loss": t.value,
-                     **{k: t.params.get(k) for k in SEARCHED},
+                     "dp-mode": recipe.get("dp-mode", "local"), **{k: recipe.get(k) for k in SEARCHED},
                      "epsilon_spent": t.user_attrs.get("epsilon_spent"), "seconds": t.user_attrs.get("seconds"),
                      "error": t.user_attrs.get("error", "")})
     return rows
@@ -173,14 +205,18 @@ def write_best_toml(path: Path, params: dict, *, fixed: dict, base_model: str, r
     """The recipe as a flat TOML file `flwr run . --run-config PATH` reads (flwr 1.41 takes a .toml path)."""
     import tomli_w
 
+    distributed = params.get("dp-mode") == "distributed"
     recipe = {"base-model": base_model, "num-rounds": rounds,
-              **{k: v for k, v in fixed.items() if k not in _OWN_KEYS}, **params, "dp": True}
+              **{k: v for k, v in fixed.items() if k not in _OWN_KEYS}, **params, "dp": True,
+              **({"secagg": True} if distributed else {})}
     RunConfig.from_flower(recipe)  # what is written must load
     header = (f"# fedchat tune: the best of {trials} trials (trial {trial}), held-out loss {loss:.4f}"
               + (f" (base model {base_loss:.4f})" if base_loss is not None else "") + f" on {data}\n"
               f"# for nodes whose budget is target-epsilon = {target_epsilon:g} (their node config) over {rounds} "
-              "round(s); tuned with secagg off (it changes nothing of utility), so secagg keeps its default here.\n"
-              f"# Use: flwr run . --run-config {path}\n")
+              + ("round(s); distributed DP (one DP step of the federation a round, inside the secure sum, which it "
+                 "needs).\n" if distributed else
+                 "round(s); tuned with secagg off (it changes nothing of utility), so secagg keeps its default here.\n")
+              + f"# Use: flwr run . --run-config {path}\n")
     path.write_text(header + tomli_w.dumps(recipe))
     return path
 
@@ -225,11 +261,81 @@ def score_best(adapter: str, base_model: str, eval_file: Path, max_len: int) -> 
                              engine="continuous")
 
 
-def run_tune(*, out: str, trials: int, base_model: str, clients: int, rounds: int, target_epsilon: float,
-             seed: int = 0, timeout: float | None = None, data_dir: str | None = None, max_local_steps: int = 20,
-             max_batch_size: int = 256, eval_max_conversations: int = 200, fixed: dict | None = None) -> dict:
+def parse_grid(items: list[str] | None) -> dict[str, list]:
+    """`--grid key=v1,v2 ...`: the values the grid sampler tries per key, each checked as that run-config key."""
+    grid: dict[str, list] = {}
+    for item in items or []:
+        key, sep, values = item.partition("=")
+        key = key.strip()
+        if not sep or not values.strip():
+            raise ConfigError(f"--grid expects key=value1,value2,... (got {item!r}).")
+        if key not in (*SEARCHED, "dp-mode"):
+            raise ConfigError(f"--grid key '{key}' is not searched; the grid takes "
+                              f"{', '.join((*SEARCHED, 'dp-mode'))}.")
+        if key in grid:
+            raise ConfigError(f"--grid gives '{key}' twice: list all its values once, comma-separated.")
+        parsed = []
+        for raw in values.split(","):
+            try:
+                value = json.loads(raw)
+            except ValueError:
+                value = raw.strip()
+            if key == "dp-mode" and value not in ("local", "distributed"):
+                raise ConfigError(f"--grid dp-mode values are 'local' and 'distributed' (got {value!r}).")
+            value = getattr(RunConfig.from_flower({key: value}), key.replace("-", "_"))  # checked, typed
+            if value in parsed:
+                raise ConfigError(f"--grid {key} lists {value!r} twice.")
+            parsed.append(value)
+        grid[key] = parsed
+    return grid
+
+
+def make_sampler(sampler: str, seed: int, trials: int, grid: dict[str, list] | None):
+    """Optuna's own sampler for `sampler`: TPE (a few random trials first), random, or the grid declared."""
     import optuna
 
+    if sampler == "tpe":
+        return optuna.samplers.TPESampler(seed=seed, n_startup_trials=min(10, max(3, trials // 4)))
+    if sampler == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    if sampler == "grid":
+        return optuna.samplers.GridSampler(grid, seed=seed)
+    raise ConfigError(f"--sampler must be one of {', '.join(SAMPLERS)} (got {sampler!r}).")
+
+
+def run_tune(*, out: str, trials: int, base_model: str, clients: int, rounds: int, target_epsilon: float,
+             seed: int = 0, timeout: float | None = None, data_dir: str | None = None, max_local_steps: int = 20,
+             max_batch_size: int = 256, eval_max_conversations: int = 200, fixed: dict | None = None,
+             sampler: str = "tpe", grid: dict[str, list] | None = None, dp_mode: str = "local",
+             colluders: int | None = None) -> dict:
+    import optuna
+
+    from shared.config import SECAGG_MIN_NODES
+
+    if sampler not in SAMPLERS:
+        raise ConfigError(f"--sampler must be one of {', '.join(SAMPLERS)} (got {sampler!r}).")
+    if dp_mode not in DP_MODES:
+        raise ConfigError(f"--dp-mode must be one of {', '.join(DP_MODES)} (got {dp_mode!r}).")
+    if sampler == "grid":
+        if not grid:
+            raise ConfigError("--sampler grid searches the values --grid declares: give --grid key=v1,v2 ... "
+                              f"(keys: {', '.join((*SEARCHED, 'dp-mode'))}).")
+        grid = dict(grid)
+        if "dp-mode" in grid and dp_mode != "both":
+            raise ConfigError("--grid declares dp-mode values: give --dp-mode both (or leave dp-mode out of the grid "
+                              "and choose it with --dp-mode).")
+        if dp_mode == "both":
+            grid.setdefault("dp-mode", ["local", "distributed"])
+    elif grid:
+        raise ConfigError("--grid declares the grid sampler's values: add --sampler grid (TPE and random search the "
+                          "built-in ranges).")
+    modes = set((grid or {}).get("dp-mode", [])) | ({"local", "distributed"} if dp_mode == "both" else {dp_mode})
+    if "distributed" in modes and clients < SECAGG_MIN_NODES:
+        raise ConfigError(f"--clients must be at least {SECAGG_MIN_NODES} for distributed DP, which runs inside the "
+                          f"secure sum (got {clients}).")
+    if colluders is not None and not 0 <= colluders <= clients - 2:
+        raise ConfigError(f"--colluders must be between 0 and --clients - 2 = {clients - 2}: the secure sum must keep "
+                          f"an honest share an observer does not know (got {colluders}).")
     if trials < 1:
         raise ConfigError(f"--trials must be at least 1 (got {trials}).")
     if clients < 2:
@@ -239,9 +345,10 @@ def run_tune(*, out: str, trials: int, base_model: str, clients: int, rounds: in
     if not target_epsilon > 0:
         raise ConfigError(f"--target-epsilon must be > 0 (got {target_epsilon}).")
     fixed = dict(fixed or {})
-    searched = sorted(set(fixed) & (set(SEARCHED) | {"lora-alpha"}))
+    searched = sorted(set(fixed) & (set(SEARCHED) | {"lora-alpha", "dp-mode"}))
     if searched:
-        raise ConfigError(f"--run-config sets {', '.join(searched)}, which the search chooses: leave them out.")
+        raise ConfigError(f"--run-config sets {', '.join(searched)}, which the search chooses: leave them out "
+                          "(choose the DP mode with --dp-mode).")
     RunConfig.from_flower({k: v for k, v in fixed.items() if k not in _OWN_KEYS})  # a bad key fails now
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -249,9 +356,15 @@ def run_tune(*, out: str, trials: int, base_model: str, clients: int, rounds: in
     node_files, eval_file = tuning_data(out_dir, clients, data_dir, seed)
     search = Search(out=out_dir, node_files=node_files, eval_file=eval_file, base_model=base_model, rounds=rounds,
                     target_epsilon=target_epsilon, seed=seed, max_local_steps=max_local_steps,
-                    max_batch_size=max_batch_size, eval_max_conversations=eval_max_conversations, fixed=fixed)
-    log.info("tuning on %s (%d nodes and a held-out file): %d trials of %d round(s) at target epsilon %g",
-             eval_file.parent, clients, trials, rounds, target_epsilon)
+                    max_batch_size=max_batch_size, eval_max_conversations=eval_max_conversations, fixed=fixed,
+                    dp_mode=dp_mode, grid=grid if sampler == "grid" else None, colluders=colluders)
+    if grid and sampler == "grid":
+        points = math.prod(len(v) for v in grid.values())
+        if points > trials:
+            log.warning("the grid has %d points and --trials %d runs only that many of them", points, trials)
+        trials = min(trials, points)
+    log.info("tuning on %s (%d nodes and a held-out file): %d trials of %d round(s) at target epsilon %g, %s sampler, "
+             "DP mode %s", eval_file.parent, clients, trials, rounds, target_epsilon, sampler, dp_mode)
 
     def progress(study, trial) -> None:
         value = "failed" if trial.value is None else f"held-out loss {trial.value:.4f}"
@@ -260,9 +373,10 @@ def run_tune(*, out: str, trials: int, base_model: str, clients: int, rounds: in
                  ", ".join(f"{k}={_fmt(v)}" for k, v in trial.params.items()), best)
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=min(10, max(3, trials // 4)))
-    study = optuna.create_study(direction="minimize", sampler=sampler, study_name="fedchat-tune")
-    study.enqueue_trial(search.default_trial())
+    study = optuna.create_study(direction="minimize", sampler=make_sampler(sampler, seed, trials, grid),
+                                study_name="fedchat-tune")
+    if sampler != "grid":  # the default recipe first: the search never returns one that did worse
+        study.enqueue_trial(search.default_trial())
     started = time.perf_counter()
     from fedchat.simulation import one_ray_session
 
@@ -276,7 +390,7 @@ def run_tune(*, out: str, trials: int, base_model: str, clients: int, rounds: in
         raise FedchatError(f"no trial finished ({len(study.trials)} failed): see the log above and "
                            f"{out_dir / 'trials.md'}.")
     best = study.best_trial
-    params = {**{k: best.params[k] for k in SEARCHED}, "lora-alpha": 2 * best.params["lora-r"]}
+    params = dict(best.user_attrs["recipe"])
     toml_path = write_best_toml(out_dir / "best.toml", params, fixed=fixed, base_model=base_model, rounds=rounds,
                                 target_epsilon=target_epsilon, loss=best.value, base_loss=best.user_attrs["base_loss"],
                                 trial=best.number, trials=len(study.trials), data=str(eval_file))
@@ -287,6 +401,7 @@ def run_tune(*, out: str, trials: int, base_model: str, clients: int, rounds: in
     summary = {"best_trial": best.number, "best_loss": best.value, "base_loss": best.user_attrs["base_loss"],
                "best_params": params, "epsilon_spent": best.user_attrs["epsilon_spent"],
                "target_epsilon": target_epsilon, "rounds": rounds, "clients": clients, "base_model": base_model,
+               "sampler": sampler, "dp_mode": dp_mode, "grid": grid if sampler == "grid" else None,
                "trials": len(study.trials), "finished_trials": len(done),
                "seconds": round(time.perf_counter() - started, 1),
                "data": str(eval_file.parent), "best_toml": str(toml_path), "plot": str(plot),
@@ -300,7 +415,9 @@ def cmd_tune(args) -> int:
     summary = run_tune(out=args.out, trials=args.trials, base_model=args.base_model, clients=args.clients,
                        rounds=args.rounds, target_epsilon=args.target_epsilon, seed=args.seed, timeout=args.timeout,
                        data_dir=args.data_dir, max_local_steps=args.max_local_steps, max_batch_size=args.max_batch_size,
-                       eval_max_conversations=args.eval_max_conversations, fixed=parse_overrides(args.run_config))
+                       eval_max_conversations=args.eval_max_conversations, fixed=parse_overrides(args.run_config),
+                       sampler=args.sampler, grid=parse_grid(args.grid), dp_mode=args.dp_mode,
+                       colluders=args.colluders)
     out = Path(args.out)
     print((out / "trials.md").read_text())
     s, m, b = summary, summary["best_vs_base"]["model"], summary["best_vs_base"]["base"]
@@ -315,7 +432,8 @@ def cmd_tune(args) -> int:
 
 
 def add_tune_command(sub) -> None:
-    p = sub.add_parser("tune", help="search a DP recipe with Optuna (TPE) in simulation, on data the coordinator owns")
+    p = sub.add_parser("tune", help="search a DP recipe with Optuna (TPE, random or grid) in simulation, on data the "
+                       "coordinator owns")
     p.add_argument("--trials", type=int, default=20, help="simulated federations to run")
     p.add_argument("--base-model", default="smollm2-135m", help="smollm2-135m, tiny, or a local HF model folder")
     p.add_argument("--clients", type=int, default=3, help="simulated nodes")
@@ -330,4 +448,14 @@ def add_tune_command(sub) -> None:
     p.add_argument("--max-batch-size", type=int, default=256, help="upper end of the expected-batch range")
     p.add_argument("--eval-max-conversations", type=int, default=200, help="held-out conversations per trial")
     p.add_argument("--run-config", nargs="*", metavar="KEY=VALUE", help="fixed run-config keys for every trial")
+    p.add_argument("--sampler", choices=SAMPLERS, default="tpe",
+                   help="Optuna's sampler: tpe (default; the default recipe first, then a few random trials), random, "
+                        "or grid (every combination of the --grid values; other keys keep the default recipe)")
+    p.add_argument("--grid", nargs="*", metavar="KEY=V1,V2", help="the grid sampler's values, e.g. learning-rate=0.02,"
+                   "0.075 batch-size=20,40 dp-mode=local,distributed")
+    p.add_argument("--dp-mode", choices=DP_MODES, default="local",
+                   help="the DP mode of the trials: local, distributed (one DP step of the federation a round, noise "
+                        "shared inside the secure sum: 3 clients or more), or both (searched)")
+    p.add_argument("--colluders", type=int, help="distributed DP: the simulated roster's colluder bound (default: "
+                   "the largest minority, the most conservative)")
     p.set_defaults(func=cmd_tune)
