@@ -33,6 +33,27 @@ def _samples(generation: dict | None, questions: int = 3) -> list[dict]:
             for s in generation["samples"][:questions]]
 
 
+def privacy_spent(ledgers: dict[str, Path]) -> list[dict]:
+    """Each node's budget as its own ledger states it after the run: the epsilon against an observer of the secure
+    sum and the local epsilon of its own noise alone (the same number in local DP, where a node adds all of it)."""
+    from shared.ledger import read_entries
+
+    spent = []
+    for node, path in ledgers.items():
+        entries = read_entries(path) if path.exists() else []
+        if not entries:
+            continue
+        last = entries[-1]
+        spent.append({"node": node, "dp_mode": last.get("dp_mode", "local"), "rounds": len(entries),
+                      "epsilon": last.get("epsilon"), "local_epsilon": last.get("local_epsilon", last.get("epsilon")),
+                      "target_epsilon": last.get("target_epsilon"), "delta": last.get("delta")})
+    return spent
+
+
+def _fmt_eps(v) -> str:
+    return "-" if v is None else f"{v:.2f}"
+
+
 def run_demo(*, out: str, clients: int, rounds: int, local_steps: int, base_model: str, aggregation: str,
              dp: bool, secagg: bool, target_epsilon: float, fresh: bool, extra: dict | None = None) -> dict:
     started = time.perf_counter()
@@ -79,6 +100,13 @@ def run_demo(*, out: str, clients: int, rounds: int, local_steps: int, base_mode
                 if src.exists():
                     shutil.copyfile(src, ledgers / dst)
         report["ledgers"] = str(ledgers.absolute())
+        report["privacy"] = privacy_spent({c["node"]: out_dir / "nodes" / c["node"] / "ledger.jsonl"
+                                           for c in manifest["clients"]})
+        for p in report["privacy"]:
+            log.info("    %s (%s DP, %d round(s) in its ledger): epsilon %s against an observer of the secure sum, "
+                     "%s of its own noise alone (if the secure sum were broken); budget %g, delta %g", p["node"],
+                     p["dp_mode"], p["rounds"], _fmt_eps(p["epsilon"]), _fmt_eps(p["local_epsilon"]),
+                     p["target_epsilon"], p["delta"])
     generation = report.get("generation")
     _step(4, n, "the model before and after, on held-out questions (greedy answers, scored by the coordinator)")
     report["samples"] = _samples(generation)
@@ -92,10 +120,16 @@ def run_demo(*, out: str, clients: int, rounds: int, local_steps: int, base_mode
                  "%.2f; evaluating both models took %.0fs", generation["scored"], generation["max_new_tokens"],
                  b["rouge_l"], m["rouge_l"], b["chrf"], m["chrf"], b["bleu"], m["bleu"], generation["seconds"])
         scores = f", ROUGE-L {b['rouge_l']:.4f} -> {m['rouge_l']:.4f}, chrF {b['chrf']:.2f} -> {m['chrf']:.2f}"
+    privacy = ""
+    if report.get("privacy"):
+        worst = max(report["privacy"], key=lambda p: p["epsilon"] or 0)
+        privacy = (f"; epsilon {_fmt_eps(worst['epsilon'])} (secure sum) / "
+                   f"{_fmt_eps(max(p['local_epsilon'] or 0 for p in report['privacy']))} (a node's own noise) of "
+                   f"{worst['target_epsilon']:g} ({run.dp_mode} DP)")
     report["wall_seconds"] = round(time.perf_counter() - started, 1)
     write_report(out_dir / "report.json", report)
     _step(5, n, f"done in {report['wall_seconds']:.0f}s: held-out loss {report['base_eval_loss']:.4f} -> "
-                f"{report['final_eval_loss']:.4f}{scores}; report {out_dir / 'report.json'}, "
+                f"{report['final_eval_loss']:.4f}{scores}{privacy}; report {out_dir / 'report.json'}, "
                 f"plot {out_dir / 'loss.png'}, "
                 f"merged model {report['merged_model']}")
     return report

@@ -261,3 +261,30 @@ def test_a_ledger_of_local_then_distributed_rounds_is_audited_on_both_epsilons(t
     lines[-1]["local_epsilon"] = line["local_epsilon"] / 2  # understated, and re-signed with the node's own key
     rewrite(path, signed_lines(lines, key))
     assert any("claims local epsilon" in p for p in audit_ledger(path, tmp_path / "ledger-key.pem").problems)
+
+
+@pytest.mark.slow
+def test_the_demo_in_distributed_dp_shows_both_epsilons_as_the_ledgers_state_them(tmp_path, caplog):
+    """A real distributed-DP demo (4 tiny nodes: colluder bound 1, so each node counts on 2 shares): the report and
+    the log give each node's epsilon against an observer of the sum and the larger one of its own share alone,
+    both as recomputed from its ledger, within the budget."""
+    import logging
+
+    from fedchat.demo import run_demo
+    from shared import ledger
+    from shared.accounting import ledger_epsilons
+
+    caplog.set_level(logging.INFO, logger="fedchat.demo")
+    report = run_demo(out=str(tmp_path / "demo"), clients=4, rounds=1, local_steps=1, base_model="tiny",
+                      aggregation="ffa", dp=True, secagg=True, target_epsilon=8.0, fresh=True,
+                      extra={"dp-mode": "distributed", "batch-size": 16, "merge": False})
+    assert len(report["privacy"]) == 4
+    for p in report["privacy"]:
+        path = tmp_path / "demo" / "nodes" / p["node"] / "ledger.jsonl"
+        dist, local = ledger_epsilons(ledger.read_entries(path), 1e-5, "prv")
+        assert p["dp_mode"] == "distributed" and p["epsilon"] == pytest.approx(dist, rel=1e-6)
+        assert p["local_epsilon"] == pytest.approx(local, rel=1e-6) and 0 < p["epsilon"] < p["local_epsilon"]
+        assert p["epsilon"] <= 8.0
+        assert f"{p['node']} (distributed DP, 1 round(s) in its ledger): epsilon {p['epsilon']:.2f} against an " \
+               f"observer of the secure sum, {p['local_epsilon']:.2f} of its own noise alone" in caplog.text
+    assert "(secure sum) /" in caplog.text and "(a node's own noise) of 8 (distributed DP)" in caplog.text
