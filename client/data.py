@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from shared.dialogue import Encoded, encode_conversation, read_dialogues
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("fedchat.node")
 
 
 @dataclass

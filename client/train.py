@@ -38,7 +38,7 @@ from shared.config import RunConfig
 from shared.dialogue import Encoded, collate
 from shared.model import conversation_losses
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("fedchat.node")
 
 
 @dataclass

@@ -1,4 +1,8 @@
-"""Logging for fedchat's processes: one concise format, our loggers only."""
+"""Logging for fedchat's processes: one concise format, our loggers only.
+
+Every fedchat logger is "fedchat" or "fedchat.<part>" (fedchat.node, fedchat.coordinator, fedchat.serve, ...),
+so the one handler on "fedchat" prints them all.
+"""
 
 from __future__ import annotations
 
@@ -20,11 +24,6 @@ def setup_logging(level: int = logging.INFO, quiet_flower: bool = False) -> None
         handler._fedchat = True  # type: ignore[attr-defined]
         logger.addHandler(handler)
         logger.propagate = False
-    for name in ("client", "server", "shared"):  # module loggers (client.data, ...) share the handler
-        sub = logging.getLogger(name)
-        sub.handlers = logger.handlers
-        sub.setLevel(level)
-        sub.propagate = False
     from flwr.supercore.logger import update_console_handler  # importing it configures Flower's logger
 
     flower = logging.getLogger("flwr")

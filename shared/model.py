@@ -27,7 +27,7 @@ import torch
 
 from shared.errors import ConfigError, ModelError
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("fedchat.model")
 
 EMBEDDED = "smollm2-135m"
 TINY = "tiny"
