@@ -27,9 +27,12 @@ key (shared/ledger.py) and audited against the report (shared/audit.py, what `fe
 the nodes' own record of what they trained (their logs), and what was left behind.
 `check_ledgers` is the invariant every scenario must keep: no ledger line lost, duplicated or
 corrupt, and every update that reached the coordinator bound to its node's ledger line.
+`run_scenario` gives a fault a run of its own (fault in round 1, a clean round 2); `run_chain` puts
+the faults that act within one round into one run, a fault per round and a clean last round, so each
+fault's next round shows the victim back (and costs no session and run of its own).
 
-tests/test_faults.py runs each scenario as a test; `python -m bench.fault_drill` runs them all and
-writes bench/results/faults.json.
+tests/test_faults.py runs the chain and the two faults that resubmit their run, a test per fault;
+`python -m bench.fault_drill` runs each fault on its own and writes bench/results/faults.json.
 """
 
 from __future__ import annotations
@@ -627,13 +630,17 @@ class Outcome:
 class Scenario:
     name: str
     fault: str  # what is done, in a line
-    inject: Callable[[NetworkFederation, Outcome], Run]  # submits, injects, recovers; the run to judge
-    rounds: int = 2
+    # in_round: (fed, out, run, rnd) injects the fault into round `rnd` of a running run and returns once the
+    # coordinator ended that round and the fault is undone; otherwise (fed, out) submits, injects and resubmits
+    # as the fault needs, and returns the run to judge
+    inject: Callable
+    in_round: bool = True
     may_fail: tuple[int, ...] = (1,)  # rounds the fault may fail (with a clear error); every other must be ok
     tmpfs: dict[str, int] | None = None
 
 
 VICTIM = "org-2"
+ROUND_MARK = re.compile(r"\[RUN \d+, ROUND (\d+)\]")  # what a SuperNode logs before each message it receives or sends
 
 
 def _lock_mark(node: Node) -> tuple | None:
@@ -652,65 +659,81 @@ def _head_entries(node: Node) -> int:
         return -1
 
 
-def _victim_training(fed: NetworkFederation, out: Outcome) -> tuple[Node, Run]:
-    """Submit the scenario's run and return once the victim holds its ledger lock for round 1: it trains now."""
+def _train_replies_sent(node_log: str, rnd: int) -> int:
+    """How many replies to training messages (the secure sum's stages) of round `rnd` the node sent."""
+    parts = ROUND_MARK.split(node_log)  # [before, round, text, round, text, ...]
+    return sum(int(r) == rnd and "Sending: train message" in text and "Sent successfully" in text
+               for r, text in zip(parts[1::2], parts[2::2]))
+
+
+def _victim_training(fed: NetworkFederation, out: Outcome, rnd: int) -> Node:
+    """Return once the victim holds its ledger lock for round `rnd`: it trains now."""
     node = fed.nodes[VICTIM]
     mark = _lock_mark(node)
-    run = fed.submit(out.name, 2)
-    fed.wait(lambda: _lock_mark(node) != mark, fed.settings.run_timeout, f"{node.name} did not start training round 1",
-             interval=0.05)
-    return node, run
+    out.facts["entries_before"] = _head_entries(node)
+    fed.wait(lambda: _lock_mark(node) != mark, fed.settings.run_timeout,
+             f"{node.name} did not start training round {rnd}", interval=0.05)
+    return node
 
 
-def _link_down(fed: NetworkFederation, out: Outcome) -> Run:
-    node, run = _victim_training(fed, out)
+def _link_down(fed: NetworkFederation, out: Outcome, run: Run, rnd: int) -> None:
+    node = _victim_training(fed, out, rnd)
     fed.net.link(node_host(node.i), up=False)  # its cable is pulled while it trains
     t = time.monotonic()
-    fed.wait_round(run, 1)  # the coordinator gives up on it and ends round 1
+    fed.wait_round(run, rnd)  # the coordinator gives up on it and ends the round
     out.facts["link_down_seconds"] = round(time.monotonic() - t, 1)
     out.facts["entries_while_down"] = _head_entries(node)
     fed.net.link(node_host(node.i), up=True)
-    return run
 
 
-def _stall(fed: NetworkFederation, out: Outcome) -> Run:
-    _, run = _victim_training(fed, out)
+def _stall(fed: NetworkFederation, out: Outcome, run: Run, rnd: int) -> None:
+    _victim_training(fed, out, rnd)
     delay = fed.settings.secagg_timeout + 30  # every byte to and from the node now arrives after the round's timeout
     fed.proxy.mode(VICTIM, "delay", delay)
     out.facts["delay_seconds"] = delay
-    fed.wait_round(run, 1)
+    fed.wait_round(run, rnd)
     out.facts["proxy_while_stalled"] = fed.proxy.status()[VICTIM]
     fed.proxy.mode(VICTIM, "pass")
-    return run
 
 
-def _kill_after_key_sharing(fed: NetworkFederation, out: Outcome) -> Run:
+def _kill_after_key_sharing(fed: NetworkFederation, out: Outcome, run: Run, rnd: int) -> None:
     node = fed.nodes[VICTIM]
-    run = fed.submit(out.name, 2)
-
-    def shares_sent() -> bool:  # its second reply (advertise: its signed public keys; share-keys: its key shares) left
-        replies = fed.node_log(VICTIM).split("Sending: train message")
-        return len(replies) > 2 and "Sent successfully" in replies[2]
-
-    fed.wait(shares_sent, fed.settings.run_timeout, f"{VICTIM} did not share its keys in round 1", interval=0.1)
+    out.facts["entries_before"] = _head_entries(node)
+    # its second reply of the round (advertise: its signed public keys; share-keys: its key shares) left
+    fed.wait(lambda: _train_replies_sent(fed.node_log(VICTIM), rnd) >= 2, fed.settings.run_timeout,
+             f"{VICTIM} did not share its keys in round {rnd}", interval=0.1)
     out.facts["entries_at_kill"] = _head_entries(node)
     out.facts["killed"] = fed.kill_node(VICTIM)
     fed.restart_node(VICTIM)  # its service manager starts it again at once
     fed.wait_online([VICTIM])
-    return run
+    fed.wait_round(run, rnd)
 
 
-def _kill_before_masked_update(fed: NetworkFederation, out: Outcome) -> Run:
+def _kill_before_masked_update(fed: NetworkFederation, out: Outcome, run: Run, rnd: int) -> None:
     node = fed.nodes[VICTIM]
-    run = fed.submit(out.name, 2)
-    before = _head_entries(node)
+    before = out.facts["entries_before"] = _head_entries(node)
     fed.wait(lambda: _head_entries(node) > before, fed.settings.run_timeout,
-             f"{VICTIM} did not record round 1 in its ledger", interval=0.02)
+             f"{VICTIM} did not record round {rnd} in its ledger", interval=0.02)
     out.facts["killed"] = fed.kill_node(VICTIM)  # its ledger line is written; its masked update not yet sent
     out.facts["entries_at_kill"] = _head_entries(node)
     fed.restart_node(VICTIM)
     fed.wait_online([VICTIM])
-    return run
+    fed.wait_round(run, rnd)
+
+
+def _disk_full(fed: NetworkFederation, out: Outcome, run: Run, rnd: int) -> None:
+    node = _victim_training(fed, out, rnd)
+    filler = node.state / "filler"
+    with open(filler, "wb", buffering=0) as f:  # the disk fills up while the node trains: its ledger append is next
+        try:
+            while True:
+                f.write(b"\0" * 4096)
+        except OSError as exc:
+            out.facts["fill"] = exc.strerror
+    fed.wait_round(run, rnd)
+    out.facts["entries_after_round"] = _head_entries(node)
+    out.facts["temporary_files"] = leftover_files(node)
+    filler.unlink()  # the operator frees space
 
 
 def _coordinator_killed(fed: NetworkFederation, out: Outcome) -> Run:
@@ -748,22 +771,6 @@ def _superlink_restart(fed: NetworkFederation, out: Outcome) -> Run:
     return resumed
 
 
-def _disk_full(fed: NetworkFederation, out: Outcome) -> Run:
-    node, run = _victim_training(fed, out)
-    filler = node.state / "filler"
-    with open(filler, "wb", buffering=0) as f:  # the disk fills up while the node trains: its ledger append is next
-        try:
-            while True:
-                f.write(b"\0" * 4096)
-        except OSError as exc:
-            out.facts["fill"] = exc.strerror
-    fed.wait_round(run, 1)
-    out.facts["entries_after_round_1"] = _head_entries(node)
-    out.facts["temporary_files"] = leftover_files(node)
-    filler.unlink()  # the operator frees space
-    return run
-
-
 def _stop_dead_run(fed: NetworkFederation, run: Run) -> str:
     """What Flower says of a run whose ServerApp is gone; a run still listed `running` is stopped, as the
     coordinator's runbook says (section 11: Flower 1.41 keeps a run whose ServerApp was killed `running`)."""
@@ -774,71 +781,104 @@ def _stop_dead_run(fed: NetworkFederation, run: Run) -> str:
 
 
 SCENARIOS = {s.name: s for s in (
-    Scenario("link-down", "org-2's link to the coordinator is cut while it trains round 1, and restored after the "
+    Scenario("link-down", "org-2's link to the coordinator is cut while it trains a round, and restored after the "
              "coordinator ended that round", _link_down),
     Scenario("node-stall", "every byte to and from org-2 is delayed past the round's timeout (the secure-aggregation "
-             "stage timeout) while it trains round 1", _stall),
-    Scenario("kill-after-key-sharing", "org-2 is SIGKILLed after it sent its key shares in round 1, and restarted",
+             "stage timeout) while it trains a round", _stall),
+    Scenario("kill-after-key-sharing", "org-2 is SIGKILLed after it sent its key shares in a round, and restarted",
              _kill_after_key_sharing),
     Scenario("kill-before-masked-update", "org-2 is SIGKILLed after its ledger append, before it sent its masked "
-             "update, in round 1, and restarted", _kill_before_masked_update),
-    Scenario("coordinator-killed", "the ServerApp is SIGKILLed in round 1 after every node trained; the run is "
-             "submitted again and resumes from its checkpoint", _coordinator_killed, may_fail=()),
-    Scenario("disk-full", "org-2's state dir (a 1 MiB tmpfs) fills up while it trains round 1, before its ledger "
+             "update, in a round, and restarted", _kill_before_masked_update),
+    Scenario("disk-full", "org-2's state dir (a 1 MiB tmpfs) fills up while it trains a round, before its ledger "
              "append; space is freed after the round", _disk_full, tmpfs={VICTIM: 1 << 20}),
+    Scenario("coordinator-killed", "the ServerApp is SIGKILLed in round 1 after every node trained; the run is "
+             "submitted again and resumes from its checkpoint", _coordinator_killed, in_round=False, may_fail=()),
     Scenario("superlink-restart", "the SuperLink is restarted after round 1 while every node is connected; the run "
-             "is submitted again and resumes", _superlink_restart, may_fail=()),
+             "is submitted again and resumes", _superlink_restart, in_round=False, may_fail=()),
 )}
+CHAIN = tuple(name for name, s in SCENARIOS.items() if s.in_round)  # the faults that fit in one round each
 
 
 def run_scenario(fed: NetworkFederation, name: str) -> Outcome:
-    """Fresh nodes, the fault, the run to its end; then the evidence. Never raises for the fault's sake."""
+    """Fresh nodes, the fault in round 1 of a two-round run, the run to its end; then the evidence. Never raises
+    for the fault's sake."""
     spec = SCENARIOS[name]
-    out = Outcome(name, spec.fault)
+    return _drill(fed, name, [spec], rounds=2, may_fail=spec.may_fail)[0]
+
+
+def run_chain(fed: NetworkFederation, names: tuple[str, ...] = CHAIN, session: str = "chain") -> list[Outcome]:
+    """Fresh nodes and one run with one fault per round (`names[k]` in round k + 1) and a last round without
+    one: each fault's round may fail, saying why, and the next must find the victim back. The same evidence
+    as `run_scenario`, over the whole run; each fault's outcome holds its round and the next."""
+    if not names or not all(SCENARIOS[n].in_round for n in names):
+        raise ValueError(f"a chain takes faults that act within one round: {', '.join(CHAIN)}")
+    specs = [SCENARIOS[n] for n in names]
+    return _drill(fed, session, specs, rounds=len(specs) + 1, may_fail=tuple(range(1, len(specs) + 1)))
+
+
+def _drill(fed: NetworkFederation, session: str, specs: list[Scenario], rounds: int,
+           may_fail: tuple[int, ...]) -> list[Outcome]:
+    outs = [Outcome(s.name, s.fault) for s in specs]
     started = time.monotonic()
-    run = None
+    run, problems, flower_status = None, [], ""
     try:
-        fed.start_nodes(name, spec.tmpfs)
-        run = spec.inject(fed, out)
-        out.flower_status = fed.wait_finished(run)
+        fed.start_nodes(session, {k: v for s in specs for k, v in (s.tmpfs or {}).items()})
+        if not specs[0].in_round:
+            run = specs[0].inject(fed, outs[0])
+        else:
+            run = fed.submit(session, rounds)
+            for rnd, (spec, out) in enumerate(zip(specs, outs), 1):
+                if rnd > 1:
+                    fed.wait_round(run, rnd - 1)  # the previous fault's round is over: this one begins
+                t = time.monotonic()
+                spec.inject(fed, out, run, rnd)
+                out.seconds = round(time.monotonic() - t, 1)
+        flower_status = fed.wait_finished(run)
     except FederationError as exc:
-        out.problems.append(f"the drill could not finish: {exc}")
+        problems.append(f"the drill could not finish: {exc}")
     except Exception as exc:  # a fault that breaks the drill itself is a finding too: say which, go on
-        log.exception("drill %s", name)
-        out.problems.append(f"the drill broke: {type(exc).__name__}: {exc}")
+        log.exception("drill %s", session)
+        problems.append(f"the drill broke: {type(exc).__name__}: {exc}")
     report = run.report() if run else None
+    rows = []
     if run is not None:
-        out.facts["server_log"] = fed.server_log(run)[-20000:]
+        server_log = fed.server_log(run)[-20000:]
+        for out in outs:
+            out.facts["server_log"] = server_log
     if report:
         names = {c["node_id"]: c["node"] for r in report.get("rounds", []) for c in r.get("clients", [])}
-        out.rows = [{"round": r["round"], "status": r["status"], "error": r.get("error"),
-                     "clients": {c["node"]: c.get("status") for c in r.get("clients", [])},
-                     "failures": r.get("failures", []), "halted_at": r.get("secagg", {}).get("halted_at"),
-                     "dropped": {stage: [names.get(i, str(i)) for i in ids]
-                                 for stage, ids in r.get("secagg", {}).get("dropped_at_stage", {}).items()}}
-                    for r in report.get("rounds", [])]
-        out.rounds_completed = sum(r["status"] == "ok" for r in report.get("rounds", []))
-        out.facts["report"] = report
-        for r in out.rows:
-            if r["status"] != "ok" and r["round"] not in spec.may_fail:
-                out.problems.append(f"round {r['round']} failed and the fault should not fail it: {r['error']}")
+        rows = [{"round": r["round"], "status": r["status"], "error": r.get("error"),
+                 "clients": {c["node"]: c.get("status") for c in r.get("clients", [])},
+                 "failures": r.get("failures", []), "halted_at": r.get("secagg", {}).get("halted_at"),
+                 "dropped": {stage: [names.get(i, str(i)) for i in ids]
+                             for stage, ids in r.get("secagg", {}).get("dropped_at_stage", {}).items()}}
+                for r in report.get("rounds", [])]
+        for r in rows:
+            if r["status"] != "ok" and r["round"] not in may_fail:
+                problems.append(f"round {r['round']} failed and the fault should not fail it: {r['error']}")
             if r["status"] != "ok" and not r["error"]:
-                out.problems.append(f"round {r['round']} failed without saying why")
-        if len(out.rows) != spec.rounds or report.get("status") != "finished":
-            out.problems.append(f"the report holds {len(out.rows)} of {spec.rounds} rounds, "
-                                f"status {report.get('status')}")
-    if out.flower_status and out.flower_status != "finished:completed":
-        out.problems.append(f"the run ended as {out.flower_status}")
+                problems.append(f"round {r['round']} failed without saying why")
+        if len(rows) != rounds or report.get("status") != "finished":
+            problems.append(f"the report holds {len(rows)} of {rounds} rounds, status {report.get('status')}")
+    if flower_status and flower_status != "finished:completed":
+        problems.append(f"the run ended as {flower_status}")
     check = check_ledgers(fed, report)
-    out.ledger_entries_lost = check.lost
-    out.problems += check.problems
-    out.facts["ledger_rounds"] = {n: [e["round"] for e in entries] for n, entries in check.entries.items()}
-    out.facts["bound_rows"] = check.bound_rows
-    out.seconds = round(time.monotonic() - started, 1)
+    problems += check.problems
+    ledger_rounds = {n: [e["round"] for e in entries] for n, entries in check.entries.items()}
+    for k, out in enumerate(outs):
+        # a single scenario is judged by its whole run; a chained fault by its round and the next
+        out.rows = rows if len(outs) == 1 else rows[k:k + 2]
+        out.rounds_completed = sum(r["status"] == "ok" for r in rows)
+        out.flower_status = flower_status
+        out.ledger_entries_lost = check.lost
+        out.problems = list(problems)
+        out.facts.update(report=report, ledger_rounds=ledger_rounds, bound_rows=check.bound_rows, fault_round=k + 1)
+        if len(outs) == 1:
+            out.seconds = round(time.monotonic() - started, 1)
+        out.survived = not out.problems
+        out.detail = _detail(out)
     fed.stop_nodes()
-    out.survived = not out.problems
-    out.detail = _detail(out)
-    return out
+    return outs
 
 
 def _detail(out: Outcome) -> str:

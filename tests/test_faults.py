@@ -1,16 +1,18 @@
-"""Faults on a real network (issue 13): separate hosts, cut links, stalls, killed processes, a full disk.
+"""Faults on a real network: separate hosts, cut links, stalls, killed processes, a full disk.
 
 The slow tests run the drill of fedchat.drill: the coordinator (SuperLink with TLS and node
 authentication, its ServerApp) and three nodes (`fedchat node start`, approved bundle only) each
 on a host of its own, a network namespace with its own address and name, talking real TCP over
 veth pairs through a fault proxy (fedchat.netproxy) on a "wan" host; the certificate is issued
 for coordinator.fedchat.test, which each node resolves through its own hosts file. One topology
-(namespaces, certificates, SuperLink) serves the module; each test starts fresh nodes (new state
-dirs and ledgers; the same identity keys and approved roster), runs two rounds under fedchat's secure
-aggregation and DP with one fault in round 1, and checks:
+(namespaces, certificates, SuperLink) serves the module. Five faults act within one round: they
+share one run on fresh nodes (new state dirs and ledgers; the same identity keys and approved
+roster), a fault per round and a clean sixth round (fedchat.drill.run_chain), under fedchat's
+secure aggregation and DP. The two that resubmit their run (the coordinator killed, the SuperLink
+restarted) each get fresh nodes and a two-round run of their own. Each test checks:
 
-* the run completes, or the faulted round fails with an error that says what happened and the
-  next round runs with every node;
+* the run completes, or the faulted round fails with an error that says what happened and in the
+  next round the victim is back (after the last fault: the round runs with every node);
 * no ledger line is lost, duplicated or corrupt, and every update (or masked update) that reached
   the coordinator is bound to its node's ledger line (fedchat.drill.check_ledgers: each ledger
   verified with shared/ledger.py and audited against the report with shared/audit.py);
@@ -62,7 +64,8 @@ def netns_required() -> None:
 
 
 needs_netns = pytest.mark.usefixtures("netns_required")
-OTHERS = ("org-1", "org-3")  # the faulted node is org-2 (fedchat.drill.VICTIM)
+VICTIM = "org-2"  # the faulted node (fedchat.drill.VICTIM)
+OTHERS = ("org-1", "org-3")
 
 
 # ------------------------------------------------------------------ the fault proxy (fast, loopback)
@@ -377,25 +380,48 @@ def fed(tmp_path_factory, model_cache):
         assert left == [], f"left behind: {left}"
 
 
-def _drill(fed, name: str):
-    from fedchat.drill import node_host, run_scenario
-
-    out = run_scenario(fed, name)
+def _survived(out):
     report = out.facts.get("report") or {}
     assert out.problems == [], f"{out.detail}\n--- ServerApp log:\n{out.facts.get('server_log', '')[-4000:]}"
     assert out.survived and out.ledger_entries_lost == 0
     assert report.get("status") == "finished" and out.flower_status == "finished:completed"
+    return out
+
+
+def _drill(fed, name: str):
+    from fedchat.drill import node_host, run_scenario
+
+    out = _survived(run_scenario(fed, name))
     for i in range(1, fed.settings.nodes + 1):  # no process left on any node host
         assert fed.net.pids(node_host(i)) == [], f"processes left on {node_host(i)}"
     return out
 
 
-def _failed_then_ok(out) -> tuple[dict, dict]:
-    """Round 1 failed, saying why; round 2 ran with every node."""
+@pytest.fixture(scope="module")
+def chain(fed):
+    """One run, a fault per round (fedchat.drill.CHAIN: link-down, node-stall, kill-after-key-sharing,
+    kill-before-masked-update, disk-full) and a clean last round: each fault's test reads its round and the next."""
+    from fedchat.drill import CHAIN, node_host, run_chain
+
+    outs = {o.name: o for o in run_chain(fed)}
+    assert list(outs) == list(CHAIN)
+    for i in range(1, fed.settings.nodes + 1):
+        assert fed.net.pids(node_host(i)) == [], f"processes left on {node_host(i)}"
+    return outs
+
+
+def _failed_then_back(out) -> tuple[dict, dict]:
+    """The fault's round failed, saying why; in the next the victim was back: it advertised and shared its keys
+    (the next fault may end that round), or, after the last fault, the round ran with every node."""
     first, second = out.rows
+    assert first["round"] == out.facts["fault_round"]
     assert first["status"] == "failed" and first["error"], first
-    assert second["status"] == "ok" and sorted(second["clients"]) == ["org-1", "org-2", "org-3"], second
-    assert set(second["clients"].values()) == {"ok"}
+    if second["status"] == "ok":
+        assert sorted(second["clients"]) == ["org-1", "org-2", "org-3"], second
+        assert set(second["clients"].values()) == {"ok"}
+    else:
+        gone = second["dropped"].get("advertise", []) + second["dropped"].get("share-keys", [])
+        assert VICTIM not in gone and second["halted_at"] not in (None, "advertise", "share-keys"), second
     return first, second
 
 
@@ -406,24 +432,28 @@ def _not_aggregated(row: dict) -> None:
     assert all(s.startswith("not aggregated") for s in row["clients"].values()), row
 
 
+def _faulted(chain, name: str):
+    out = _survived(chain[name])
+    return (out, *_failed_then_back(out))
+
+
 @pytest.mark.slow
 @pytest.mark.faults
 @needs_netns
-def test_a_link_cut_while_a_node_trains_fails_the_round_clearly_and_the_next_round_runs(fed):
-    out = _drill(fed, "link-down")
-    first, _ = _failed_then_ok(out)
+def test_a_link_cut_while_a_node_trains_fails_the_round_clearly_and_the_next_round_runs(chain):
+    out, first, _ = _faulted(chain, "link-down")
+    rnd = first["round"]
     assert "dropped out at 'collect'" in first["error"] and first["halted_at"] == "collect"
     _not_aggregated(first)
-    assert out.facts["entries_while_down"] == 1  # it trained and recorded round 1 while cut off...
-    assert out.facts["ledger_rounds"]["org-2"] == [1, 2]  # ...and that line is kept (over-count, never under)
+    assert out.facts["entries_while_down"] == out.facts["entries_before"] + 1  # it trained and recorded the round...
+    assert rnd in out.facts["ledger_rounds"]["org-2"]  # ...while cut off; that line is kept (over-count, never under)
 
 
 @pytest.mark.slow
 @pytest.mark.faults
 @needs_netns
-def test_a_node_stalled_past_the_round_timeout_fails_the_round_clearly_and_the_next_round_runs(fed):
-    out = _drill(fed, "node-stall")
-    first, _ = _failed_then_ok(out)
+def test_a_node_stalled_past_the_round_timeout_fails_the_round_clearly_and_the_next_round_runs(chain, fed):
+    out, first, _ = _faulted(chain, "node-stall")
     assert "dropped out at" in first["error"]
     stalled = out.facts["proxy_while_stalled"]
     assert stalled["mode"] == "delay" and stalled["delay"] > fed.settings.secagg_timeout
@@ -432,28 +462,39 @@ def test_a_node_stalled_past_the_round_timeout_fails_the_round_clearly_and_the_n
 @pytest.mark.slow
 @pytest.mark.faults
 @needs_netns
-def test_a_node_killed_after_key_sharing_is_restarted_and_the_next_round_runs(fed):
-    out = _drill(fed, "kill-after-key-sharing")
-    first, _ = _failed_then_ok(out)
-    assert out.facts["entries_at_kill"] == 0  # killed before it trained: nothing to record
-    assert out.facts["ledger_rounds"]["org-2"] == [2]
+def test_a_node_killed_after_key_sharing_is_restarted_and_the_next_round_runs(chain):
+    out, first, _ = _faulted(chain, "kill-after-key-sharing")
+    assert out.facts["entries_at_kill"] == out.facts["entries_before"]  # killed before it trained: nothing recorded
+    assert first["round"] not in out.facts["ledger_rounds"]["org-2"]
     assert "dropped out at 'collect'" in first["error"] and first["halted_at"] == "collect"
 
 
 @pytest.mark.slow
 @pytest.mark.faults
 @needs_netns
-def test_a_node_killed_before_sending_its_masked_update_keeps_its_ledger_line(fed):
-    out = _drill(fed, "kill-before-masked-update")
-    first, _ = _failed_then_ok(out)
-    assert out.facts["entries_at_kill"] == 1  # killed after its ledger append
-    assert out.facts["ledger_rounds"]["org-2"] == [1, 2]  # the line survived the kill, whole
+def test_a_node_killed_before_sending_its_masked_update_keeps_its_ledger_line(chain):
+    out, first, _ = _faulted(chain, "kill-before-masked-update")
+    assert out.facts["entries_at_kill"] == out.facts["entries_before"] + 1  # killed after its ledger append
+    assert first["round"] in out.facts["ledger_rounds"]["org-2"]  # the line survived the kill, whole
     _not_aggregated(first)  # its masked update never arrived; the others' did, and are bound to their ledgers
     # Too few masked updates for a sum that hides each one: the round halted before the consistency round, so no
     # node was ever asked for a share (nothing of any update was revealed).
     assert first["halted_at"] == "collect" and "dropped out at 'collect'" in first["error"]
-    stages = out.facts["report"]["rounds"][0]["secagg"]["stage_seconds"]
+    stages = out.facts["report"]["rounds"][first["round"] - 1]["secagg"]["stage_seconds"]
     assert list(stages) == ["advertise", "share-keys", "collect"]
+
+
+@pytest.mark.slow
+@pytest.mark.faults
+@needs_netns
+def test_a_full_disk_before_the_ledger_append_sends_no_update_and_the_next_round_runs(chain):
+    out, first, _ = _faulted(chain, "disk-full")
+    assert out.facts["fill"] == "No space left on device"
+    assert out.facts["entries_after_round"] == out.facts["entries_before"]  # no line for an update that never left
+    assert out.facts["temporary_files"] == []
+    assert any("org-2" in f and "No space left on device" in f for f in first["failures"]), first["failures"]
+    _not_aggregated(first)
+    assert first["round"] not in out.facts["ledger_rounds"]["org-2"]
 
 
 @pytest.mark.slow
@@ -466,19 +507,6 @@ def test_the_coordinator_killed_mid_round_resumes_and_completes(fed):
     assert report["resumed"] and report["resumed"][0]["from_round"] == 0  # the report says it was interrupted
     for name in ("org-1", "org-2", "org-3"):  # round 1 was trained twice: both lines are kept
         assert out.facts["ledger_rounds"][name] == [1, 1, 2]
-
-
-@pytest.mark.slow
-@pytest.mark.faults
-@needs_netns
-def test_a_full_disk_before_the_ledger_append_sends_no_update_and_the_next_round_runs(fed):
-    out = _drill(fed, "disk-full")
-    first, _ = _failed_then_ok(out)
-    assert out.facts["fill"] == "No space left on device"
-    assert out.facts["entries_after_round_1"] == 0 and out.facts["temporary_files"] == []
-    assert any("org-2" in f and "No space left on device" in f for f in first["failures"]), first["failures"]
-    _not_aggregated(first)
-    assert out.facts["ledger_rounds"]["org-2"] == [2]  # no line for an update that never left
 
 
 @pytest.mark.slow
