@@ -19,11 +19,16 @@ transformers greedy `generate` in this process, in one run, on the same merged m
 4. A second request arriving mid-answer (fedchat serve): a client streams an answer alone; when it has
    10 pieces, a second client asks. The first request leaves the fast path for the batch (serving/engine.py):
    the first's latency against alone, the second's time to first token.
-5. The greedy answers of the two servers and of `generate`, prompt by prompt (the same model, all greedy).
+5. One stream against `generate`, paired: prompt by prompt, one request to fedchat serve and one `generate`
+   right after each other (which goes first alternates), so both meet the same load on a shared machine;
+   their tokens/s over the same prompts, and the CPU time per token each costs (fedchat serve: the server
+   process and this client process; `generate`: this process), which the machine's load does not change
+   as much as it changes wall time.
+6. The greedy answers of the two servers and of `generate`, prompt by prompt (the same model, all greedy).
 
-Writes bench/results/serving.json ({"ratio", "ratio_vs_direct", "rows": [...]}: ratio is fedchat serve's
-tokens/s at 8 clients over 1 client, ratio_vs_direct one client over direct `generate`) and
-bench/results/serving.md.
+Writes bench/results/serving.json ({"ratio", "ratio_vs_direct", "paired", "rows": [...]}: ratio is fedchat
+serve's tokens/s at 8 clients over 1 client, ratio_vs_direct one client over direct `generate` (the levels'
+best tries), paired the interleaved comparison of 5) and bench/results/serving.md.
 """
 
 from __future__ import annotations
@@ -175,22 +180,56 @@ class Direct:
         self.model = load_model(model_dir, torch.device("cpu"), torch.float32)
         self.tokenizer = load_tokenizer(model_dir)
 
+    def one(self, prompt: str, max_tokens: int) -> dict:
+        t0 = time.perf_counter()
+        enc = self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                                 return_tensors="pt", return_dict=True)
+        out = self.model.generate(**enc, max_new_tokens=max_tokens, do_sample=False,
+                                  pad_token_id=self.tokenizer.pad_token_id)[0, enc["input_ids"].shape[1]:]
+        return {"tokens": len(out), "latency": time.perf_counter() - t0,
+                "text": self.tokenizer.decode(out, skip_special_tokens=True)}
+
     def level(self, max_tokens: int) -> dict:
         results = []
         started = time.perf_counter()
         for i, prompt in enumerate(PROMPTS):
-            t0 = time.perf_counter()
-            enc = self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                                     return_tensors="pt", return_dict=True)
-            out = self.model.generate(**enc, max_new_tokens=max_tokens, do_sample=False,
-                                      pad_token_id=self.tokenizer.pad_token_id)[0, enc["input_ids"].shape[1]:]
-            results.append({"prompt": i, "tokens": len(out), "latency": time.perf_counter() - t0,
-                            "text": self.tokenizer.decode(out, skip_special_tokens=True)})
+            results.append({"prompt": i, **self.one(prompt, max_tokens)})
         wall = time.perf_counter() - started
         tokens = sum(r["tokens"] for r in results)
         return {"server": self.name, "clients": 1, "requests": len(results), "completion_tokens": tokens,
                 "seconds": round(wall, 3), "tokens_per_s": round(tokens / wall, 2), "ttft_p50": None, "ttft_p90": None,
                 "latency_p50": round(statistics.median(r["latency"] for r in results), 3), "results": results}
+
+
+def cpu_seconds(pid: int) -> float:
+    """User and system CPU time a process has used so far (all its threads, those ended included)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def paired(server: Server, direct: Direct, max_tokens: int) -> dict:
+    """One stream against `generate`, prompt by prompt, back to back (alternating which goes first): wall time
+    and CPU time per token of each over the same prompts."""
+    client = server.client()
+    totals = {name: {"tokens": 0, "seconds": 0.0, "cpu": 0.0, "server_cpu": 0.0} for name in ("serve", "direct")}
+    for i, prompt in enumerate(PROMPTS):
+        for name in (("serve", "direct") if i % 2 else ("direct", "serve")):
+            mine, theirs = time.process_time(), cpu_seconds(server.proc.pid)
+            r = streamed(server, client, prompt, max_tokens) if name == "serve" else direct.one(prompt, max_tokens)
+            mine, theirs = time.process_time() - mine, cpu_seconds(server.proc.pid) - theirs
+            total = totals[name]
+            total["tokens"] += r["tokens"]
+            total["seconds"] += r["latency"]
+            total["cpu"] += mine + (theirs if name == "serve" else 0.0)  # generate: the idle server's is not its
+            total["server_cpu"] += theirs
+    row = {name: {"tokens": t["tokens"], "seconds": round(t["seconds"], 3),
+                  "tokens_per_s": round(t["tokens"] / t["seconds"], 2),
+                  "cpu_ms_per_token": round(1000 * t["cpu"] / t["tokens"], 2),
+                  "server_cpu_ms_per_token": round(1000 * t["server_cpu"] / t["tokens"], 2)}
+           for name, t in totals.items()}
+    return {"prompts": len(PROMPTS), **row,
+            "ratio": round(row["serve"]["tokens_per_s"] / row["direct"]["tokens_per_s"], 3),
+            "cpu_ratio": round(row["serve"]["cpu_ms_per_token"] / row["direct"]["cpu_ms_per_token"], 3)}
 
 
 def second_arrives(server: Server, max_tokens: int, pairs: int = 4) -> dict:
@@ -245,7 +284,7 @@ def markdown(r: dict) -> str:
                          f"{row['ttft_p90']:.2f} s | {row['latency_p50']:.2f} s |")
     direct = by[(DIRECT, 1)]
     lines.append(f"| {DIRECT} | 1 | {direct['tokens_per_s']:.1f} | - | - | {direct['latency_p50']:.2f} s |")
-    top, h = max(s["clients"]), r["second_arrives"]
+    top, h, pair = max(s["clients"]), r["second_arrives"], r["paired"]
     lines += ["", f"fedchat serve, one client / direct `generate`: **{r['ratio_vs_direct']:.2f}x** (goal >= 0.95, "
               f"1.0 hoped); at {top} clients / 1 client: **{r['ratio']:.2f}x** (goal >= 2.5); "
               + (f"fedchat serve / transformers serve at {top} clients: **{r['ratio_vs_transformers']:.2f}x**; "
@@ -254,6 +293,11 @@ def markdown(r: dict) -> str:
               + (f"fedchat serve and transformers serve {r['same_answers']} of {len(PROMPTS)} prompts, "
                  if r["same_answers"] is not None else "")
               + f"fedchat serve and direct `generate` {r['same_answers_direct']} of {len(PROMPTS)} prompts.",
+              "", f"One stream against `generate`, paired (the {pair['prompts']} prompts, each asked of both back to "
+              f"back): fedchat serve {pair['serve']['tokens_per_s']:.2f} tokens/s, `generate` "
+              f"{pair['direct']['tokens_per_s']:.2f}: **{pair['ratio']:.2f}x**; CPU time per token (server and "
+              f"client processes against `generate`'s process) {pair['serve']['cpu_ms_per_token']:.1f} ms against "
+              f"{pair['direct']['cpu_ms_per_token']:.1f} ms: **{pair['cpu_ratio']:.2f}x**.",
               "", f"A second request arriving mid-answer (fedchat serve, {h['pairs']} pairs, medians): the first "
               f"answer takes {h['first_with_second_s_p50']:.2f} s against {h['first_alone_s_p50']:.2f} s alone "
               f"(same text {h['first_same_answer']} of {h['pairs']}); the second's first token comes after "
@@ -310,6 +354,12 @@ def main() -> int:
                         tries.setdefault((server.name, clients), []).append(row)
                         say(f"try {attempt + 1}: {server.name}, {clients} client(s): {row['tokens_per_s']:.1f} "
                             f"tokens/s, latency p50 {row['latency_p50']:.2f} s")
+            say("one stream against generate, prompt by prompt (paired)")
+            pairs = paired(servers[0], direct, args.max_tokens)
+            say(f"paired: fedchat serve {pairs['serve']['tokens_per_s']} tokens/s, generate "
+                f"{pairs['direct']['tokens_per_s']} ({pairs['ratio']}x); CPU per token "
+                f"{pairs['serve']['cpu_ms_per_token']} ms against {pairs['direct']['cpu_ms_per_token']} ms "
+                f"({pairs['cpu_ratio']}x)")
             say("a second request arriving mid-answer (fedchat serve)")
             arrives = second_arrives(servers[0], args.max_tokens)
             say(f"first answer {arrives['first_with_second_s_p50']:.2f} s (alone "
@@ -333,6 +383,7 @@ def main() -> int:
                                        3) if len(names) > 1 else None,
         "servers": names,
         "ratio_vs_direct": round(by[(SERVERS[0], 1)]["tokens_per_s"] / by[(DIRECT, 1)]["tokens_per_s"], 3),
+        "paired": pairs,
         "rows": rows,
         "second_arrives": arrives,
         "same_answers": same,

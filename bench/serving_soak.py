@@ -15,8 +15,13 @@ phases of `--seconds` each, the same server:
      headers and 10 bytes of body, then a byte a second (408 at --body-timeout), and one that sends its
      headers a byte a second (closed at --header-timeout);
    * disconnect: streams an answer of up to 512 tokens and closes the connection after 5 pieces;
-   * flood: every 2 s, 40 requests at once (8 tokens each; the body of every other one never sent): what
-     does not fit in batch and queue gets 503 with Retry-After before its body is read.
+   * flood: every 2 s, 40 requests at once (8 tokens each; the body of every other one never sent): past its
+     share of places (--max-client-requests) each gets 429 with Retry-After before its body is read (503 if
+     batch and queue were full).
+
+Every client connects from an address of its own on loopback (127.0.0.10-13 the well-behaved, 127.0.0.2-5
+the abusive ones), as users on different hosts would: the server shares its places and batch slots per
+client address (--max-client-requests, its default of 8, and round robin).
 
 Records the well-behaved clients' latency p50/p90, time to first token and tokens/s in each phase, the
 server's resident memory (VmRSS sampled every 0.5 s: baseline at the end of phase 1, the peak, and after
@@ -51,6 +56,7 @@ from shared.model import resolve_base_model
 BASE = "smollm2-135m"
 SERVER_ARGS = ["--device", "cpu", "--dtype", "float32", "--kv-cache-tokens", "16384", "--max-batch", "8",
                "--max-queue", "16", "--header-timeout", "5", "--body-timeout", "5"]
+ADDRESSES = {"stops": "127.0.0.2", "bodies": "127.0.0.3", "disconnect": "127.0.0.4", "flood": "127.0.0.5"}
 HEAD = "POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
 
 
@@ -71,10 +77,13 @@ class Soak:
         self.outcomes: dict[str, Counter] = {}
         self.rss: list[int] = []
 
-    def client(self):
+    def client(self, address: str):
+        """An `openai` client whose connections come from `address` (a client of its own to the server)."""
+        import httpx
         from openai import OpenAI
 
-        return OpenAI(base_url=f"{self.server.url}/v1", api_key="soak", max_retries=0, timeout=120)
+        return OpenAI(base_url=f"{self.server.url}/v1", api_key="soak", max_retries=0, timeout=120,
+                      http_client=httpx.Client(transport=httpx.HTTPTransport(local_address=address)))
 
     def outcome(self, kind: str, what: str) -> None:
         with self.lock:
@@ -83,7 +92,7 @@ class Soak:
     # ------------------------------------------------------------- the well-behaved
 
     def user(self, i: int) -> None:
-        client, n = self.client(), i
+        client, n = self.client(f"127.0.0.{10 + i}"), i
         while not self.stop.is_set():
             started, first, tokens = time.perf_counter(), None, 0
             try:
@@ -109,7 +118,7 @@ class Soak:
     def stops(self) -> None:
         import openai
 
-        client, n = self.client(), 0
+        client, n = self.client(ADDRESSES["stops"]), 0
         longest = [c * MAX_STOP_CHARS for c in "#@~^"]
         while not self.stop.is_set():
             n += 1
@@ -126,10 +135,12 @@ class Soak:
             except openai.APIStatusError as exc:
                 self.outcome("stops", f"{exc.status_code}")
 
-    def _send(self, data: bytes, then: bytes = b"", pace: float = 0.0) -> str:
-        """Send `data` (and `then` a byte every `pace` s); the status the server answers, or 'closed'."""
+    def _send(self, address: str, data: bytes, then: bytes = b"", pace: float = 0.0) -> str:
+        """From `address`, send `data` (and `then` a byte every `pace` s); the status the server answers, or
+        'closed'."""
         try:
-            with socket.create_connection(("127.0.0.1", self.server.port), timeout=60) as sock:
+            with socket.create_connection(("127.0.0.1", self.server.port), timeout=60,
+                                          source_address=(address, 0)) as sock:
                 sock.sendall(data)
                 sock.settimeout(pace or 60)
                 for byte in then:
@@ -146,20 +157,20 @@ class Soak:
             return type(exc).__name__
 
     def bodies(self) -> None:
-        head = HEAD + "Authorization: Bearer soak\r\n"
+        head, me = HEAD + "Authorization: Bearer soak\r\n", ADDRESSES["bodies"]
         while not self.stop.is_set():
-            self.outcome("bodies", "huge: " + self._send((head + f"Content-Length: {2 << 20}\r\n\r\n").encode()))
+            self.outcome("bodies", "huge: " + self._send(me, (head + f"Content-Length: {2 << 20}\r\n\r\n").encode()))
             slow = [threading.Thread(target=lambda: self.outcome("bodies", "slow body: " + self._send(
-                (head + "Content-Length: 5000\r\n\r\n").encode() + b'{"model": "', b"x" * 5000, pace=1.0)))
+                me, (head + "Content-Length: 5000\r\n\r\n").encode() + b'{"model": "', b"x" * 5000, pace=1.0)))
                 for _ in range(4)]
             for t in slow:
                 t.start()
-            self.outcome("bodies", "slow head: " + self._send(head.encode()[:30], head.encode()[30:], pace=1.0))
+            self.outcome("bodies", "slow head: " + self._send(me, head.encode()[:30], head.encode()[30:], pace=1.0))
             for t in slow:
                 t.join()
 
     def disconnect(self) -> None:
-        client, n = self.client(), 0
+        client, n = self.client(ADDRESSES["disconnect"]), 0
         while not self.stop.is_set():
             n += 1
             try:
@@ -178,11 +189,12 @@ class Soak:
         import httpx
 
         body = json.dumps({"model": "fedchat", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 8})
+        me = ADDRESSES["flood"]
 
         async def one(client: httpx.AsyncClient, i: int) -> None:
             if i % 2:  # headers only: its body never comes
-                status = await asyncio.to_thread(self._send, (HEAD + "Authorization: Bearer soak\r\n"
-                                                               "Content-Length: 500\r\n\r\n").encode())
+                status = await asyncio.to_thread(self._send, me, (HEAD + "Authorization: Bearer soak\r\n"
+                                                                   "Content-Length: 500\r\n\r\n").encode())
                 self.outcome("flood", f"headers only: {status}")
                 return
             try:
@@ -195,7 +207,8 @@ class Soak:
 
         async def bursts() -> None:
             async with httpx.AsyncClient(base_url=self.server.url, timeout=60,
-                                         limits=httpx.Limits(max_connections=40)) as client:
+                                         limits=httpx.Limits(max_connections=40),
+                                         transport=httpx.AsyncHTTPTransport(local_address=me)) as client:
                 while not self.stop.is_set():
                     started = time.perf_counter()
                     await asyncio.gather(*(one(client, i) for i in range(40)))
@@ -229,6 +242,9 @@ class Soak:
         for t in threads:
             t.join(120)
         done = [r for r in self.results if r["end"] <= ended]
+        if not done:
+            raise SystemExit(f"no well-behaved request finished within {seconds:.0f} s (errors: {self.errors[:3]}): "
+                             "give the phases more --seconds on this machine")
         latencies = [r["latency"] for r in done]
         ttft = [r["ttft"] for r in done if r["ttft"] is not None]
         return {"abusers": abusers, "seconds": round(ended - started, 1), "requests": len(done),
@@ -283,7 +299,7 @@ def main() -> int:
     try:
         soak = Soak(server, args.max_tokens)
         say("warming up")
-        client = soak.client()
+        client = soak.client("127.0.0.10")
         for prompt in PROMPTS[:2]:
             client.chat.completions.create(model="fedchat", messages=[{"role": "user", "content": prompt}],
                                            max_tokens=args.max_tokens, temperature=0)

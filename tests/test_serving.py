@@ -103,7 +103,7 @@ class LiveServer(ServeProcess):
         return httpx.get(f"{self.url}/health", headers={"Authorization": f"Bearer {KEY}"}, timeout=5).json()
 
     def client(self, key: str | None = KEY, **kw) -> OpenAI:
-        return OpenAI(base_url=f"{self.url}/v1", api_key=key, max_retries=0, timeout=60, **kw)
+        return OpenAI(base_url=f"{self.url}/v1", api_key=key, max_retries=0, timeout=180, **kw)
 
 
 @pytest.fixture(scope="module")
@@ -249,7 +249,7 @@ def test_batched_greedy_answers_are_the_answers_given_alone(server):
     busiest = 0
 
     def user(i: int) -> None:
-        own = server.client()  # one client (connection pool) per user
+        own = _client_at(server, f"127.0.0.{20 + i}")  # one client (address, connection pool) per user
         prompt = PROMPTS[i % len(PROMPTS)]
         settings = {"temperature": 0} if i < len(PROMPTS) else {"temperature": 1.0, "seed": i, "top_p": 0.95}
         try:
@@ -456,7 +456,7 @@ def fair_server(run_dir, tmp_path_factory):
 
 def _client_at(server: LiveServer, address: str, **headers: str) -> OpenAI:
     """A client whose connections come from `address` (any 127.x.y.z reaches the server on loopback)."""
-    return OpenAI(base_url=f"{server.url}/v1", api_key=KEY, max_retries=0, timeout=60, default_headers=headers,
+    return OpenAI(base_url=f"{server.url}/v1", api_key=KEY, max_retries=0, timeout=180, default_headers=headers,
                   http_client=httpx.Client(transport=httpx.HTTPTransport(local_address=address)))
 
 
