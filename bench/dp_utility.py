@@ -96,8 +96,8 @@ def plan_settings(args, reference: dict) -> list[dict]:
     plan, seen = [], set()
     for eps in args.epsilons:
         for n, t in zip(args.nodes, args.colluders):
-            todo = [("no DP, non-private recipe", None, None, "reference", reference)]
-            if args.same_recipe:
+            todo = [] if args.no_reference else [("no DP, non-private recipe", None, None, "reference", reference)]
+            if args.same_recipe and not args.no_reference:
                 todo.append(("no DP, same recipe", None, None, "dp-recipe", {}))
             todo += [(f"{mode} DP epsilon {eps:g}", mode, eps, mode, {}) for mode in args.modes]
             for label, mode, e, recipe, extra in todo:
@@ -181,8 +181,14 @@ def main() -> None:
                         default=[f"{k}={v}" for k, v in DISTRIBUTED_RECIPE.items()],
                         help="the distributed-DP recipe on top of the DP recipe (default: %(default)s; learning-rate "
                              "is the coordinator's Adam rate)")
+    parser.add_argument("--no-reference", action="store_true",
+                        help="only the DP settings (a second process measuring them beside one that runs the no-DP "
+                             "references, into another --results-dir; --merge joins them)")
     parser.add_argument("--fresh", action="store_true", help="start over instead of keeping the settings measured")
     parser.add_argument("--report", action="store_true", help="only rewrite the table and the plot from the JSON")
+    parser.add_argument("--merge", nargs="*", metavar="JSON", default=[],
+                        help="with --report: add the settings of these results files (same protocol, settings not "
+                             "already in --results-dir's file)")
     parser.add_argument("--results-dir", default=str(RESULTS), help="where dp_utility.json/.md/.png go")
     args = parser.parse_args()
     setup_logging(quiet_flower=True)
@@ -192,6 +198,16 @@ def main() -> None:
         if not path.exists():
             parser.error(f"--report: no {path} to report")
         data = json.loads(path.read_text())
+        for other in map(Path, args.merge):
+            extra = json.loads(other.read_text())
+            differs = [k for k in _PROTOCOL if extra.get(k) != data.get(k)]
+            if differs:
+                parser.error(f"--merge {other}: measured with another protocol ({', '.join(differs)} differ)")
+            have = {r["key"] for r in data["settings"]}
+            data["settings"] += [r for r in extra["settings"] if r["key"] not in have]
+            data["merged_from"] = sorted({*data.get("merged_from", []), str(other)})
+        measured = {r["key"] for r in data["settings"]}
+        data["complete"] = all(k in measured for k in data["planned"])
         write_outputs(data, results_dir)
         return
 
