@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 from bench.common import md_table, write_results
-from fedchat.drill import SCENARIOS, DrillSettings, NetworkFederation, run_scenario
+from fedchat.drill import SCENARIOS, SINGLE, DrillSettings, NetworkFederation, run_scenario
 from fedchat.netns import unavailable
 from shared.logs import FORMAT
 
@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     if why:
         print(f"fault drill: cannot run here: {why}", file=sys.stderr)
         return 2
-    names = args.only or list(SCENARIOS)
+    names = args.only or list(SINGLE)
     settings = DrillSettings(secagg_timeout=args.round_timeout)
     with tempfile.TemporaryDirectory(prefix="fedchat-drill-") as tmp:
         root = args.keep or Path(tmp)

@@ -635,6 +635,7 @@ class Scenario:
     # as the fault needs, and returns the run to judge
     inject: Callable
     in_round: bool = True
+    composite: bool = False  # two faults above in one run (the tests' way to drill both for the price of one run)
     may_fail: tuple[int, ...] = (1,)  # rounds the fault may fail (with a clear error); every other must be ok
     tmpfs: dict[str, int] | None = None
 
@@ -736,11 +737,12 @@ def _disk_full(fed: NetworkFederation, out: Outcome, run: Run, rnd: int) -> None
     filler.unlink()  # the operator frees space
 
 
-def _coordinator_killed(fed: NetworkFederation, out: Outcome) -> Run:
-    run = fed.submit(out.name, 2)
+def _kill_serverapp(fed: NetworkFederation, out: Outcome, run: Run, rnd: int) -> Run:
+    """Once every node trained round `rnd`, SIGKILL the ServerApp mid-round; the operator submits the run again and
+    it resumes from its last checkpoint. The resumed run."""
     nodes = list(fed.nodes.values())
-    fed.wait(lambda: all(_head_entries(n) >= 1 for n in nodes), fed.settings.run_timeout,
-             "the nodes did not train round 1", interval=0.1)
+    fed.wait(lambda: all(_head_entries(n) >= rnd for n in nodes), fed.settings.run_timeout,
+             f"the nodes did not train round {rnd}", interval=0.1)
     pids = fed.serverapp_pids()
     if not pids:
         raise FederationError("no ServerApp process to kill")
@@ -750,6 +752,10 @@ def _coordinator_killed(fed: NetworkFederation, out: Outcome) -> Run:
     resumed = fed.submit(out.name, 2)  # the operator resubmits: the run resumes from its last checkpoint
     out.facts["resumed_flower_run"] = resumed.flower_id
     return resumed
+
+
+def _coordinator_killed(fed: NetworkFederation, out: Outcome) -> Run:
+    return _kill_serverapp(fed, out, fed.submit(out.name, 2), 1)
 
 
 def _superlink_restart(fed: NetworkFederation, out: Outcome) -> Run:
@@ -771,12 +777,24 @@ def _superlink_restart(fed: NetworkFederation, out: Outcome) -> Run:
     return resumed
 
 
+def _superlink_restart_then_coordinator_killed(fed: NetworkFederation, out: Outcome) -> Run:
+    run = _superlink_restart(fed, out)
+    if out.facts["interrupted_run_status"].startswith("finished:completed"):
+        raise FederationError("the run finished before the SuperLink restart interrupted it: no round 2 to kill")
+    return _kill_serverapp(fed, out, run, 2)
+
+
 def _stop_dead_run(fed: NetworkFederation, run: Run) -> str:
     """What Flower says of a run whose ServerApp is gone; a run still listed `running` is stopped, as the
     coordinator's runbook says (section 11: Flower 1.41 keeps a run whose ServerApp was killed `running`)."""
     status = fed.status(run)
     if not status.startswith("finished"):
-        fed.cli.stop(run.flower_id)
+        try:
+            fed.cli.stop(run.flower_id)
+        except FederationError:  # the SuperLink found the ServerApp gone and finished the run meanwhile
+            status = fed.status(run)
+            if not status.startswith("finished"):
+                raise
     return status
 
 
@@ -795,8 +813,12 @@ SCENARIOS = {s.name: s for s in (
              "submitted again and resumes from its checkpoint", _coordinator_killed, in_round=False, may_fail=()),
     Scenario("superlink-restart", "the SuperLink is restarted after round 1 while every node is connected; the run "
              "is submitted again and resumes", _superlink_restart, in_round=False, may_fail=()),
+    Scenario("superlink-restart-then-coordinator-killed", "the two above in one run: the SuperLink restarted after "
+             "round 1, the resumed run's ServerApp SIGKILLed once every node trained round 2, the run submitted again",
+             _superlink_restart_then_coordinator_killed, in_round=False, may_fail=(), composite=True),
 )}
 CHAIN = tuple(name for name, s in SCENARIOS.items() if s.in_round)  # the faults that fit in one round each
+SINGLE = tuple(name for name, s in SCENARIOS.items() if not s.composite)  # each fault on its own (the bench)
 
 
 def run_scenario(fed: NetworkFederation, name: str) -> Outcome:

@@ -9,7 +9,8 @@ for coordinator.fedchat.test, which each node resolves through its own hosts fil
 share one run on fresh nodes (new state dirs and ledgers; the same identity keys and approved
 roster), a fault per round and a clean sixth round (fedchat.drill.run_chain), under fedchat's
 secure aggregation and DP. The two that resubmit their run (the coordinator killed, the SuperLink
-restarted) each get fresh nodes and a two-round run of their own. Each test checks:
+restarted) share a two-round run on fresh nodes: the SuperLink restarts after round 1, then the
+resumed run's ServerApp is killed in round 2. Each test checks:
 
 * the run completes, or the faulted round fails with an error that says what happened and in the
   next round the victim is back (after the last fault: the round runs with every node);
@@ -497,26 +498,32 @@ def test_a_full_disk_before_the_ledger_append_sends_no_update_and_the_next_round
     assert first["round"] not in out.facts["ledger_rounds"]["org-2"]
 
 
-@pytest.mark.slow
-@pytest.mark.faults
-@needs_netns
-def test_the_coordinator_killed_mid_round_resumes_and_completes(fed):
-    out = _drill(fed, "coordinator-killed")
-    report = out.facts["report"]
-    assert [r["status"] for r in out.rows] == ["ok", "ok"]
-    assert report["resumed"] and report["resumed"][0]["from_round"] == 0  # the report says it was interrupted
-    for name in ("org-1", "org-2", "org-3"):  # round 1 was trained twice: both lines are kept
-        assert out.facts["ledger_rounds"][name] == [1, 1, 2]
+@pytest.fixture(scope="module")
+def restarts(fed):
+    """One run through both restarts: the SuperLink restarted after round 1 (the run submitted again resumes), then
+    that run's ServerApp SIGKILLed once every node trained round 2 (submitted again, it resumes once more)."""
+    return _drill(fed, "superlink-restart-then-coordinator-killed")
 
 
 @pytest.mark.slow
 @pytest.mark.faults
 @needs_netns
-def test_nodes_reconnect_to_a_restarted_superlink_and_the_run_resumes(fed):
-    out = _drill(fed, "superlink-restart")
-    assert out.facts["same_node_processes"] is True  # the SuperNodes reconnected by themselves (Flower #4844)
-    assert [r["status"] for r in out.rows] == ["ok", "ok"]
-    assert all(rounds == [1, 2] for rounds in out.facts["ledger_rounds"].values())
+def test_nodes_reconnect_to_a_restarted_superlink_and_the_run_resumes(restarts):
+    assert restarts.facts["same_node_processes"] is True  # the SuperNodes reconnected by themselves (Flower #4844)
+    assert not restarts.facts["interrupted_run_status"].startswith("finished:completed")  # the restart cut the run
+    assert restarts.facts["report"]["resumed"][0]["from_round"] == 1  # resumed after round 1, its checkpoint
+    assert [r["status"] for r in restarts.rows] == ["ok", "ok"]
+
+
+@pytest.mark.slow
+@pytest.mark.faults
+@needs_netns
+def test_the_coordinator_killed_mid_round_resumes_and_completes(restarts):
+    report = restarts.facts["report"]
+    assert restarts.facts["killed"] and [r["status"] for r in restarts.rows] == ["ok", "ok"]
+    assert report["resumed"][-1]["from_round"] == 1  # the report says it resumed from round 1's checkpoint
+    for name in ("org-1", "org-2", "org-3"):  # round 2 was trained twice (killed, then resumed): both lines are kept
+        assert restarts.facts["ledger_rounds"][name] == [1, 2, 2]
 
 
 def test_under_ci_the_drill_fails_instead_of_skipping_without_namespaces(tmp_path):
