@@ -15,10 +15,12 @@ quiet_library_warnings()
 # `make test` runs two pytest workers (pytest-xdist): a test file stays on one worker (its module
 # fixtures are made once; the fault drill's hosts exist once), and the files that start Flower's
 # simulation engine share one worker, so that no two Ray clusters run at once on the machine. The
-# longest of these go first, so that neither worker is left with one of them at the end. (xdist's own
-# `--dist loadgroup` does not group under pytest 9.2: its workers' test ids lose the group.)
+# longest files go first, longest first (their durations under `make test`), so that neither worker is
+# left with one of them at the end. (xdist's own `--dist loadgroup` does not group under pytest 9.2:
+# its workers' test ids lose the group.)
 RAY_FILES = {"test_scale", "test_secagg", "test_secagg_attacks", "test_simulation", "test_tune"}
-FIRST = ("test_faults", "ray")
+FIRST = ("test_faults", "ray", "test_deploy_kit", "test_app_approval", "test_deploy", "test_privacy_audit",
+         "test_serving")
 
 
 def _scope(nodeid: str) -> str:
