@@ -97,7 +97,7 @@ def plan_settings(args, reference: dict) -> list[dict]:
     for eps in args.epsilons:
         for n, t in zip(args.nodes, args.colluders):
             todo = [] if args.no_reference else [("no DP, non-private recipe", None, None, "reference", reference)]
-            if args.same_recipe and not args.no_reference:
+            if args.same_recipe:
                 todo.append(("no DP, same recipe", None, None, "dp-recipe", {}))
             todo += [(f"{mode} DP epsilon {eps:g}", mode, eps, mode, {}) for mode in args.modes]
             for label, mode, e, recipe, extra in todo:
@@ -157,7 +157,8 @@ def main() -> None:
     parser.add_argument("--nodes", type=int, nargs="+", default=[6, 3], help="federation sizes, in this order")
     parser.add_argument("--colluders", type=int, nargs="+",
                         help="the roster's colluder bound per federation size (default: 0 up to 3 nodes, 1 above)")
-    parser.add_argument("--modes", nargs="+", choices=("local", "distributed"), default=["local", "distributed"])
+    parser.add_argument("--modes", nargs="*", choices=("local", "distributed"), default=["local", "distributed"],
+                        help="DP modes to measure (none: only the no-DP settings)")
     parser.add_argument("--rounds", type=int, default=default.num_rounds, help="rounds of the local-DP and no-DP runs")
     parser.add_argument("--distributed-rounds", type=int, help="rounds of the distributed-DP runs (default --rounds)")
     parser.add_argument("--local-steps", type=int, default=default.local_steps)
@@ -182,8 +183,8 @@ def main() -> None:
                         help="the distributed-DP recipe on top of the DP recipe (default: %(default)s; learning-rate "
                              "is the coordinator's Adam rate)")
     parser.add_argument("--no-reference", action="store_true",
-                        help="only the DP settings (a second process measuring them beside one that runs the no-DP "
-                             "references, into another --results-dir; --merge joins them)")
+                        help="without the non-private reference recipe (a second process measuring other settings "
+                             "beside one that runs it, into another --results-dir; --merge joins them)")
     parser.add_argument("--fresh", action="store_true", help="start over instead of keeping the settings measured")
     parser.add_argument("--report", action="store_true", help="only rewrite the table and the plot from the JSON")
     parser.add_argument("--merge", nargs="*", metavar="JSON", default=[],
