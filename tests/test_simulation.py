@@ -113,7 +113,7 @@ def _demo(out: Path, rounds: int, log: Path) -> Child:
 
 def test_coordinator_resumes_after_being_killed(tmp_path):
     out = tmp_path / "run"
-    first_run = _demo(out, 3, tmp_path / "first.log")
+    first_run = _demo(out, 2, tmp_path / "first.log")
     deadline = time.monotonic() + 240
     try:
         while not (out / "checkpoints" / "round-0001" / "state.json").exists():
@@ -124,13 +124,13 @@ def test_coordinator_resumes_after_being_killed(tmp_path):
         os.killpg(first_run.pid, signal.SIGKILL)  # a crash: no cleanup, no final report
         first_run.proc.wait(timeout=30)
     first = json.loads((out / "checkpoints" / "round-0001" / "state.json").read_text())
-    resumed = _demo(out, 3, tmp_path / "resumed.log")
+    resumed = _demo(out, 2, tmp_path / "resumed.log")
     output = resumed.finish(timeout=400)
     assert resumed.proc.returncode == 0, output
     assert "resuming run" in output
     report = json.loads((out / "report.json").read_text())
     assert report["run_id"] == first["run_id"]
-    assert [r["round"] for r in report["rounds"]] == [1, 2, 3]
+    assert [r["round"] for r in report["rounds"]] == [1, 2]
     assert report["rounds"][0] == first["rounds"][0]  # round 1 was not trained again
 
 
