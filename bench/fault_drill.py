@@ -4,7 +4,7 @@
 
 Runs as root (network namespaces). One topology (coordinator, wan proxy, 3 node hosts, TLS for
 coordinator.fedchat.test, SuperNode authentication) serves every fault; each fault gets fresh
-nodes and a 2-round run of the tiny model under secure aggregation and DP (fedchat.drill). A fault is
+nodes and a 2-round run of the tiny model under secure aggregation and DP (tests.support.drill). A fault is
 survived when the run completes, or its faulted round fails with an error that says what happened
 and the next round runs with every node; no ledger line is lost, duplicated or corrupt; every
 update that reached the coordinator is bound to its node's ledger line; and nothing is left behind.
@@ -25,9 +25,9 @@ import time
 from pathlib import Path
 
 from bench.common import md_table, write_results
-from fedchat.drill import SCENARIOS, SINGLE, DrillSettings, NetworkFederation, run_scenario
-from fedchat.netns import unavailable
 from shared.logs import FORMAT
+from tests.support.drill import SCENARIOS, SINGLE, DrillSettings, NetworkFederation, run_scenario
+from tests.support.netns import unavailable
 
 
 def table(result: dict) -> str:

@@ -1,13 +1,13 @@
 """Faults on a real network: separate hosts, cut links, stalls, killed processes, a full disk.
 
-The slow tests run the drill of fedchat.drill: the coordinator (SuperLink with TLS and node
+The slow tests run the drill of tests.support.drill: the coordinator (SuperLink with TLS and node
 authentication, its ServerApp) and three nodes (`fedchat node start`, approved bundle only) each
 on a host of its own, a network namespace with its own address and name, talking real TCP over
-veth pairs through a fault proxy (fedchat.netproxy) on a "wan" host; the certificate is issued
+veth pairs through a fault proxy (tests.support.netproxy) on a "wan" host; the certificate is issued
 for coordinator.fedchat.test, which each node resolves through its own hosts file. One topology
 (namespaces, certificates, SuperLink) serves the module. Five faults act within one round: they
 share one run on fresh nodes (new state dirs and ledgers; the same identity keys and approved
-roster), a fault per round and a clean sixth round (fedchat.drill.run_chain), under fedchat's
+roster), a fault per round and a clean sixth round (tests.support.drill.run_chain), under fedchat's
 secure aggregation and DP. The two that resubmit their run (the coordinator killed, the SuperLink
 restarted) share a two-round run on fresh nodes: the SuperLink restarts after round 1, then the
 resumed run's ServerApp is killed in round 2. Each test checks:
@@ -15,7 +15,7 @@ resumed run's ServerApp is killed in round 2. Each test checks:
 * the run completes, or the faulted round fails with an error that says what happened and in the
   next round the victim is back (after the last fault: the round runs with every node);
 * no ledger line is lost, duplicated or corrupt, and every update (or masked update) that reached
-  the coordinator is bound to its node's ledger line (fedchat.drill.check_ledgers: each ledger
+  the coordinator is bound to its node's ledger line (tests.support.drill.check_ledgers: each ledger
   verified with shared/ledger.py and audited against the report with shared/audit.py);
 * no process is left: after each test none runs on any node host, and at the end no process,
   namespace, hosts file or mount of the drill survives.
@@ -37,11 +37,13 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
-from fedchat.netns import Network, unavailable
-from fedchat.netproxy import ProxyControl
+from tests.support.drill import NETPROXY
+from tests.support.netns import Network, unavailable
+from tests.support.netproxy import ProxyControl
 
 NETNS = unavailable()
 MUST_RUN = os.environ.get("CI", "").lower() in ("true", "1", "yes")  # CI=true: the drill must run, never skip
@@ -65,7 +67,7 @@ def netns_required() -> None:
 
 
 needs_netns = pytest.mark.usefixtures("netns_required")
-VICTIM = "org-2"  # the faulted node (fedchat.drill.VICTIM)
+VICTIM = "org-2"  # the faulted node (tests.support.drill.VICTIM)
 OTHERS = ("org-1", "org-3")
 
 
@@ -108,7 +110,7 @@ def proxy(tmp_path):
     echo = Echo()
     port = _free_port()
     control = ProxyControl(tmp_path / "proxy.sock")
-    proc = subprocess.Popen([sys.executable, "-m", "fedchat.netproxy", "--control", str(control.path), "--route",
+    proc = subprocess.Popen([sys.executable, str(NETPROXY), "--control", str(control.path), "--route",
                              f"a=127.0.0.1:{port},127.0.0.1:{echo.port}"], stdout=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 20
@@ -290,15 +292,15 @@ def test_a_node_refused_after_a_crash_starts_its_supernode_again(tmp_path, monke
 # ------------------------------------------------------------------ the drill's ledger check (fast)
 
 def test_the_ledger_check_finds_lost_duplicated_and_unbound_lines(tmp_path):
-    """fedchat.drill.check_ledgers can fail: a line removed at the end, an update recorded twice, a report row
+    """tests.support.drill.check_ledgers can fail: a line removed at the end, an update recorded twice, a report row
     that names a line the ledger does not hold are each found and counted."""
     import json
     from types import SimpleNamespace
 
-    from fedchat.drill import Node, Run, check_ledgers
     from shared import ledger
     from shared.accounting import compute_epsilon
     from shared.crypto import key_fingerprint
+    from tests.support.drill import Node, Run, check_ledgers
     from tests.support.ledger import entry, rewrite, signed_lines
 
     state = tmp_path / "org-1" / "state"
@@ -369,7 +371,7 @@ def test_a_network_of_namespaces_is_made_and_removed_entirely(tmp_path):
 
 @pytest.fixture(scope="module")
 def fed(tmp_path_factory, model_cache):
-    from fedchat.drill import DrillSettings, NetworkFederation
+    from tests.support.drill import DrillSettings, NetworkFederation
 
     require_netns()
     net = NetworkFederation(tmp_path_factory.mktemp("faults"), DrillSettings())
@@ -390,7 +392,7 @@ def _survived(out):
 
 
 def _drill(fed, name: str):
-    from fedchat.drill import node_host, run_scenario
+    from tests.support.drill import node_host, run_scenario
 
     out = _survived(run_scenario(fed, name))
     for i in range(1, fed.settings.nodes + 1):  # no process left on any node host
@@ -400,9 +402,9 @@ def _drill(fed, name: str):
 
 @pytest.fixture(scope="module")
 def chain(fed):
-    """One run, a fault per round (fedchat.drill.CHAIN: link-down, node-stall, kill-after-key-sharing,
+    """One run, a fault per round (tests.support.drill.CHAIN: link-down, node-stall, kill-after-key-sharing,
     kill-before-masked-update, disk-full) and a clean last round: each fault's test reads its round and the next."""
-    from fedchat.drill import CHAIN, node_host, run_chain
+    from tests.support.drill import CHAIN, node_host, run_chain
 
     outs = {o.name: o for o in run_chain(fed)}
     assert list(outs) == list(CHAIN)
@@ -532,7 +534,8 @@ def test_under_ci_the_drill_fails_instead_of_skipping_without_namespaces(tmp_pat
     test = f"{__file__}::test_a_link_cut_while_a_node_trains_fails_the_round_clearly_and_the_next_round_runs"
     outcomes = {}
     for ci in ("true", ""):
-        env = {**os.environ, "PATH": str(tmp_path), "CI": ci}  # no `ip` on this PATH
+        env = {**os.environ, "PATH": str(tmp_path), "CI": ci,  # no `ip` on this PATH
+               "PYTHONPATH": str(Path(__file__).resolve().parents[1])}  # tests.support from another folder
         done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:xdist", "-p", "no:cacheprovider",
                                test], env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
         outcomes[ci] = (done.returncode, done.stdout + done.stderr)

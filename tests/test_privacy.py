@@ -88,7 +88,7 @@ def test_plan_round_keeps_the_runs_noise_and_prices_the_next_round():
 def test_a_round_run_again_after_a_resume_is_paid_for_by_the_rounds_left():
     """A coordinator killed after the nodes trained round 1 resumes from its last checkpoint and runs round 1
     again: each node's ledger holds round 1 twice. The run still fits its budget: the rounds left get more noise,
-    and the last round is not refused (fedchat.drill, fault 'coordinator-killed')."""
+    and the last round is not refused (tests.support.drill, fault 'coordinator-killed')."""
     kw = dict(target_epsilon=8.0, delta=1e-5, num_conversations=400, batch_size=8, local_steps=10, accountant="prv")
     first = plan_round([], "r1", rounds_left=2, **kw)
     twice = _entries([(first.noise_multiplier, first.sample_rate, first.steps)] * 2)  # round 1, then round 1 again

@@ -1,11 +1,11 @@
 """Fault drill: a real federation on a private network of namespaces, and the faults a real network brings.
 
 `NetworkFederation` runs what a multi-machine deployment runs (deploy/README.md), each party on a
-host of its own (`fedchat.netns`):
+host of its own (`tests.support.netns`):
 
     coordinator  10.77.0.1    coordinator.fedchat.test: `fedchat coordinator start` (flower-superlink,
                               TLS, SuperNode authentication), the `flwr` CLI, the ServerApp
-    wan          10.77.0.2    the network between them: `fedchat.netproxy`, one route per node,
+    wan          10.77.0.2    the network between them: `netproxy.py`, one route per node,
                  10.77.0.1i   the address node-i reaches the coordinator at (its hosts file says so)
     node-i       10.77.0.10i  `fedchat node start node.toml` (flower-supernode --isolation process,
                               the approved app bundle only), its data, state dir and privacy ledger
@@ -52,13 +52,14 @@ from pathlib import Path
 import psutil
 
 from fedchat.deployment import FlowerCLI, process_env, write_cli_config, write_toml
-from fedchat.netns import Network, sweep_stale
-from fedchat.netproxy import ProxyControl
 from fedchat.processes import Service, Supervisor, survivors
 from shared.config import org_name
 from shared.errors import FederationError
+from tests.support.netns import Network, sweep_stale
+from tests.support.netproxy import ProxyControl
 
 log = logging.getLogger("fedchat.drill")
+NETPROXY = Path(__file__).with_name("netproxy.py")  # stdlib only: it runs as a script on the wan host
 
 COORDINATOR = "coordinator.fedchat.test"
 PORT = 9093
@@ -272,7 +273,7 @@ class NetworkFederation:
     def _start_proxy(self) -> None:
         routes = [f"{org_name(i)}={self._route_address(i)}:{PORT},{self.net.address('coordinator')}:{PORT}"
                   for i in range(1, self.settings.nodes + 1)]
-        argv = [sys.executable, "-m", "fedchat.netproxy", "--control", str(self.proxy.path)]
+        argv = [sys.executable, str(NETPROXY), "--control", str(self.proxy.path)]
         for route in routes:
             argv += ["--route", route]
         self.proxy_service = self.sup.start("netproxy", self.net.exec_argv("wan", argv), env=self.env, cwd=self.root)

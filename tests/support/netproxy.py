@@ -1,6 +1,6 @@
 """A TCP proxy that makes links slow, stalled or broken on command: the fault drill's bad network.
 
-    python -m fedchat.netproxy --control /run/proxy.sock \\
+    python tests/support/netproxy.py --control /run/proxy.sock \\
         --route node-1=10.77.0.11:9093,10.77.0.1:9093 --route node-2=10.77.0.12:9093,10.77.0.1:9093
 
 Each route listens on one address and forwards every connection to its target, byte for byte
@@ -217,7 +217,7 @@ async def serve(specs: list[tuple[str, tuple[str, int], tuple[str, int]]], contr
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    print(f"fedchat.netproxy: {len(routes)} route(s) ready; control {control_path}", flush=True)
+    print(f"netproxy: {len(routes)} route(s) ready; control {control_path}", flush=True)
     await stop.wait()
     for server in servers:
         server.close()
@@ -264,7 +264,7 @@ class ProxyControl:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m fedchat.netproxy", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="netproxy.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--route", action="append", type=parse_route, required=True,
                    help="NAME=LISTEN_HOST:PORT,TARGET_HOST:PORT (repeat for more routes)")
     p.add_argument("--control", required=True, type=Path, help="Unix socket for control commands")

@@ -20,7 +20,7 @@ must be stopped first (a namespace with a process in it is reported, and the pro
 alone: only whoever started it may stop it). `leftovers` says what is still there.
 
 Linux's netem qdisc (delay, loss) is missing in some kernels (gVisor's among them); slow or
-stalled links come from `fedchat.netproxy`, a TCP proxy run on a host of its own.
+stalled links come from `tests/support/netproxy.py`, a TCP proxy run on a host of its own.
 """
 
 from __future__ import annotations
