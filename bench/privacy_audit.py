@@ -8,7 +8,7 @@ which does not change what the adapter learns). Its data: --filler demo conversa
 canaries whose coin came up "included". The same data, steps and seed for every setting: without
 DP, then DP-SGD at each --epsilons (delta 1e-5, PRV accountant). After each run the auditor scores
 every canary (trained minus base loss on its secret), guesses with the k+/k- fixed when the
-canaries were made, and computes the one-run lower bound at 95% (shared/one_run_audit.py).
+canaries were made, and computes the one-run lower bound at 95% (fedchat/audit/one_run.py).
 Writes bench/results/privacy_audit.json, .md and .png.
 """
 
@@ -28,8 +28,8 @@ DELTA = 1e-5
 
 def node_data(tokenizer, canaries, filler: int, max_len: int):
     """The node's encoded training data: demo conversations of org-1 plus the included canaries."""
+    from fedchat.audit.canary import mixed_in
     from fedchat.demo_data import write_demo_data
-    from shared.canary import mixed_in
     from shared.dialogue import encode_conversation, read_dialogues
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -43,9 +43,9 @@ def run_setting(cfg, base_dir, tokenizer, data, canaries, epsilon: float | None)
     import torch
 
     from client.train import secure_seed, train_round
+    from fedchat.audit.canary import secret_losses
     from shared.accounting import calibrate_noise, compute_epsilon
     from shared.adapter import attach_adapter, exchanged_names
-    from shared.canary import secret_losses
     from shared.model import load_model
 
     model = attach_adapter(load_model(base_dir, torch.device("cpu"), torch.float32), cfg)
@@ -79,10 +79,10 @@ def main() -> None:
 
     import torch
 
-    from shared.canary import make_canaries, secret_losses, secret_vocabulary
+    from fedchat.audit.canary import make_canaries, secret_losses, secret_vocabulary
+    from fedchat.audit.one_run import audit_report, draw_scores, epsilon_lower_bound
     from shared.config import RunConfig
     from shared.model import load_model, load_tokenizer, resolve_base_model
-    from shared.one_run_audit import audit_report, draw_scores, epsilon_lower_bound
 
     cfg = RunConfig(base_model=args.base_model, local_steps=args.steps, batch_size=args.batch_size,
                     learning_rate=args.learning_rate, secagg=False, seed=args.seed,

@@ -29,7 +29,7 @@ def empirical_argv(argv: list[str]) -> list[str]:
 
 
 def cmd_canary_make(args) -> int:
-    from shared.canary import make_canaries, mixed_in, secret_vocabulary, write_secret
+    from fedchat.audit.canary import make_canaries, mixed_in, secret_vocabulary, write_secret
     from shared.dialogue import read_dialogues, write_dialogues
     from shared.model import load_tokenizer, resolve_base_model
 
@@ -72,8 +72,8 @@ def cmd_canary_make(args) -> int:
 def _claim(args) -> tuple[float | None, float, str]:
     """(claimed epsilon or None, delta, where they come from): from a verified ledger, or as given."""
     if args.ledger:
+        from fedchat.audit.ledger_audit import audit_ledger
         from shared import ledger
-        from shared.audit import audit_ledger
 
         if args.epsilon is not None or args.delta is not None:
             raise ConfigError("give either --ledger (and --key) or --epsilon/--delta, not both: the ledger says "
@@ -103,8 +103,8 @@ def _losses(args, canaries) -> tuple:
     """(base losses, trained losses) on every canary's secret."""
     import torch
 
+    from fedchat.audit.canary import secret_losses
     from shared.adapter import load_adapter
-    from shared.canary import secret_losses
     from shared.model import load_model, load_tokenizer, resolve_base_model, select_device
 
     if bool(args.model) == bool(args.adapter):
@@ -128,8 +128,8 @@ def _losses(args, canaries) -> tuple:
 
 
 def cmd_audit_empirical(args) -> int:
-    from shared.canary import read_secret
-    from shared.one_run_audit import audit_report, plot_scores
+    from fedchat.audit.canary import read_secret
+    from fedchat.audit.one_run import audit_report, plot_scores
 
     canaries = read_secret(args.secret)
     k_plus = canaries.k_plus if args.k_plus is None else args.k_plus

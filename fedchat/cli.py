@@ -121,7 +121,7 @@ def _audit_keys(args) -> dict:
 
 
 def cmd_audit(args) -> int:
-    from shared.audit import audit_ledger, check_against_report, check_forks, plot_epsilon
+    from fedchat.audit.ledger_audit import audit_ledger, check_against_report, check_forks, plot_epsilon
 
     keys = _audit_keys(args)
     audits = [audit_ledger(path, key) for path, key in keys.items()]

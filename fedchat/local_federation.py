@@ -42,6 +42,7 @@ from dataclasses import dataclass, field
 from importlib.metadata import version
 from pathlib import Path
 
+from fedchat.certs import DEFAULT_HOSTS, write_certs
 from fedchat.demo_data import demo_node_config, write_demo_data
 from fedchat.deployment import (
     LOOPBACK,
@@ -56,7 +57,6 @@ from fedchat.deployment import (
     write_toml,
 )
 from fedchat.processes import Service, Supervisor, become_subreaper, survivors
-from shared.certs import DEFAULT_HOSTS, write_certs
 from shared.config import AGGREGATIONS, NodeConfig, RunConfig, org_name, parse_overrides
 from shared.errors import ConfigError, FedchatError, FederationError
 from shared.files import atomic_write_text

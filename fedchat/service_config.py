@@ -250,8 +250,8 @@ def check_node_file(nf: NodeFile) -> list[str]:
     the node's identity key, no approved app bundle.
     """
     from client.privacy import check_delta
+    from fedchat.certs import load_cert, load_node_key
     from shared import ledger
-    from shared.certs import load_cert, load_node_key
     from shared.dialogue import read_dialogues
     from shared.model import select_device
 
@@ -274,7 +274,7 @@ def check_node_file(nf: NodeFile) -> list[str]:
         ledger.signing_key_for(state / "ledger.jsonl", ledger_key)
         entries = ledger.read_entries(state / "ledger.jsonl")
         if entries:
-            from shared.audit import audit_ledger
+            from fedchat.audit.ledger_audit import audit_ledger
 
             # the private key also tells the public key the entries must verify against
             audit = audit_ledger(state / "ledger.jsonl", ledger_key, recompute=False)
@@ -437,7 +437,7 @@ def read_coordinator_file(path: str | Path) -> CoordinatorFile:
 
 
 def check_coordinator_file(cf: CoordinatorFile) -> list[str]:
-    from shared.certs import cert_hosts, check_server_cert, load_cert
+    from fedchat.certs import cert_hosts, check_server_cert, load_cert
 
     problems, found = [], []
     if cf.certfile is not None:

@@ -4,9 +4,9 @@ import json
 
 import pytest
 
+from fedchat.audit.ledger_audit import audit_ledger, check_against_report
 from fedchat.cli import main
 from shared import ledger
-from shared.audit import audit_ledger, check_against_report
 from shared.crypto import key_fingerprint, load_or_create_signing_key, new_signing_key, public_pem
 from tests.support.ledger import entry, rewrite, signed_lines, write_ledger
 

@@ -24,6 +24,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from fedchat.certs import CertError, cert_hosts, load_cert, write_certs
 from fedchat.cli import main as fedchat_main
 from fedchat.deployment import (
     LOOPBACK,
@@ -39,7 +40,6 @@ from fedchat.deployment import (
     write_toml,
 )
 from fedchat.processes import Supervisor, survivors
-from shared.certs import CertError, cert_hosts, load_cert, write_certs
 from shared.errors import FederationError
 from shared.secagg_wire import PROTOCOL
 from tests.support.processes import Child

@@ -19,7 +19,7 @@ EXTRA_PACKAGES = {"fastapi", "uvicorn", "optuna", "rouge_score", "sacrebleu", "n
 # What a node imports to check its config, approve a bundle, start, and run the ClientApp.
 NODE_MODULES = [
     "client.app", "client.data", "client.policy", "client.privacy", "client.secagg", "client.train",
-    "client.ledger_registry", "shared.config", "shared.evaluation", "shared.merge", "shared.audit",
+    "client.ledger_registry", "shared.config", "shared.evaluation", "shared.merge", "fedchat.audit.ledger_audit",
     "fedchat.cli", "fedchat.node_runtime", "fedchat.app_bundle", "fedchat.service_cli", "fedchat.roster_cli",
     "fedchat.service_config",
 ]

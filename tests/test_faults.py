@@ -16,7 +16,7 @@ resumed run's ServerApp is killed in round 2. Each test checks:
   next round the victim is back (after the last fault: the round runs with every node);
 * no ledger line is lost, duplicated or corrupt, and every update (or masked update) that reached
   the coordinator is bound to its node's ledger line (tests.support.drill.check_ledgers: each ledger
-  verified with shared/ledger.py and audited against the report with shared/audit.py);
+  verified with shared/ledger.py and audited against the report with fedchat/audit/ledger_audit.py);
 * no process is left: after each test none runs on any node host, and at the end no process,
   namespace, hosts file or mount of the drill survives.
 

@@ -8,9 +8,9 @@ import shutil
 import pytest
 
 from client.privacy import fits_budget, plan_round
+from fedchat.audit.ledger_audit import audit_ledger
 from shared import ledger
 from shared.accounting import compute_epsilon, ledger_history
-from shared.audit import audit_ledger
 from shared.crypto import load_or_create_signing_key, load_signing_key, new_signing_key, public_pem
 from shared.errors import LedgerError
 from tests.support.ledger import entry, rewrite, signed_lines, write_ledger

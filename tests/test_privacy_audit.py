@@ -18,9 +18,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from fedchat.audit.one_run import audit_scores, epsilon_lower_bound, make_guesses, p_value, rank_exposure
 from fedchat.cli import main
 from shared.errors import ConfigError, DataError
-from shared.one_run_audit import audit_scores, epsilon_lower_bound, make_guesses, p_value, rank_exposure
 from tests.support.data import conversation, write_jsonl
 
 # ----------------------------------------------------------------- the bound
@@ -150,7 +150,7 @@ def test_bad_inputs_are_named(call, needle):
 
 
 def test_canary_make_writes_data_the_node_accepts_and_a_private_secret(tmp_path, tiny_dir, tokenizer, capsys):
-    from shared.canary import encode_secret, read_secret
+    from fedchat.audit.canary import encode_secret, read_secret
 
     node = write_jsonl(tmp_path / "node.jsonl", [conversation(f"Question {i}?", f"Answer {i}.") for i in range(30)])
     out, secret = tmp_path / "node-with-canaries.jsonl", tmp_path / "auditor" / "secret.json"
@@ -179,7 +179,7 @@ def test_canary_make_writes_data_the_node_accepts_and_a_private_secret(tmp_path,
 
 
 def test_canary_make_refuses_what_would_break_an_audit(tmp_path, tiny_dir, capsys):
-    from shared.canary import check_template, make_canaries
+    from fedchat.audit.canary import check_template, make_canaries
 
     secret, out = tmp_path / "s.json", tmp_path / "c.jsonl"
     base = ["canary", "make", "--base-model", "tiny", "--out", str(out), "--secret", str(secret)]

@@ -5,10 +5,10 @@ import shlex
 
 import pytest
 
+from fedchat.certs import write_certs
 from fedchat.cli import main
 from fedchat.deployment import superlink_command, supernode_command
 from fedchat.service_config import ConfigFileError, check_node_file, read_coordinator_file, read_node_file
-from shared.certs import write_certs
 from shared.crypto import create_identity_key, raw_public_hex
 from shared.errors import ConfigError
 from shared.roster import load_roster

@@ -23,7 +23,7 @@ removes every namespace, and `leftovers` says whether anything survived.
 The scenarios (`SCENARIOS`) each start fresh nodes (new state dirs and ledgers: a node's budget
 is spent by one run), submit a run under secure aggregation and DP, inject one fault at a chosen moment,
 and collect the evidence: the coordinator's report, each node's ledger verified with its public
-key (shared/ledger.py) and audited against the report (shared/audit.py, what `fedchat audit` runs),
+key (shared/ledger.py) and audited against the report (fedchat/audit/ledger_audit.py, what `fedchat audit` runs),
 the nodes' own record of what they trained (their logs), and what was left behind.
 `check_ledgers` is the invariant every scenario must keep: no ledger line lost, duplicated or
 corrupt, and every update that reached the coordinator bound to its node's ledger line.
@@ -165,9 +165,9 @@ class NetworkFederation:
 
     def open(self) -> NetworkFederation:
         from fedchat.app_bundle import build_bundle, unpack_bundle
+        from fedchat.certs import write_certs
         from fedchat.demo_data import write_demo_data
         from fedchat.local_federation import find_app
-        from shared.certs import write_certs
         from shared.model import resolve_base_model
 
         self.root.mkdir(parents=True, exist_ok=True)
@@ -526,10 +526,10 @@ def check_ledgers(fed: NetworkFederation, report: dict | None) -> LedgerCheck:
     * every round a node logged as trained (the node logs it after its ledger append) has its line;
     * every client row of the coordinator's report (an update, or a masked update, that reached it) names a
       ledger line by (entries, head) that exists, is that run's and round's, and claims the same epsilon;
-    * shared.audit (what `fedchat audit --report` runs) finds no problem in any ledger or in the report.
+    * fedchat.audit.ledger_audit (what `fedchat audit --report` runs) finds no problem in any ledger or in the report.
     """
+    from fedchat.audit.ledger_audit import audit_ledger, check_against_report
     from shared import ledger
-    from shared.audit import audit_ledger, check_against_report
     from shared.crypto import key_fingerprint, load_public_key
     from shared.errors import LedgerError
 

@@ -6,7 +6,7 @@ arXiv 2503.06808, audit LLM fine-tuning with canaries of new or rare tokens), so
 secrets of two canaries share almost no token and learning one says little about another. Each canary
 is included in the node's training data by an independent fair coin; the auditor keeps every canary and its coin in a
 secret file and later measures how much training lowered each canary's loss on its secret
-(`shared.one_run_audit` turns that into a lower bound on epsilon).
+(`fedchat.audit.one_run` turns that into a lower bound on epsilon).
 
 The coins and secrets come from the OS (`secrets.SystemRandom`) unless a seed is given, which
 is for reproducible tests and benches only: whoever knows the seed knows the coins.
