@@ -48,7 +48,6 @@ import numpy as np
 import torch
 
 from bench.common import RESULTS
-from fedchat.serve_process import ServeProcess
 from server.checkpoint import RunState, round_dir, save_checkpoint
 from serving.engine import PAGE_TOKENS, PREFILL_TOKENS
 from shared.adapter import attach_adapter, exchanged_names, get_arrays, set_arrays
@@ -56,6 +55,7 @@ from shared.config import RunConfig
 from shared.logs import quiet_library_warnings
 from shared.merge import merge_adapter
 from shared.model import load_model, load_tokenizer, resolve_base_model
+from tests.support.serve_process import ServeProcess
 
 BASE = "smollm2-135m"
 PROMPTS = [

@@ -48,10 +48,10 @@ import numpy as np
 
 from bench.common import RESULTS
 from bench.serving import OFFLINE, PROMPTS, say
-from fedchat.serve_process import ServeProcess
 from serving.protocol import MAX_STOP_CHARS
 from shared.logs import quiet_library_warnings
 from shared.model import resolve_base_model
+from tests.support.serve_process import ServeProcess
 
 BASE = "smollm2-135m"
 SERVER_ARGS = ["--device", "cpu", "--dtype", "float32", "--kv-cache-tokens", "16384", "--max-batch", "8",

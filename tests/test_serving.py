@@ -25,7 +25,6 @@ import pytest
 import torch
 from openai import OpenAI
 
-from fedchat.serve_process import ServeProcess
 from server.checkpoint import RunState, publish_link, round_dir, save_checkpoint
 from serving.config import MAX_BODY_BYTES, ModelSource, ServeConfig
 from serving.engine import Engine, Generation, GenerationParams, TextStream
@@ -37,6 +36,7 @@ from shared.config import RunConfig
 from shared.errors import ConfigError
 from shared.merge import merge_adapter
 from shared.model import load_model
+from tests.support.serve_process import ServeProcess
 
 REPO = Path(__file__).resolve().parents[1]
 KEY = "test-key-123"
@@ -96,7 +96,7 @@ def oracles(run_dir, tokenizer) -> dict[int, Oracle]:
 
 
 class LiveServer(ServeProcess):
-    """`fedchat serve ...` on 127.0.0.1 (fedchat/serve_process.py), with the test's clients."""
+    """`fedchat serve ...` on 127.0.0.1 (tests/support/serve_process.py), with the test's clients."""
 
     def health(self) -> dict:
         """/health with the key: the counters too."""
