@@ -46,7 +46,8 @@ from shared.logs import setup_logging
 
 # Keys each setting sets itself: a --run-config override of them would break the comparison.
 _SET_HERE = {"dp", "dp-mode", "secagg", "base-model", "num-rounds", "local-steps", "merge", "eval-data", "out-dir",
-             "min-nodes", "secagg-roster", "eval-max-conversations"}
+             "min-nodes", "secagg-roster", "eval-max-conversations",
+             "secagg-timeout", "node-wait-timeout"}
 RECIPE_KEYS = ("batch-size", "local-steps", "learning-rate", "lora-r", "aggregation", "dp-max-grad-norm")
 # Before issue 10 this was the run config's default; it is the best non-private recipe we measured at
 # this compute (small batches, many steps), so the DP recipes are judged against it.
@@ -124,9 +125,13 @@ def run_setting(s: dict, args, overrides: dict, distributed: dict, tmp: Path) ->
     started = time.perf_counter()
     report = simulate_demo(out, s["nodes"], target_epsilon=eps or 8.0, base_model=args.base_model,
                            colluders=s["colluders"], node_config={"validation-fraction": args.validation_fraction},
-                           eval_max_conversations=args.eval_conversations,
+                           eval_max_conversations=args.eval_conversations, secagg_timeout=args.stage_timeout,
+                           node_wait_timeout=args.stage_timeout,
                            **{k.replace("-", "_"): v for k, v in run.items()})
     seconds = time.perf_counter() - started
+    if report["failed_rounds"]:  # never a measurement: the adapter missed rounds the others took
+        raise SystemExit(f"{s['setting']}: rounds {report['failed_rounds']} failed (see the log above); it is not "
+                         "recorded. On a loaded host raise --stage-timeout and run the same command again.")
     cfg = report["config"]
     heldout = load_heldout(out / "data" / "eval.jsonl", args.rouge_conversations)
     losses = [report["base_eval_loss"]] + [r["eval_loss"] for r in report["rounds"]]
@@ -166,6 +171,10 @@ def main() -> None:
     parser.add_argument("--base-model", default="smollm2-135m")
     parser.add_argument("--eval-conversations", type=int, default=200,
                         help="held-out conversations in the coordinator's loss each round (eval-max-conversations)")
+    parser.add_argument("--stage-timeout", type=float, default=4 * 3600.0,
+                        help="seconds the coordinator waits for nodes and for each secure-sum stage (secagg-timeout, "
+                             "node-wait-timeout): the simulation trains its nodes one after another, so a stage lasts "
+                             "as long as all of them together (over 600 s on a loaded 2-core host)")
     parser.add_argument("--validation-fraction", type=float, default=0.1,
                         help="each node's local validation share (its loss stays on the node: 0 trains on all and "
                              "saves the time)")
