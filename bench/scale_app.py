@@ -140,7 +140,7 @@ def node_mods(protocol: str, node_config) -> list:
 
 def train_client_app(protocol: str, sim_nodes: dict[int, dict]) -> ClientApp:
     """fedchat's real ClientApp (client/app.py: data, training, ledger) under `protocol`'s mods."""
-    from client.app import FedChatClient, make_client_app, resolve_node_config
+    from client.app import FedchatClient, make_client_app, resolve_node_config
     from shared.logs import setup_logging
 
     if protocol != STOCK:
@@ -152,7 +152,7 @@ def train_client_app(protocol: str, sim_nodes: dict[int, dict]) -> ClientApp:
         partition = None if given is None else int(given)
         node = resolve_node_config(context, sim_nodes, partition)
         active = bool(context.state.config_records.get(SECAGG_FLAG, {}).get("active", False))
-        return FedChatClient(node, active, partition).to_client()
+        return FedchatClient(node, active, partition).to_client()
 
     return ClientApp(client_fn=client_fn, mods=node_mods(protocol, None))
 
@@ -162,12 +162,12 @@ def train_client_app(protocol: str, sim_nodes: dict[int, dict]) -> ClientApp:
 
 def run_synthetic(grid: Grid, context: Context, cfg: RunConfig, params: int) -> dict:
     from server.app import FitRounds
-    from server.strategy import FedChatStrategy
+    from server.strategy import FedchatStrategy
     from server.traffic import TrafficMeter
 
     shapes = adapter_shapes(params)
     meter = TrafficMeter(grid)
-    strategy = FedChatStrategy(cfg, uuid.uuid4().hex[:12], [np.zeros(s, np.float32) for s in shapes], "", meter)
+    strategy = FedchatStrategy(cfg, uuid.uuid4().hex[:12], [np.zeros(s, np.float32) for s in shapes], "", meter)
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     report = {"status": "running", "secagg": cfg.secagg, "adapter_params": params, "tensors": len(shapes),

@@ -154,7 +154,7 @@ class NodeCache:
         return cls.data[key]
 
 
-class FedChatClient(NumPyClient):
+class FedchatClient(NumPyClient):
     def __init__(self, node: NodeConfig, secagg_active: bool, partition: int | None = None,
                  distributed: dict | None = None):
         self.node = node
@@ -381,7 +381,7 @@ def make_client_app(sim_nodes: dict[int, dict] | None = None) -> ClientApp:
         node, partition = node_config(context)
         secagg_active = bool(context.state.config_records.get(SECAGG_FLAG, {}).get("active", False))
         plan = context.state.config_records.get(PLAN)
-        return FedChatClient(node, secagg_active, partition, json.loads(plan["json"]) if plan else None).to_client()
+        return FedchatClient(node, secagg_active, partition, json.loads(plan["json"]) if plan else None).to_client()
 
     def protocol_node(context: Context, run: RunConfig | None) -> NodeConfig:
         node, partition = node_config(context)

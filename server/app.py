@@ -27,7 +27,7 @@ from server.checkpoint import RunState, check_resumable, latest_checkpoint, load
 from server.evaluate import HeldOutEvaluator
 from server.report import plot_losses, write_report
 from server.secagg import SecureAggregation, load_run_roster
-from server.strategy import FedChatStrategy
+from server.strategy import FedchatStrategy
 from server.traffic import TrafficMeter
 from shared.adapter import attach_adapter, exchanged_names, frozen_a_fingerprint, get_arrays, set_arrays
 from shared.config import RunConfig
@@ -152,7 +152,7 @@ class FitRounds:
     strategy's round through the secure sum (SecureAggregation) or Flower's default fit workflow, timed, its
     bytes counted by the meter (the grid every message goes through), as a report row."""
 
-    def __init__(self, context: Context, cfg: RunConfig, strategy: FedChatStrategy, meter: TrafficMeter) -> None:
+    def __init__(self, context: Context, cfg: RunConfig, strategy: FedchatStrategy, meter: TrafficMeter) -> None:
         self.cfg, self.strategy, self.meter = cfg, strategy, meter
         self.legacy = LegacyContext(context, config=ServerConfig(num_rounds=cfg.num_rounds), strategy=strategy)
         self.round = 0
@@ -189,7 +189,7 @@ def run_coordinator(grid: Grid, context: Context, cfg: RunConfig) -> dict:
     coordinator = Coordinator(cfg)
     state = coordinator.state
     meter = TrafficMeter(grid)
-    strategy = FedChatStrategy(cfg, state.run_id, coordinator.arrays, coordinator.frozen_a, meter)
+    strategy = FedchatStrategy(cfg, state.run_id, coordinator.arrays, coordinator.frozen_a, meter)
     for row in state.rounds:  # a resumed run still holds nodes to the ledger heads they reported
         for c in row["clients"]:
             if "ledger_entries" in c and "ledger_head" in c:
@@ -215,7 +215,7 @@ def run_coordinator(grid: Grid, context: Context, cfg: RunConfig) -> dict:
     return coordinator.report("finished", merged, coordinator.compare_with_base(merged) if merged else None)
 
 
-def _round_row(rnd: int, strategy: FedChatStrategy, meter: TrafficMeter, secagg, seconds: float) -> dict:
+def _round_row(rnd: int, strategy: FedchatStrategy, meter: TrafficMeter, secagg, seconds: float) -> dict:
     outcome = strategy.outcome
     by_id = {c["node_id"]: c for c in (outcome.clients if outcome else [])}
     for node_id, c in by_id.items():

@@ -84,7 +84,7 @@ def _failure_text(failure) -> str:
     return f"node {proxy.node_id}: {res.status.message}"
 
 
-class FedChatStrategy(Strategy):
+class FedchatStrategy(Strategy):
     def __init__(self, cfg: RunConfig, run_id: str, initial: list[np.ndarray], frozen_a: str, grid) -> None:
         self.cfg = cfg
         self.run_id = run_id

@@ -219,11 +219,11 @@ def coordinator_identity(monkeypatch):
 
 
 def _strategy(grid, **run):
-    from server.strategy import FedChatStrategy
+    from server.strategy import FedchatStrategy
     from shared.config import RunConfig
 
     cfg = RunConfig.from_flower({"base-model": "tiny", "node-wait-timeout": 30.0, **run})
-    return FedChatStrategy(cfg, "run-1", [], "", grid)
+    return FedchatStrategy(cfg, "run-1", [], "", grid)
 
 
 def test_a_node_restarting_after_a_crash_is_asked_again_while_too_few_can_train(coordinator_identity, monkeypatch):

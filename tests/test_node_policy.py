@@ -1,6 +1,6 @@
 """What a node accepts from a coordinator it does not trust, and what it sends back.
 
-Each test drives the node's real ClientApp client (`FedChatClient.fit`) with a fit config
+Each test drives the node's real ClientApp client (`FedchatClient.fit`) with a fit config
 as a coordinator would send it, on the tiny model and a real dialogue file.
 """
 
@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from client.app import FedChatClient, NodeCache
+from client.app import FedchatClient, NodeCache
 from client.policy import RoundRefused
 from shared import ledger
 from shared.adapter import get_arrays
@@ -39,7 +39,7 @@ def _fit(node: NodeConfig, **run):
     loaded = NodeCache.model(cfg, node) if cfg.base_model == "tiny" else None
     params = get_arrays(loaded.model, loaded.names) if loaded else []
     config = fit_config(cfg, 1, "run-a", loaded.frozen_a if loaded else "")
-    return FedChatClient(node, secagg_active=False).fit(params, config)
+    return FedchatClient(node, secagg_active=False).fit(params, config)
 
 
 def _assert_nothing_private(text: str, tmp_path) -> None:
@@ -157,7 +157,7 @@ def test_without_dp_under_secagg_no_plaintext_statistic_leaves_the_node(tmp_path
     node = _node(tmp_path, **{"require-dp": False, "require-secagg": True})
     cfg = RunConfig(base_model="tiny", local_steps=2, batch_size=4, dp=False)
     loaded = NodeCache.model(cfg, node)
-    client = FedChatClient(node, secagg_active=True)
+    client = FedchatClient(node, secagg_active=True)
     _, _, metrics = client.fit(get_arrays(loaded.model, loaded.names), fit_config(cfg, 1, "run-b", loaded.frozen_a))
     assert not {"train-loss", "seconds", "clipped-values"} & set(metrics), metrics
 
@@ -169,7 +169,7 @@ def _round(node: NodeConfig, rnd: int, head=None, run="run-a"):
     cfg = RunConfig(base_model="tiny", local_steps=2, batch_size=4, secagg=False, num_rounds=5)
     loaded = NodeCache.model(cfg, node)
     config = fit_config(cfg, rnd, run, loaded.frozen_a, head)
-    _, _, metrics = FedChatClient(node, secagg_active=False).fit(get_arrays(loaded.model, loaded.names), config)
+    _, _, metrics = FedchatClient(node, secagg_active=False).fit(get_arrays(loaded.model, loaded.names), config)
     return metrics["ledger-entries"], metrics["ledger-head"], metrics["ledger-key"]
 
 
@@ -255,9 +255,9 @@ def test_a_state_dir_copied_to_another_host_keeps_its_budget_and_cannot_fork(tmp
 
 
 def _strategy(heads: str, run: str):
-    from server.strategy import FedChatStrategy
+    from server.strategy import FedchatStrategy
 
-    return FedChatStrategy(RunConfig(base_model="tiny", secagg=False, ledger_heads=heads), run, [], "", None)
+    return FedchatStrategy(RunConfig(base_model="tiny", secagg=False, ledger_heads=heads), run, [], "", None)
 
 
 def _coordinator_records(heads: str, run: str, head: tuple) -> None:
@@ -361,7 +361,7 @@ def test_the_dp_randomness_of_fit_is_not_a_function_of_what_the_coordinator_know
         node = _node(tmp_path / host, **{"ledger-registry": str(tmp_path / host / "registry")})
         loaded = NodeCache.model(cfg, node)
         sent = sent or get_arrays(loaded.model, loaded.names)  # the same global adapter to both
-        update, _, _ = FedChatClient(node, secagg_active=False).fit(sent, fit_config(cfg, 1, "run-a", loaded.frozen_a))
+        update, _, _ = FedchatClient(node, secagg_active=False).fit(sent, fit_config(cfg, 1, "run-a", loaded.frozen_a))
         updates.append(update)
     assert max(float(np.abs(x - y).max()) for x, y in zip(*updates)) > 1e-5
 
@@ -374,7 +374,7 @@ def test_a_node_whose_registry_refuses_answers_the_can_train_question_with_the_r
     _round(node, 1)
     cfg = RunConfig(base_model="tiny", local_steps=2, batch_size=4, secagg=False, num_rounds=5)
     config = fit_config(cfg, 2, "run-a", NodeCache.model(cfg, node).frozen_a)
-    assert FedChatClient(node, secagg_active=False).get_properties(config) == {"can-train": True}
+    assert FedchatClient(node, secagg_active=False).get_properties(config) == {"can-train": True}
     second = node.replace(state_dir=str(tmp_path / "second-state"))
     with pytest.raises(RoundRefused, match="LedgerError"):
-        FedChatClient(second, secagg_active=False).get_properties(config)
+        FedchatClient(second, secagg_active=False).get_properties(config)

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from client.app import FedChatClient
+from client.app import FedchatClient
 from client.policy import RoundRefused
 from client.privacy import calibrate_noise, check_delta, compute_epsilon, fits_budget, plan_round
 from shared import ledger
@@ -112,7 +112,7 @@ def _fit(node: NodeConfig, cfg: RunConfig, rnd: int, run: str):
     """One real fit() of a node, as its ClientApp would run it (a new object = a restarted process)."""
     model = attach_adapter(load_model(resolve_base_model("tiny"), torch.device("cpu"), torch.float32), cfg)
     params = get_arrays(model, exchanged_names(model, cfg.aggregation))
-    client = FedChatClient(node, secagg_active=False)
+    client = FedchatClient(node, secagg_active=False)
     return client.fit(params, fit_config(cfg, rnd, run, frozen_a_fingerprint(model)))
 
 
