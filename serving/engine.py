@@ -389,13 +389,7 @@ class Batcher:
                 self._engine.note("fast_path")
                 threading.Thread(target=self._run_solo, args=(run,), name="fedchat-solo", daemon=True).start()
                 continue
-            try:
-                added = self._enqueue(run)
-            except Exception as exc:  # noqa: BLE001 (the manager refused it: failed like any request)
-                self._fail(run, repr(exc), exc)
-                continue
-            if not added:
-                self._fail(run, "the generation loop stopped")
+            self._into_batch(run)
 
     def _left(self, run: _Run) -> bool:
         """Take an ended run out (its slot goes to the next waiting run); False when it had left already."""
@@ -454,6 +448,10 @@ class Batcher:
                 if self._solo is run:
                     self._solo = None
         self._engine.note("handed_over")
+        self._into_batch(run)
+
+    def _into_batch(self, run: _Run) -> None:
+        """Hand a run to the batching manager; a refusal or a stopped loop fails it like any request."""
         try:
             added = self._enqueue(run)
         except Exception as exc:  # noqa: BLE001 (the manager refused it: failed like any request)
