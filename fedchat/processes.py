@@ -97,6 +97,15 @@ class Service:
         return "\n".join(text[-lines:])
 
 
+def signal_all(procs: list[psutil.Process], sig: int) -> None:
+    """Send `sig` to each process; one that is gone already is skipped."""
+    for proc in procs:
+        try:
+            proc.send_signal(sig)
+        except psutil.Error:
+            pass
+
+
 class Supervisor:
     """The processes of one deployment, started and stopped together."""
 
@@ -215,23 +224,16 @@ class Supervisor:
             procs = [root, *root.children(recursive=True)]
         except psutil.Error:
             return
-        self._signal(procs, signal.SIGKILL)
+        signal_all(procs, signal.SIGKILL)
         psutil.wait_procs(procs, timeout=5)
 
-    @staticmethod
-    def _signal(procs: list[psutil.Process], sig: int) -> None:
-        for proc in procs:
-            try:
-                proc.send_signal(sig)
-            except psutil.Error:
-                pass
 
     def stop(self, grace: float = 10.0) -> list[str]:
         """Stop every service (last started first) and everything they started; return what had to be killed."""
         procs = self.tree()
         for service in reversed(self.services):  # SIGTERM first to the services: they stop their children
             if service.exited() is None:
-                self._signal([p for p in procs if p.pid == service.pid], signal.SIGTERM)
+                signal_all([p for p in procs if p.pid == service.pid], signal.SIGTERM)
         deadline = time.monotonic() + grace
         while time.monotonic() < deadline and any(s.exited() is None for s in self.services):
             time.sleep(0.1)
@@ -239,7 +241,7 @@ class Supervisor:
         left = [p for p in procs if _alive(p)] + [p for p in self.marked() if p.pid not in known]
         for proc in left:
             self._see(proc)
-        self._signal(left, signal.SIGTERM)
+        signal_all(left, signal.SIGTERM)
         _, left = psutil.wait_procs(left, timeout=min(grace, 5.0))
         killed = []
         for proc in left:
@@ -247,7 +249,7 @@ class Supervisor:
                 killed.append(f"{proc.pid} ({' '.join(proc.cmdline()[:2])})")
             except psutil.Error:
                 killed.append(str(proc.pid))
-        self._signal(left, signal.SIGKILL)
+        signal_all(left, signal.SIGKILL)
         psutil.wait_procs(left, timeout=5)
         for service in self.services:
             try:

@@ -52,7 +52,7 @@ from pathlib import Path
 import psutil
 
 from fedchat.deployment import FlowerCLI, process_env, write_cli_config, write_toml
-from fedchat.processes import Service, Supervisor, survivors
+from fedchat.processes import Service, Supervisor, signal_all, survivors
 from shared.config import org_name
 from shared.errors import FederationError
 from tests.support.netns import Network, sweep_stale
@@ -264,9 +264,9 @@ class NetworkFederation:
         """Stop the SuperLink and what it started (its SuperExec and ServerApps), as its host's service manager does."""
         procs = _tree(self.superlink.pid)
         self.down.add("superlink")
-        _signal(procs, sig)
+        signal_all(procs, sig)
         _, alive = psutil.wait_procs(procs, timeout=timeout)
-        _signal(alive, signal.SIGKILL)
+        signal_all(alive, signal.SIGKILL)
         psutil.wait_procs(alive, timeout=10)
         self.superlink.popen.wait(timeout=10)
 
@@ -338,7 +338,7 @@ class NetworkFederation:
         crashes. Returns the process ids killed (all of them started by this drill)."""
         node = self.nodes[name]
         procs = _tree(node.service.pid)
-        _signal(procs, signal.SIGKILL)
+        signal_all(procs, signal.SIGKILL)
         self.down.add(name)
         psutil.wait_procs(procs, timeout=10)
         node.service.popen.wait(timeout=10)
@@ -357,10 +357,10 @@ class NetworkFederation:
         trees = {name: _tree(node.service.pid) if node.service.exited() is None else []
                  for name, node in self.nodes.items()}
         for procs in trees.values():  # every node at once: each takes a second or two to stop gracefully
-            _signal(procs[:1], signal.SIGTERM)
+            signal_all(procs[:1], signal.SIGTERM)
         for name, node in self.nodes.items():
             _, alive = psutil.wait_procs(trees[name], timeout=30)
-            _signal(alive, signal.SIGKILL)
+            signal_all(alive, signal.SIGKILL)
             psutil.wait_procs(alive, timeout=10)
             if node.service.exited() is None:
                 node.service.popen.wait(timeout=10)
@@ -479,14 +479,6 @@ def _tree(pid: int) -> list[psutil.Process]:
         return [root, *root.children(recursive=True)]
     except psutil.Error:
         return []
-
-
-def _signal(procs: list[psutil.Process], sig: int) -> None:
-    for p in procs:
-        try:
-            p.send_signal(sig)
-        except psutil.Error:
-            pass
 
 
 def _is(proc: psutil.Process, program: str) -> bool:
@@ -747,7 +739,7 @@ def _kill_serverapp(fed: NetworkFederation, out: Outcome, run: Run, rnd: int) ->
     pids = fed.serverapp_pids()
     if not pids:
         raise FederationError("no ServerApp process to kill")
-    _signal([psutil.Process(p) for p in pids], signal.SIGKILL)  # the coordinator's ServerApp dies mid-round
+    signal_all([psutil.Process(p) for p in pids], signal.SIGKILL)  # the coordinator's ServerApp dies mid-round
     out.facts["killed"] = pids
     out.facts["killed_run_status"] = _stop_dead_run(fed, run)
     resumed = fed.submit(out.name, 2)  # the operator resubmits: the run resumes from its last checkpoint
