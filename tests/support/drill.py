@@ -306,7 +306,7 @@ class NetworkFederation:
                                "auth-private-key": str(self.certs.node_key(name)), "runtime-port": RUNTIME_PORT,
                                "max-wait-time": 900}})
             from fedchat.app_bundle import write_approvals
-            from fedchat.roster_cli import record_approval
+            from fedchat.cli.roster import record_approval
             from fedchat.service_config import read_node_file
             from shared.roster import load_roster
 

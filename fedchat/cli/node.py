@@ -1,25 +1,16 @@
-"""`fedchat node ...`, `fedchat coordinator ...` and `fedchat app ...`: config files, services, app bundles."""
+"""`fedchat node ...`: a node operator's SuperNode: check its config file, start it, approve an app bundle."""
 
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import shlex
 import sys
 from pathlib import Path
 
 from fedchat.app_bundle import SHA256, AppBundle, build_bundle, compare, load_bundle_file, write_approvals
+from fedchat.cli.app import print_bundle_files
 from fedchat.deployment import process_env
-from fedchat.service_config import (
-    check_coordinator_file,
-    check_node_file,
-    coordinator_command,
-    node_command,
-    read_coordinator_file,
-    read_node_file,
-    write_node_config,
-)
+from fedchat.service_config import check_node_file, node_command, read_node_file, write_node_config
 from shared.errors import ConfigError
 
 
@@ -76,45 +67,12 @@ def _bundle_from_argument(value: str, app: str | None) -> tuple[AppBundle, AppBu
                       "file the coordinator built with `fedchat app build --out FILE`, or the hash it printed.")
 
 
-def _print_files(bundle: AppBundle, installed: AppBundle | None = None) -> None:
-    verdict = {}
-    if installed is not None:
-        diff = compare(bundle, installed)
-        verdict = {**{p: "same as installed" for p in diff.same}, **{p: "DIFFERS from installed" for p in diff.changed},
-                   **{p: "NOT in installed fedchat" for p in diff.added}}
-    width = max(len(f.path) for f in bundle.files)
-    for f in bundle.files:
-        print(f"  {f.path:<{width}}  {f.size:>8} B  {f.sha256[:16]}  {verdict.get(f.path, '')}".rstrip())
-
-
-def cmd_app_build(args) -> int:
-    from fedchat.local_federation import find_app
-
-    app = Path(args.app).resolve() if args.app else find_app()
-    bundle = build_bundle(app)
-    if args.out:
-        from shared.files import atomic_write_bytes
-
-        atomic_write_bytes(Path(args.out), bundle.content)
-    if args.json:
-        print(json.dumps({"sha256": bundle.sha256, "bytes": len(bundle.content), "app": str(app),
-                          "out": str(Path(args.out).resolve()) if args.out else None,
-                          "files": [{"path": f.path, "sha256": f.sha256, "bytes": f.size} for f in bundle.files]},
-                         indent=2))
-        return 0
-    print(f"app bundle of {app}: {len(bundle.files)} files, {len(bundle.content)} bytes"
-          + (f", written to {args.out}" if args.out else "") + " (what `flwr run` submits from this folder)")
-    _print_files(bundle)
-    print(f"sha256 {bundle.sha256}")
-    return 0
-
-
 def cmd_node_approve(args) -> int:
     nf = read_node_file(args.file)
     bundle, installed = _bundle_from_argument(args.bundle, args.app)
     diff = compare(bundle, installed)
     print(f"app bundle sha256 {bundle.sha256}: {len(bundle.files)} files, {len(bundle.content)} bytes")
-    _print_files(bundle, installed)
+    print_bundle_files(bundle, installed)
     if diff.missing:
         print(f"  (not in the bundle, in installed fedchat: {', '.join(diff.missing)})")
     if not diff.identical and not args.accept_differences:
@@ -132,35 +90,7 @@ def cmd_node_approve(args) -> int:
     return 0
 
 
-def cmd_coordinator_check(args) -> int:
-    cf = read_coordinator_file(args.file)
-    for line in check_coordinator_file(cf):
-        print(f"  {line}")
-    print(f"{args.file}: OK. Start the SuperLink with: fedchat coordinator start {args.file}")
-    return 0
-
-
-def cmd_coordinator_start(args) -> int:
-    """Check the file, then become the SuperLink: Flower's flower-superlink, run in this process (same
-    PID, like an exec) with a longer SQLite lock wait (fedchat.deployment.run_superlink)."""
-    from fedchat.deployment import run_superlink
-
-    cf = read_coordinator_file(args.file)
-    _report(check_coordinator_file(cf))
-    home = (cf.database.parent if cf.database else cf.path.parent) / "flwr-home"
-    cmd = coordinator_command(cf)
-    if args.print:
-        print(shlex.join(cmd))
-        return 0
-    print(f"starting: {shlex.join(cmd)}", file=sys.stderr, flush=True)  # what runs, in the service's log
-    env = process_env()
-    env.setdefault("FLWR_HOME", str(home))
-    os.environ.update(env)
-    run_superlink(cmd)
-    return 0
-
-
-def add_service_commands(sub: argparse._SubParsersAction) -> None:
+def add_node_command(sub: argparse._SubParsersAction) -> None:
     node = sub.add_parser("node", help="a node operator's SuperNode: check its config file, start it")
     node_sub = node.add_subparsers(dest="action", required=True)
     check = node_sub.add_parser("check-config", help="validate a node's TOML file and what it points at")
@@ -182,22 +112,3 @@ def add_service_commands(sub: argparse._SubParsersAction) -> None:
                          help="keep the bundles approved before (by default the new one replaces them, so a "
                               "coordinator cannot fall back to an older, perhaps fixed-since, bundle)")
     approve.set_defaults(func=cmd_node_approve)
-
-    app = sub.add_parser("app", help="the app bundle (FAB) nodes run: build it, print its SHA-256")
-    app_sub = app.add_subparsers(dest="action", required=True)
-    build = app_sub.add_parser("build", help="build the bundle exactly as `flwr run` packs it; print its files and "
-                                             "SHA-256 (node operators approve that hash)")
-    build.add_argument("--app", help="the fedchat project folder (default: this fedchat)")
-    build.add_argument("--out", help="write the bundle to this file (.fab) for the node operators")
-    build.add_argument("--json", action="store_true", help="print the hash and files as JSON")
-    build.set_defaults(func=cmd_app_build)
-
-    coord = sub.add_parser("coordinator", help="the coordinator's SuperLink: check its config file, start it")
-    coord_sub = coord.add_subparsers(dest="action", required=True)
-    check = coord_sub.add_parser("check-config", help="validate the coordinator's TOML file and certificates")
-    check.add_argument("file")
-    check.set_defaults(func=cmd_coordinator_check)
-    start = coord_sub.add_parser("start", help="check, then run flower-superlink with TLS and node authentication")
-    start.add_argument("file")
-    start.add_argument("--print", action="store_true", help="print the command instead of running it")
-    start.set_defaults(func=cmd_coordinator_start)

@@ -1,8 +1,8 @@
-"""`fedchat canary make` and `fedchat audit empirical`: canaries and the one-run lower bound on epsilon.
+"""`fedchat audit`, `fedchat canary make` and `fedchat audit empirical`: what an auditor runs (fedchat/audit/).
 
-`fedchat audit LEDGER...` verifies ledgers; `fedchat audit empirical ...` is this module's
-command, registered as the hidden subcommand `audit-empirical` (`empirical_argv` rewrites the
-two words into it before parsing).
+`fedchat audit LEDGER...` verifies ledgers; `fedchat audit empirical ...` is the one-run lower bound on
+epsilon from canaries, registered as the hidden subcommand `audit-empirical` (`empirical_argv` rewrites
+the two words into it before parsing).
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import math
 import sys
 from pathlib import Path
 
-from shared.errors import ConfigError, DataError, LedgerError
+from shared.errors import ConfigError, DataError, FedchatError, LedgerError
 
 EMPIRICAL = "audit-empirical"
 
@@ -23,6 +23,91 @@ def empirical_argv(argv: list[str]) -> list[str]:
     if i is not None and argv[i:i + 2] == ["audit", "empirical"]:
         return argv[:i] + [EMPIRICAL] + argv[i + 2:]
     return argv
+
+
+# ----------------------------------------------------------------- fedchat audit
+
+
+def _audit_keys(args) -> dict:
+    """The public key for each ledger: --key LEDGER=PUB first, else --keys DIR/NODE.pub; never a default."""
+    if not args.key and not args.keys:
+        raise FedchatError("give each node's public ledger key: --keys DIR (DIR/NODE.pub for NODE.jsonl) or "
+                           "--key LEDGER=PUB per ledger, each obtained from the node's operator by another channel "
+                           "than the ledger. A key found beside a ledger proves nothing: whoever could edit the "
+                           "ledger could replace the key.")
+    ledgers = [Path(p) for p in args.ledgers]
+    keys: dict = {}
+    for pair in args.key or []:
+        name, sep, pub = pair.partition("=")
+        if not sep and len(ledgers) == 1 == len(args.key):  # one ledger, one key: nothing to pair
+            name, sep, pub = str(ledgers[0]), "=", pair
+        if not sep or not name or not pub:
+            raise FedchatError(f"--key {pair!r}: give LEDGER=PUB, e.g. --key ledgers/org-1.jsonl=keys/org-1.pub "
+                               "(a bare key only when auditing one ledger)")
+        hits = [p for p in ledgers if p.resolve() == Path(name).resolve() or p.stem == name]
+        if not hits:
+            raise FedchatError(f"--key {pair!r} names {name}, which is none of the ledgers given")
+        for p in hits:
+            keys[p] = Path(pub)
+    for p in ledgers:
+        if p not in keys:
+            if not args.keys:
+                raise FedchatError(f"no key for {p}: add --key {p}=PUB or --keys DIR holding {p.stem}.pub")
+            keys[p] = Path(args.keys) / f"{p.stem}.pub"
+        if keys[p].resolve().parent == p.resolve().parent:
+            print(f"warning: the key for {p} lies in the ledger's own folder: it proves the ledger only if the node's "
+                  "operator gave it to you by another channel", file=sys.stderr)
+    return keys
+
+
+def cmd_audit(args) -> int:
+    from fedchat.audit.ledger_audit import audit_ledger, check_against_report, check_forks, plot_epsilon
+
+    keys = _audit_keys(args)
+    audits = [audit_ledger(path, key) for path, key in keys.items()]
+    check_forks(audits)  # two ledgers of one key that diverge: one budget spent twice
+    checked = audits + ([check_against_report(audits, args.report)] if args.report else [])
+    if args.plot:
+        plot_epsilon(audits, args.plot)
+    no_report = ("note: no --report given: entries removed at the END of a ledger cannot be detected without the "
+                 "coordinator's report.json (the hash chain shows only changes before the last line), and the "
+                 "ledgers are not bound to the nodes that trained.")
+    if args.json:
+        print(json.dumps([a.to_dict() for a in checked], indent=2))
+    else:
+        fmt = "{:<14} {:>8} {:<12} {:>6} {:>16} {:>19} {:>8}  {}"
+        print(fmt.format("node", "node id", "ledger key", "rounds", "epsilon claimed", "epsilon recomputed",
+                         "budget", "verdict"))
+        num = lambda v: "-" if v is None else f"{v:.4f}"  # noqa: E731
+        for a in checked:
+            print(fmt.format(a.node, ",".join(map(str, a.node_ids)) or "-", (a.key_fingerprint or "-")[:12], a.rounds,
+                             num(a.epsilon_claimed), num(a.epsilon_recomputed),
+                             "-" if a.target_epsilon is None else f"{a.target_epsilon:g}", "OK" if a.ok else "FAIL"))
+        if args.plot:
+            print(f"plot: {args.plot}")
+    if not args.report:
+        print(no_report, file=sys.stderr if args.json else sys.stdout)
+    for a in checked:
+        for problem in a.problems:
+            print(f"{a.ledger}: {problem}", file=sys.stderr)
+        for warning in a.warnings:
+            print(f"{a.ledger}: warning: {warning}", file=sys.stderr)
+    return 0 if all(a.ok for a in checked) else 1
+
+
+def add_audit_command(sub) -> None:
+    audit = sub.add_parser("audit", help="verify privacy ledgers: chain, signatures, recomputed epsilon, budget")
+    audit.add_argument("ledgers", nargs="+", metavar="LEDGER", help="a node's ledger.jsonl")
+    audit.add_argument("--key", action="append", metavar="LEDGER=PUB",
+                       help="a ledger's node public key (Ed25519 PEM), from its operator; repeat per ledger "
+                       "(a bare PUB when auditing one ledger)")
+    audit.add_argument("--keys", metavar="DIR", help="folder of NODE.pub keys for NODE.jsonl ledgers, from the "
+                       "operators (one of --key/--keys is required: no key is taken from beside a ledger)")
+    audit.add_argument("--report", help="the coordinator's report.json: bind ledgers to the nodes that trained (by "
+                       "ledger-key fingerprint) and check no entry was removed at the end")
+    audit.add_argument("--json", action="store_true", help="print the audit as JSON")
+    audit.add_argument("--plot", help="write a PNG of epsilon per round per node")
+    audit.set_defaults(func=cmd_audit)
 
 
 # ----------------------------------------------------------------- fedchat canary make
