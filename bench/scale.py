@@ -220,7 +220,7 @@ def _role(cmdline: str, kind: str) -> str:
     if kind != "deployment":
         return "node" if "ray::" in cmdline or "default_worker.py" in cmdline else "ray-runtime"
     for needle, role in (("flower-superlink", "superlink"), ("flwr-serverapp", "serverapp"),
-                         ("node_runtime", "clientapp"), ("flower-supernode", "supernode"),
+                         ("fedchat.node.runtime", "clientapp"), ("flower-supernode", "supernode"),
                          ("flower-superexec", "superexec"), ("coordinator start", "superlink"),
                          ("node start", "supernode")):
         if needle in cmdline:

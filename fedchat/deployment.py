@@ -25,7 +25,7 @@ What Flower 1.41 expects (established from its source and by running it):
   ``flwr-serverapp`` / ``flwr-clientapp`` found on PATH: the venv's ``bin`` must come first.
   FABs are unpacked under each process's ``$FLWR_HOME/apps``. A fedchat node runs its SuperNode
   with ``--isolation process`` instead and starts the ClientApps itself, from approved bundles
-  only (fedchat.node_runtime).
+  only (fedchat.node.runtime).
 
 * The SuperLink keeps its state and every message's payload in SQLite (``--database``), whose
   connections wait at most 5 s for a lock (``flwr.supercore.constant.SQLITE_PRAGMAS``). Three
@@ -163,7 +163,7 @@ def supernode_command(*, superlink: str, root_certificates: str | Path | None, a
     `node_config` is a TOML file or a ``key=value ...`` string; `max_wait_time` bounds how long
     it keeps trying to reach the SuperLink before it gives up (None: forever). `isolation`
     "process" makes it start no ClientApp itself: `fedchat node start` runs them, from approved
-    app bundles only (fedchat.node_runtime).
+    app bundles only (fedchat.node.runtime).
     """
     if isolation not in ("subprocess", "process"):
         raise FederationError(f"isolation is 'subprocess' or 'process', not {isolation!r}.")

@@ -313,7 +313,7 @@ class Runner:
 
     def build_app(self) -> None:
         """The coordinator's `fedchat app build`: the bundle every node approves, and its files to submit."""
-        from fedchat.app_bundle import load_bundle_file, unpack_bundle
+        from fedchat.node.app_bundle import load_bundle_file, unpack_bundle
 
         self.step(f"app bundle of {self.fed.app} (`fedchat app build`), for the nodes to approve")
         self.bundle = self.out / "app" / "fedchat.fab"

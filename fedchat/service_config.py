@@ -54,7 +54,7 @@ import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
-from fedchat.app_bundle import APPROVAL_SECTION, ROSTER_FILE_KEY, AppBundleError, check_approval_section
+from fedchat.node.app_bundle import APPROVAL_SECTION, ROSTER_FILE_KEY, AppBundleError, check_approval_section
 from shared.config import NodeConfig
 from shared.errors import ConfigError, FedchatError
 

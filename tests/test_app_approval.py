@@ -25,8 +25,8 @@ from pathlib import Path
 
 import pytest
 
-from fedchat.app_bundle import build_bundle, load_bundle_file, unpack_bundle
 from fedchat.cli import main as fedchat_main
+from fedchat.node.app_bundle import build_bundle, load_bundle_file, unpack_bundle
 from fedchat.service_config import ConfigFileError, node_command, read_node_file
 from shared.crypto import create_identity_key, raw_public_hex
 
@@ -327,7 +327,7 @@ def test_the_node_checks_the_bundles_bytes_not_what_the_run_claims(app, tmp_path
     """The guard in the ClientApp runner (fast: no federation): the hash of the bytes decides."""
     from flwr.supercore.fab import Fab
 
-    from fedchat.node_runtime import BundleGuard, UnapprovedApp
+    from fedchat.node.runtime import BundleGuard, UnapprovedApp
 
     content = build_bundle(app).content
     sha = hashlib.sha256(content).hexdigest()

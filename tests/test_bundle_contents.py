@@ -2,7 +2,7 @@
 ServerApp, at module level or lazily inside a function (a node operator reads all of it before approving it).
 
 Static: the import graph from the two components pyproject.toml names (`[tool.flwr.app.components]`), over
-the files `fab-include` packs, as fedchat.app_bundle builds them.
+the files `fab-include` packs, as fedchat.node.app_bundle builds them.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import ast
 import tomllib
 from pathlib import Path
 
-from fedchat.app_bundle import build_bundle
+from fedchat.node.app_bundle import build_bundle
 
 ROOT = Path(__file__).resolve().parents[1]
 

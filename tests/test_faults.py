@@ -270,7 +270,7 @@ def test_a_node_refused_after_a_crash_starts_its_supernode_again(tmp_path, monke
     """Fault 'kill-*': a node restarted at once finds the SuperLink still holding its old connection online and
     Flower's SuperNode exits on the refusal; `fedchat node start` starts it again until the SuperLink lets it in,
     gives up after its window, and does not retry any other failure."""
-    import fedchat.node_runtime as runtime
+    import fedchat.node.runtime as runtime
 
     monkeypatch.setattr(runtime, "ACTIVATION_RETRY_SECONDS", 0.1)
     monkeypatch.setattr(runtime, "_activation_window", lambda: (60.0, 3.0))

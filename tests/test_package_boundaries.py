@@ -1,11 +1,14 @@
 """Imports point down: the role packages use shared/, shared/ uses none of them, serving/ never uses server/.
 
-A static check over each module's syntax tree, lazy imports inside functions included, so it costs no import.
+A static check over each module's syntax tree, lazy imports inside functions included, so it costs no import;
+and one import, in a child process: the node runtime's runner, which must import none of the bundle's packages.
 """
 
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -46,3 +49,17 @@ def test_checker_sees_lazy_imports(tmp_path):
     module = tmp_path / "m.py"
     module.write_text("def f():\n    from server.merge import x\n    import serving.api\n")
     assert imported_packages(module) == {(2, "server"), (3, "serving")}
+
+
+def test_the_node_runtimes_runner_imports_none_of_the_bundles_packages():
+    """The runner `fedchat node start` starts per task loads client/ and shared/ from the approved bundle: had it
+    imported them before, Flower would resolve the bundle's imports to the installed modules."""
+    from fedchat.node.runtime import runner_command
+
+    argv = runner_command("127.0.0.1:9094", "token", Path("node.toml"))
+    assert argv[1:3] == ["-I", "-m"]
+    code = (f"import runpy, sys; runpy.run_module({argv[3]!r}, run_name='not_main'); "
+            "print(' '.join(sorted({m.split('.')[0] for m in sys.modules})))")
+    out = subprocess.run([sys.executable, "-I", "-c", code], capture_output=True, text=True, check=True, timeout=120)
+    loaded = set(out.stdout.split())
+    assert "fedchat" in loaded and not loaded & {"client", "server", "shared", "serving"}, sorted(loaded)

@@ -125,7 +125,7 @@ def test_a_read_only_node_toml_keeps_its_roster_approval_in_the_file_approval_na
     assert nf.node.roster == str(site / "roster-v1.json")
     assert nf.node.roster_sha256 == load_roster(site / "roster-v1.json").sha256
     assert any(line.startswith("roster: ") and "(approved)" in line for line in check_node_file(nf))
-    from fedchat.app_bundle import write_approvals
+    from fedchat.node.app_bundle import write_approvals
 
     write_approvals(site / "node.toml", ["cd" * 32])  # rewrites [approval], keeping the roster's line
     assert read_node_file(site / "node.toml").roster_approval == site / "approval" / "roster.toml"

@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from fedchat.app_bundle import AppBundle, build_bundle, compare
+from fedchat.node.app_bundle import AppBundle, build_bundle, compare
 
 
 def print_bundle_files(bundle: AppBundle, installed: AppBundle | None = None) -> None:

@@ -7,9 +7,9 @@ import shlex
 import sys
 from pathlib import Path
 
-from fedchat.app_bundle import SHA256, AppBundle, build_bundle, compare, load_bundle_file, write_approvals
 from fedchat.cli.app import print_bundle_files
 from fedchat.deployment import process_env
+from fedchat.node.app_bundle import SHA256, AppBundle, build_bundle, compare, load_bundle_file, write_approvals
 from fedchat.service_config import check_node_file, node_command, read_node_file, write_node_config
 from shared.errors import ConfigError
 
@@ -31,9 +31,9 @@ def cmd_node_start(args) -> int:
     """Check the file, then run the SuperNode and, beside it, the ClientApps of approved bundles only.
 
     Not an exec: this process stays (same PID for supervisors and systemd) and runs
-    fedchat.node_runtime's task loop; the SuperNode is its child and stops with it.
+    fedchat.node.runtime's task loop; the SuperNode is its child and stops with it.
     """
-    from fedchat.node_runtime import run_node
+    from fedchat.node.runtime import run_node
 
     nf = read_node_file(args.file)
     _report(check_node_file(nf))

@@ -164,10 +164,10 @@ class NetworkFederation:
     # ---------------------------------------------------------------- set-up
 
     def open(self) -> NetworkFederation:
-        from fedchat.app_bundle import build_bundle, unpack_bundle
         from fedchat.certs import write_certs
         from fedchat.demo_data import write_demo_data
         from fedchat.local_federation import find_app
+        from fedchat.node.app_bundle import build_bundle, unpack_bundle
         from shared.model import resolve_base_model
 
         self.root.mkdir(parents=True, exist_ok=True)
@@ -305,8 +305,8 @@ class NetworkFederation:
                 "connection": {"superlink": f"{COORDINATOR}:{PORT}", "root-certificates": str(self.certs.ca_cert),
                                "auth-private-key": str(self.certs.node_key(name)), "runtime-port": RUNTIME_PORT,
                                "max-wait-time": 900}})
-            from fedchat.app_bundle import write_approvals
             from fedchat.cli.roster import record_approval
+            from fedchat.node.app_bundle import write_approvals
             from fedchat.service_config import read_node_file
             from shared.roster import load_roster
 

@@ -160,7 +160,7 @@ def checkout_snapshot(dest: Path) -> Path:
     Other work on this checkout while the test runs would change the app bundle between the
     coordinator's `fedchat app build` and its `flwr run .` (and the nodes would rightly refuse it).
     """
-    from fedchat.app_bundle import build_bundle, unpack_bundle
+    from fedchat.node.app_bundle import build_bundle, unpack_bundle
 
     unpack_bundle(build_bundle(ROOT), dest)
     (dest / ".venv").symlink_to(ROOT / ".venv")

@@ -15,7 +15,7 @@ Why this shape (Flower 1.41):
   - ``run_node`` starts ``flower-supernode --isolation process`` as a child, takes only
     ClientApp tasks from its Runtime API (never agent apps or any other kind), and starts one
     runner per task; it stops everything when the SuperNode ends or on Ctrl-C / SIGTERM;
-  - the runner (``python -I -m fedchat.node_runtime``) is Flower's own ``flwr-clientapp`` loop
+  - the runner (``python -I -m fedchat.node.runtime``) is Flower's own ``flwr-clientapp`` loop
     (``flwr.supernode.runtime.run_clientapp``) with its two first steps guarded: when the task's
     inputs arrive it keeps the run and the FAB, and *before the FAB is installed or any of its
     code imported* it checks the SHA-256 of the FAB's bytes against node.toml's
@@ -43,7 +43,7 @@ import threading
 import time
 from pathlib import Path
 
-from fedchat.app_bundle import AppBundleError, approved_hashes
+from fedchat.node.app_bundle import AppBundleError, approved_hashes
 
 TASK_POLL_SECONDS = 0.5
 ACTIVATION_RETRY_SECONDS = 5.0
@@ -119,7 +119,7 @@ def run_guarded_clientapp(runtime_api_address: str, token: str, node_file: Path,
 
     for name in ("pull_task_input", "install_from_fab", "run_clientapp"):  # fail closed if Flower's loop changed
         if not callable(getattr(flower, name, None)):
-            raise SystemExit(f"fedchat.node_runtime: Flower's ClientApp loop has no {name}() to guard (Flower "
+            raise SystemExit(f"fedchat.node.runtime: Flower's ClientApp loop has no {name}() to guard (Flower "
                              "version other than 1.41?): refusing to run any app bundle.")
     guard = BundleGuard(node_file)
     flower.pull_task_input = guard.pull(flower.pull_task_input)
@@ -130,7 +130,7 @@ def run_guarded_clientapp(runtime_api_address: str, token: str, node_file: Path,
 
 def runner_command(runtime_api_address: str, token: str, node_file: Path) -> list[str]:
     # -I: neither the working folder nor PYTHON* variables on the import path of the ClientApp's process
-    return [sys.executable, "-I", "-m", "fedchat.node_runtime", "--runtime-api-address", runtime_api_address,
+    return [sys.executable, "-I", "-m", "fedchat.node.runtime", "--runtime-api-address", runtime_api_address,
             "--token", token, "--node-file", str(Path(node_file).resolve()), "--parent-pid", str(os.getpid())]
 
 
@@ -269,7 +269,7 @@ def run_node(supernode: list[str], runtime_api_address: str, node_file: Path, en
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m fedchat.node_runtime",
+    p = argparse.ArgumentParser(prog="python -m fedchat.node.runtime",
                                 description="Run one ClientApp task from an approved app bundle (started by "
                                             "`fedchat node start`, not by hand).")
     p.add_argument("--runtime-api-address", required=True)

@@ -14,7 +14,7 @@ the budget guard, the ledger). So a node runs only a bundle its operator approve
   ``fedchat node approve node.toml fedchat.fab`` (or the bare hash, when it is the bundle of the
   fedchat installed on the node);
 * ``fedchat node start`` refuses any other bundle before installing or importing it
-  (fedchat.node_runtime).
+  (fedchat.node.runtime).
 
 Flower's own FAB verification (``flower-supernode --trusted-entities``) is no use to a self-hosted
 federation: in 1.41 it also requires a ``valid_license`` verification that only bundles fetched
