@@ -48,7 +48,7 @@ def simulate_demo(out: Path, clients: int, *, target_epsilon: float = 8.0, collu
     import shutil
 
     from fedchat.demo_data import demo_node_config, write_demo_data
-    from fedchat.simulation import simulate
+    from fedchat.federation.simulation import simulate
     from shared.config import RunConfig
 
     shutil.rmtree(out, ignore_errors=True)

@@ -78,7 +78,7 @@ def _node_settings(spec: dict) -> dict:
 
 def run_synthetic(spec: dict, out: Path) -> dict:
     from bench.scale_app import ADAPTER_KEY, make_client_app, make_server_app, use_stock_secagg
-    from fedchat.simulation import provision_roster, run_apps
+    from fedchat.federation.simulation import provision_roster, run_apps
 
     cfg = _run_config(spec, out)
     nodes = {i: {**_node_settings(spec), "node-name": f"node-{i}", "state-dir": str(out / "nodes" / f"node-{i}")}
@@ -107,7 +107,7 @@ def split_corpus(folder: Path, nodes: int) -> list[Path]:
 
 
 def run_train(spec: dict, out: Path) -> dict:
-    import fedchat.simulation as simulation
+    import fedchat.federation.simulation as simulation
     from bench.scale_app import STOCK as STOCK_APP
     from bench.scale_app import train_client_app, use_stock_secagg
 
@@ -125,10 +125,10 @@ def run_train(spec: dict, out: Path) -> dict:
 
 
 def run_deployment(spec: dict, out: Path) -> dict:
-    """The local federation (fedchat.local_federation) with an app bundle whose components are the
+    """The local federation (fedchat.federation.local_federation) with an app bundle whose components are the
     synthetic ones: built, approved by every node, submitted with `flwr run`."""
-    from fedchat.local_federation import LocalFederation, Runner
-    from fedchat.processes import become_subreaper
+    from fedchat.federation.local_federation import LocalFederation, Runner
+    from fedchat.federation.processes import become_subreaper
 
     if spec["protocol"] == STOCK:
         raise SystemExit("deployment rows run plaintext and fedchat only (the bundle ships product code)")

@@ -10,7 +10,7 @@ Protocols (a row's ``protocol``):
   clipping range and quantisation levels as fedchat derives them. Its masked vectors travel as Flower
   sends them (int64).
 * ``fedchat``: fedchat's secure sum (client.secagg.secure_aggregation, server.secagg.SecureAggregation)
-  with identity keys and one approved roster (fedchat.simulation.provision_roster).
+  with identity keys and one approved roster (fedchat.federation.simulation.provision_roster).
 
 The synthetic ServerApp runs the coordinator's strategy (server.strategy) and round loop
 (server.app.FitRounds: rounds timed, bytes metered) without a base model: the global adapter is

@@ -7,7 +7,7 @@
 # DIR/report.json and every process's log under DIR/logs, and stops every process it
 # started, on success, failure, Ctrl-C or SIGTERM. `--help` lists every option.
 #
-# The work is done by fedchat/local_federation.py (this script picks the Python of the
+# The work is done by fedchat/federation/local_federation.py (this script picks the Python of the
 # project's virtual environment, or $PYTHON, and hands over to it; signals go to it directly).
 set -euo pipefail
 
@@ -20,4 +20,4 @@ if [[ ! -x "$python" ]]; then
     exit 2
 fi
 export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}"  # fedchat importable even if not installed
-exec "$python" -m fedchat.local_federation "$@"
+exec "$python" -m fedchat.federation.local_federation "$@"

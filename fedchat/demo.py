@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 from fedchat.demo_data import demo_node_config, write_demo_data
-from fedchat.simulation import simulate
+from fedchat.federation.simulation import simulate
 from server.report import write_report
 from shared.config import SECAGG_MIN_NODES, RunConfig
 from shared.errors import ConfigError

@@ -88,7 +88,7 @@ def write_demo_data(out: str | Path, clients: int, *, eval_fraction: float = 0.1
     rng.shuffle(held_out)
     write_dialogues(out / "eval.jsonl", held_out)
     # Identity keys and one roster for the simulated nodes of `flwr run .` (sim-data-dir = OUT).
-    from fedchat.simulation import provision_roster
+    from fedchat.federation.simulation import provision_roster
 
     provision_roster(out, {i: {"node-name": c["node"], "state-dir": str(out), "identity-key": str(out / "keys" /
                                                                                                  f"{c['node']}.pem")}

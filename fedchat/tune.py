@@ -2,7 +2,7 @@
 simulation engine, on data the coordinator may use (the demo corpus, or JSONL files it owns), never on
 nodes' data.
 
-Each trial is one whole simulated federation (fedchat.simulation.simulate) with every node
+Each trial is one whole simulated federation (fedchat.federation.simulation.simulate) with every node
 training under DP at the target epsilon; its objective is the held-out loss of the final
 global adapter, as the coordinator computes it. Searched: learning rate, expected batch,
 clipping norm, local steps, LoRA rank (alpha = 2 x rank, so the LoRA scale stays fixed),
@@ -140,7 +140,7 @@ class Search:
                 for i, f in enumerate(self.node_files)}
 
     def __call__(self, trial) -> float:
-        from fedchat.simulation import simulate
+        from fedchat.federation.simulation import simulate
 
         params = self.suggest(trial)
         trial.set_user_attr("recipe", params)
@@ -378,7 +378,7 @@ def run_tune(*, out: str, trials: int, base_model: str, clients: int, rounds: in
     if sampler != "grid":  # the default recipe first: the search never returns one that did worse
         study.enqueue_trial(search.default_trial())
     started = time.perf_counter()
-    from fedchat.simulation import one_ray_session
+    from fedchat.federation.simulation import one_ray_session
 
     with one_ray_session():
         study.optimize(search, n_trials=trials, timeout=timeout, catch=(FedchatError,), callbacks=[progress],

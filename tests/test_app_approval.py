@@ -26,8 +26,8 @@ from pathlib import Path
 import pytest
 
 from fedchat.cli import main as fedchat_main
+from fedchat.federation.service_config import ConfigFileError, node_command, read_node_file
 from fedchat.node.app_bundle import build_bundle, load_bundle_file, unpack_bundle
-from fedchat.service_config import ConfigFileError, node_command, read_node_file
 from shared.crypto import create_identity_key, raw_public_hex
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -85,7 +85,7 @@ def test_app_build_is_the_bundle_flwr_run_submits(app, tmp_path, capsys):
 def test_node_approve_lists_the_bundle_and_records_its_hash(app, tmp_path, capsys):
     path = node_file(tmp_path / "node")
     with pytest.raises(ConfigFileError, match="no app bundle is approved"):  # a node with no approval is refused
-        from fedchat.service_config import check_node_file
+        from fedchat.federation.service_config import check_node_file
 
         check_node_file(read_node_file(path))
     assert fedchat_main(["app", "build", "--app", str(app), "--out", str(tmp_path / "b.fab")]) == 0
@@ -197,8 +197,8 @@ def test_a_malformed_approval_is_refused(tmp_path):
 def federation(tmp_path_factory, app):
     """SuperLink (TLS, node authentication) and 3 nodes started by `fedchat node start node.toml`, each
     node.toml approving the bundle of `app` (`fedchat node approve`), as the local federation does."""
-    from fedchat.local_federation import LocalFederation, Runner
-    from fedchat.processes import survivors
+    from fedchat.federation.local_federation import LocalFederation, Runner
+    from fedchat.federation.processes import survivors
     from shared.model import resolve_base_model
 
     resolve_base_model("tiny")
@@ -216,7 +216,7 @@ def federation(tmp_path_factory, app):
 
 
 def _submit(runner, app: Path, out_dir: str) -> str:
-    from fedchat.deployment import write_toml
+    from fedchat.federation.deployment import write_toml
 
     values = {**runner.fed.coordinator_config(), "out-dir": str(runner.out / out_dir)}
     return runner.cli.run(app, write_toml(runner.out / f"{out_dir}.toml", values))
@@ -246,7 +246,7 @@ def test_the_local_federation_starts_its_services_with_the_kits_commands(federat
     import shlex
     import subprocess
 
-    from fedchat.local_federation import service_command
+    from fedchat.federation.local_federation import service_command
 
     out = federation.fed.out.resolve()
     started = {s.name: s.argv for s in federation.sup.services}

@@ -24,9 +24,9 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from fedchat.certs import CertError, cert_hosts, load_cert, write_certs
 from fedchat.cli import main as fedchat_main
-from fedchat.deployment import (
+from fedchat.federation.certs import CertError, cert_hosts, load_cert, write_certs
+from fedchat.federation.deployment import (
     LOOPBACK,
     FlowerCLI,
     SuperLinkTLS,
@@ -39,7 +39,7 @@ from fedchat.deployment import (
     write_cli_config,
     write_toml,
 )
-from fedchat.processes import Supervisor, survivors
+from fedchat.federation.processes import Supervisor, survivors
 from shared.errors import FederationError
 from shared.secagg_wire import PROTOCOL
 from tests.support.processes import Child
@@ -277,7 +277,7 @@ def test_local_federation_completes_its_run_and_leaves_no_process(tmp_path, tiny
     fedchat's secure aggregation with the roster of their identity keys each operator approved. One round: runs of
     several rounds on the same services are followed in tests/test_deploy_kit.py (the runbooks) and
     tests/test_faults.py."""
-    from fedchat.service_config import read_node_file
+    from fedchat.federation.service_config import read_node_file
     from shared.roster import load_roster
 
     out = tmp_path / "fed"

@@ -2,7 +2,7 @@
 
 Fast tests parse every file of the kit and tie the commands the containers and the systemd units
 run to the commands `deploy/local-federation.sh` runs (the same function builds them:
-`fedchat.local_federation.service_command`). The slow ones start the local federation's own
+`fedchat.federation.local_federation.service_command`). The slow ones start the local federation's own
 services to see that it really runs those commands, and follow the node operator's and the
 coordinator's runbooks word for word on 127.0.0.1: every ```bash block of the runbooks, in the order
 a coordinator and three node operators would run them (each node approving the coordinator's app
@@ -29,10 +29,10 @@ import pytest
 import yaml
 
 from fedchat.cli import build_parser
-from fedchat.deployment import LOOPBACK, SuperLinkTLS, free_port, write_toml
-from fedchat.local_federation import LocalFederation, service_command
-from fedchat.processes import Supervisor, survivors
-from fedchat.service_config import coordinator_command, node_command, read_coordinator_file, read_node_file
+from fedchat.federation.deployment import LOOPBACK, SuperLinkTLS, free_port, write_toml
+from fedchat.federation.local_federation import LocalFederation, service_command
+from fedchat.federation.processes import Supervisor, survivors
+from fedchat.federation.service_config import coordinator_command, node_command, read_coordinator_file, read_node_file
 from shared.config import RunConfig
 from shared.roster import load_roster
 from tests.support.deploy_files import (

@@ -21,7 +21,7 @@ NODE_MODULES = [
     "client.app", "client.data", "client.policy", "client.privacy", "client.secagg", "client.train",
     "client.ledger_registry", "shared.config", "shared.evaluation", "shared.merge", "fedchat.audit.ledger_audit",
     "fedchat.cli", "fedchat.node.runtime", "fedchat.node.app_bundle", "fedchat.cli.node", "fedchat.cli.roster",
-    "fedchat.service_config",
+    "fedchat.federation.service_config",
 ]
 
 

@@ -265,7 +265,7 @@ def test_cli_round_trip(tmp_path, capsys):
     assert code == 0
 
     # the node config reads what approve wrote
-    from fedchat.service_config import read_node_file
+    from fedchat.federation.service_config import read_node_file
 
     nf = read_node_file(org1)
     assert load_approved(nf.node.roster, nf.node.roster_sha256) == v2

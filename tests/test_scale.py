@@ -5,7 +5,7 @@ value. Every pair of nodes shares keys: sparse graphs are off (docs/threat-model
 import numpy as np
 import pytest
 
-from fedchat.simulation import backend_config
+from fedchat.federation.simulation import backend_config
 from shared.config import RunConfig
 from shared.errors import ConfigError, FederationError
 
@@ -17,7 +17,7 @@ def test_the_superlinks_database_waits_two_minutes_for_a_lock(tmp_path, monkeypa
     import flwr.supercore.sql_mixin as sql
     from flwr.supercore.object_store.sql_object_store import SqlObjectStore
 
-    from fedchat.deployment import SQLITE_BUSY_TIMEOUT_MS, wait_longer_for_sqlite_locks
+    from fedchat.federation.deployment import SQLITE_BUSY_TIMEOUT_MS, wait_longer_for_sqlite_locks
 
     def busy_timeout(name: str) -> int:
         store = SqlObjectStore(str(tmp_path / name))
@@ -63,7 +63,7 @@ def test_a_many_node_secure_sum_unmasks_the_exact_weighted_mean(tmp_path):
         make_server_app,
         synthetic_update,
     )
-    from fedchat.simulation import provision_roster, run_apps
+    from fedchat.federation.simulation import provision_roster, run_apps
     from server.secagg import quantisation_error_bound
     from shared.secagg_rules import derive_parameters
 

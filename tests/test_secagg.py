@@ -12,7 +12,7 @@ from safetensors.numpy import load_file
 import server.app
 from fedchat.demo import run_demo
 from fedchat.demo_data import write_demo_data
-from fedchat.simulation import simulate
+from fedchat.federation.simulation import simulate
 from server.secagg import quantisation_error_bound
 from server.traffic import TrafficMeter
 from shared import secagg_wire as wire

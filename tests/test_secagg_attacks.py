@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from flwr.common.secure_aggregation.secaggplus_constants import Key, Stage
 
-from fedchat.simulation import one_ray_session
+from fedchat.federation.simulation import one_ray_session
 from shared import masking
 from shared import secagg_wire as wire
 from tests.support.secagg_attacks import (

@@ -5,10 +5,10 @@ import shlex
 
 import pytest
 
-from fedchat.certs import write_certs
 from fedchat.cli import main
-from fedchat.deployment import superlink_command, supernode_command
-from fedchat.service_config import ConfigFileError, check_node_file, read_coordinator_file, read_node_file
+from fedchat.federation.certs import write_certs
+from fedchat.federation.deployment import superlink_command, supernode_command
+from fedchat.federation.service_config import ConfigFileError, check_node_file, read_coordinator_file, read_node_file
 from shared.crypto import create_identity_key, raw_public_hex
 from shared.errors import ConfigError
 from shared.roster import load_roster
@@ -174,7 +174,7 @@ def test_coordinator_file_starts_a_tls_superlink_with_node_auth(site, capsys):
     assert main(["coordinator", "start", str(site / "coordinator.toml"), "--print"]) == 0
     printed = shlex.split(capsys.readouterr().out.strip())
     cf = read_coordinator_file(site / "coordinator.toml")
-    from fedchat.deployment import SuperLinkTLS
+    from fedchat.federation.deployment import SuperLinkTLS
 
     assert printed == superlink_command(host="0.0.0.0", port=9093, tls=SuperLinkTLS(cf.certfile, cf.keyfile,
                                         cf.ca_certfile), node_auth=True, database=site / "db" / "superlink.db")

@@ -14,7 +14,7 @@ from flwr.app.message_type import MessageType
 import server.app
 from fedchat.audit.ledger_audit import audit_ledger, check_against_report
 from fedchat.demo_data import write_demo_data
-from fedchat.simulation import simulate
+from fedchat.federation.simulation import simulate
 from server.traffic import TrafficMeter
 from shared.config import RunConfig
 from shared.model import load_model

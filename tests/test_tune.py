@@ -12,7 +12,7 @@ from flwr.common.config import parse_config_args
 
 from fedchat.cli import main
 from fedchat.demo_data import write_demo_data
-from fedchat.simulation import simulate
+from fedchat.federation.simulation import simulate
 from fedchat.tune import SEARCHED, Search, make_sampler, parse_grid
 from shared.config import RunConfig
 from shared.dialogue import read_dialogues, write_dialogues

@@ -21,7 +21,7 @@ def print_bundle_files(bundle: AppBundle, installed: AppBundle | None = None) ->
 
 
 def cmd_app_build(args) -> int:
-    from fedchat.local_federation import find_app
+    from fedchat.federation.local_federation import find_app
 
     app = Path(args.app).resolve() if args.app else find_app()
     bundle = build_bundle(app)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from fedchat.certs import DEFAULT_HOSTS, cert_hosts, load_cert, write_certs
+from fedchat.federation.certs import DEFAULT_HOSTS, cert_hosts, load_cert, write_certs
 from shared.config import org_name
 from shared.errors import ConfigError
 

@@ -7,8 +7,8 @@ import os
 import shlex
 import sys
 
-from fedchat.deployment import process_env
-from fedchat.service_config import check_coordinator_file, coordinator_command, read_coordinator_file
+from fedchat.federation.deployment import process_env
+from fedchat.federation.service_config import check_coordinator_file, coordinator_command, read_coordinator_file
 
 
 def cmd_coordinator_check(args) -> int:
@@ -21,8 +21,8 @@ def cmd_coordinator_check(args) -> int:
 
 def cmd_coordinator_start(args) -> int:
     """Check the file, then become the SuperLink: Flower's flower-superlink, run in this process (same
-    PID, like an exec) with a longer SQLite lock wait (fedchat.deployment.run_superlink)."""
-    from fedchat.deployment import run_superlink
+    PID, like an exec) with a longer SQLite lock wait (fedchat.federation.deployment.run_superlink)."""
+    from fedchat.federation.deployment import run_superlink
 
     cf = read_coordinator_file(args.file)
     for line in check_coordinator_file(cf):

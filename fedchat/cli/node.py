@@ -8,9 +8,9 @@ import sys
 from pathlib import Path
 
 from fedchat.cli.app import print_bundle_files
-from fedchat.deployment import process_env
+from fedchat.federation.deployment import process_env
+from fedchat.federation.service_config import check_node_file, node_command, read_node_file, write_node_config
 from fedchat.node.app_bundle import SHA256, AppBundle, build_bundle, compare, load_bundle_file, write_approvals
-from fedchat.service_config import check_node_file, node_command, read_node_file, write_node_config
 from shared.errors import ConfigError
 
 
@@ -52,7 +52,7 @@ def cmd_node_start(args) -> int:
 
 def _bundle_from_argument(value: str, app: str | None) -> tuple[AppBundle, AppBundle]:
     """(the bundle to approve, the bundle of the fedchat installed here) from a .fab file or a SHA-256."""
-    from fedchat.local_federation import find_app
+    from fedchat.federation.local_federation import find_app
 
     installed = build_bundle(app or find_app())
     if Path(value).is_file():

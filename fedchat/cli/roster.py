@@ -244,7 +244,7 @@ def set_node_keys(text: str, values: dict[str, str], comment: str) -> str:
 
 
 def cmd_approve(args) -> int:
-    from fedchat.service_config import read_node_file
+    from fedchat.federation.service_config import read_node_file
 
     nf = read_node_file(args.node_toml)
     roster_path = Path(args.roster).resolve()

@@ -40,7 +40,7 @@ APPROVAL_SECTION = "approval"
 APPROVAL_KEY = "app-sha256"
 APPROVAL_FILE_KEY = "file"  # optional: a file of approved hashes (one a line), for a read-only node.toml
 ROSTER_FILE_KEY = "roster-file"  # optional: where `fedchat roster approve` records the approved roster, for a
-# read-only node.toml (fedchat.service_config reads it; the bundle check ignores it)
+# read-only node.toml (fedchat.federation.service_config reads it; the bundle check ignores it)
 MANIFEST = ".info/CONTENT"
 
 

@@ -169,7 +169,7 @@ class _SuperNode:
     def __init__(self, argv: list[str], env: dict[str, str]) -> None:
         from flwr.supercore.error.base import ApiErrorCode
 
-        from fedchat.processes import _die_with_parent
+        from fedchat.federation.processes import _die_with_parent
 
         self.marker = f"[code: {int(ApiErrorCode.FLEET_NODE_ACTIVATION_FAILED)}]".encode()
         self.refused = False

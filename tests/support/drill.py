@@ -17,7 +17,7 @@ secagg-roster), which each node's operator approves in its node.toml, as `fedcha
 
 The TLS certificate is issued for coordinator.fedchat.test (and 10.77.0.1, 127.0.0.1, localhost)
 and every node verifies it by that name, over real TCP through the proxy. Everything runs under
-one `fedchat.processes.Supervisor`; `close` stops every process, unmounts what it mounted and
+one `fedchat.federation.processes.Supervisor`; `close` stops every process, unmounts what it mounted and
 removes every namespace, and `leftovers` says whether anything survived.
 
 The scenarios (`SCENARIOS`) each start fresh nodes (new state dirs and ledgers: a node's budget
@@ -51,8 +51,8 @@ from pathlib import Path
 
 import psutil
 
-from fedchat.deployment import FlowerCLI, process_env, write_cli_config, write_toml
-from fedchat.processes import Service, Supervisor, signal_all, survivors
+from fedchat.federation.deployment import FlowerCLI, process_env, write_cli_config, write_toml
+from fedchat.federation.processes import Service, Supervisor, signal_all, survivors
 from shared.config import org_name
 from shared.errors import FederationError
 from tests.support.netns import Network, sweep_stale
@@ -164,9 +164,9 @@ class NetworkFederation:
     # ---------------------------------------------------------------- set-up
 
     def open(self) -> NetworkFederation:
-        from fedchat.certs import write_certs
         from fedchat.demo_data import write_demo_data
-        from fedchat.local_federation import find_app
+        from fedchat.federation.certs import write_certs
+        from fedchat.federation.local_federation import find_app
         from fedchat.node.app_bundle import build_bundle, unpack_bundle
         from shared.model import resolve_base_model
 
@@ -237,13 +237,13 @@ class NetworkFederation:
         return done.returncode == 0
 
     def superlink_answers(self) -> bool:
-        return self._on("coordinator", "import sys; from fedchat.deployment import https_ready; "
+        return self._on("coordinator", "import sys; from fedchat.federation.deployment import https_ready; "
                                        f"sys.exit(0 if https_ready({COORDINATOR!r}, {PORT}, "
                                        f"{str(self.certs.ca_cert)!r}) "
                                        "else 1)")
 
     def start_superlink(self) -> Service:
-        from fedchat.local_federation import service_command
+        from fedchat.federation.local_federation import service_command
 
         folder = self.root / "superlink"
         config = write_toml(folder / "coordinator.toml", {"superlink": {
@@ -306,8 +306,8 @@ class NetworkFederation:
                                "auth-private-key": str(self.certs.node_key(name)), "runtime-port": RUNTIME_PORT,
                                "max-wait-time": 900}})
             from fedchat.cli.roster import record_approval
+            from fedchat.federation.service_config import read_node_file
             from fedchat.node.app_bundle import write_approvals
-            from fedchat.service_config import read_node_file
             from shared.roster import load_roster
 
             write_approvals(config, [self.app_sha256])  # the operator approved the coordinator's bundle...
@@ -320,7 +320,7 @@ class NetworkFederation:
         return self.nodes
 
     def _start_node_service(self, i: int, folder: Path) -> Service:
-        from fedchat.local_federation import service_command
+        from fedchat.federation.local_federation import service_command
 
         argv = self.net.exec_argv(node_host(i), service_command("node", folder / "node.toml"))
         return self.sup.start(org_name(i), argv, env={**self.env, "FLWR_HOME": str(folder / "flwr-home")}, cwd=folder)

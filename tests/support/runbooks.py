@@ -16,7 +16,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from fedchat.processes import Service, Supervisor
+from fedchat.federation.processes import Service, Supervisor
 
 ROOT = Path(__file__).resolve().parents[2]
 RUNBOOKS = ROOT / "docs" / "runbooks"

@@ -17,7 +17,7 @@ Protocols. An attack is a description (round size, threshold, victim, colluders)
 hooks and a recovery. `Protocol` says what the nodes run (their mods) and how the coordinator runs a round;
 `STOCK` is Flower 1.41's `secaggplus_mod` with its `SecAggPlusWorkflow`. `FEDCHAT` is fedchat's own secure sum:
 every node runs the real `client.secagg` mod with its own identity key and an approved roster (made per run by
-`fedchat.simulation.provision_roster`, colluder bound = the attack's colluders), and the coordinator runs
+`fedchat.federation.simulation.provision_roster`, colluder bound = the attack's colluders), and the coordinator runs
 `server.secagg.SecureAggregation` modified as a cheating ServerApp would be (`AdversaryCoordinator`: it never
 halts a round by its own rules, so only a node's refusal can stop it). An attack gets a `run_<protocol>()` beside
 `run_stock()` that calls `run_attack(self, PROTOCOL, leak_dir, hooks)` with hooks written for that protocol's
@@ -376,7 +376,8 @@ class AdversaryCoordinator(SecureAggregation):
 
 class FedchatSecAgg(Protocol):
     """fedchat's secure sum: the real `client.secagg` mod on every node (an identity key each, one roster every
-    node's operator approved: `fedchat.simulation.provision_roster`), `AdversaryCoordinator` on the ServerApp."""
+    node's operator approved: `fedchat.federation.simulation.provision_roster`), `AdversaryCoordinator` on the
+    ServerApp."""
 
     name = "fedchat-secagg"
     node_mods = ()  # the nodes' mod needs their settings: `for_run` makes it
@@ -389,7 +390,7 @@ class FedchatSecAgg(Protocol):
     def for_run(self, attack: Attack, folder: Path) -> FedchatSecAgg:
         """A federation of the attack's nodes: an identity key each and one roster whose colluder bound is the
         attack's number of colluders (the bound fedchat's guarantees are stated under), approved by every node."""
-        from fedchat.simulation import provision_roster
+        from fedchat.federation.simulation import provision_roster
 
         nodes = {p: {"node-name": member_name(p), "state-dir": str(folder / member_name(p))}
                  for p in range(attack.nodes)}

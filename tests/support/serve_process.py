@@ -9,7 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from fedchat.deployment import LOOPBACK, free_port, http_ready, wait_until
+from fedchat.federation.deployment import LOOPBACK, free_port, http_ready, wait_until
 from shared.errors import FederationError
 
 REPO = Path(__file__).resolve().parents[1]

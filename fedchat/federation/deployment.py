@@ -35,7 +35,7 @@ What Flower 1.41 expects (established from its source and by running it):
   exec) with that wait raised to ``SQLITE_BUSY_TIMEOUT_MS``.
 
 Everything here builds commands and files; starting and stopping processes is
-``fedchat.processes``; a whole federation on one machine is ``fedchat.local_federation``.
+``fedchat.federation.processes``; a whole federation on one machine is ``fedchat.federation.local_federation``.
 """
 
 from __future__ import annotations

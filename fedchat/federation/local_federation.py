@@ -42,9 +42,9 @@ from dataclasses import dataclass, field
 from importlib.metadata import version
 from pathlib import Path
 
-from fedchat.certs import DEFAULT_HOSTS, write_certs
 from fedchat.demo_data import demo_node_config, write_demo_data
-from fedchat.deployment import (
+from fedchat.federation.certs import DEFAULT_HOSTS, write_certs
+from fedchat.federation.deployment import (
     LOOPBACK,
     FlowerCLI,
     SuperLinkTLS,
@@ -56,7 +56,7 @@ from fedchat.deployment import (
     write_cli_config,
     write_toml,
 )
-from fedchat.processes import Service, Supervisor, become_subreaper, survivors
+from fedchat.federation.processes import Service, Supervisor, become_subreaper, survivors
 from shared.config import AGGREGATIONS, NodeConfig, RunConfig, org_name, parse_overrides
 from shared.errors import ConfigError, FedchatError, FederationError
 from shared.files import atomic_write_text
@@ -156,7 +156,7 @@ def service_command(role: str, config: str | Path) -> list[str]:
 
 def find_app() -> Path:
     """The fedchat project folder (its pyproject.toml holds the Flower app)."""
-    for folder in (Path(__file__).resolve().parents[1], Path.cwd(), *Path.cwd().parents):
+    for folder in (Path(__file__).resolve().parents[2], Path.cwd(), *Path.cwd().parents):
         pyproject = folder / "pyproject.toml"
         if pyproject.is_file() and "[tool.flwr.app]" in pyproject.read_text(encoding="utf-8"):
             return folder

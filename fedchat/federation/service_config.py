@@ -250,7 +250,7 @@ def check_node_file(nf: NodeFile) -> list[str]:
     the node's identity key, no approved app bundle.
     """
     from client.privacy import check_delta
-    from fedchat.certs import load_cert, load_node_key
+    from fedchat.federation.certs import load_cert, load_node_key
     from shared import ledger
     from shared.dialogue import read_dialogues
     from shared.model import select_device
@@ -376,7 +376,7 @@ def check_roster(nf: NodeFile) -> tuple[list[str], list[str]]:
 
 
 def node_command(nf: NodeFile) -> list[str]:
-    from fedchat.deployment import supernode_command
+    from fedchat.federation.deployment import supernode_command
 
     return supernode_command(superlink=nf.superlink, root_certificates=nf.root_certificates,
                              auth_key=nf.auth_private_key, node_config=nf.node_config_file,
@@ -385,7 +385,7 @@ def node_command(nf: NodeFile) -> list[str]:
 
 def write_node_config(nf: NodeFile) -> Path:
     """The [node] section as flower-supernode's --node-config file (absolute paths)."""
-    from fedchat.deployment import write_toml
+    from fedchat.federation.deployment import write_toml
 
     values = {k: v for k, v in nf.node.to_flower().items() if v not in ("", None)}
     return write_toml(nf.node_config_file, values)
@@ -437,7 +437,7 @@ def read_coordinator_file(path: str | Path) -> CoordinatorFile:
 
 
 def check_coordinator_file(cf: CoordinatorFile) -> list[str]:
-    from fedchat.certs import cert_hosts, check_server_cert, load_cert
+    from fedchat.federation.certs import cert_hosts, check_server_cert, load_cert
 
     problems, found = [], []
     if cf.certfile is not None:
@@ -471,7 +471,7 @@ def check_coordinator_file(cf: CoordinatorFile) -> list[str]:
 
 
 def coordinator_command(cf: CoordinatorFile) -> list[str]:
-    from fedchat.deployment import SuperLinkTLS, superlink_command
+    from fedchat.federation.deployment import SuperLinkTLS, superlink_command
 
     tls = SuperLinkTLS(cf.certfile, cf.keyfile, cf.ca_certfile) if cf.certfile else None
     return superlink_command(host=cf.host, port=cf.port, tls=tls, node_auth=cf.supernode_auth, database=cf.database)
