@@ -291,17 +291,6 @@ def test_a_node_refuses_an_app_bundle_its_operator_did_not_approve(federation, t
 
 
 @pytest.mark.slow
-def test_the_approved_app_bundle_runs(federation):
-    run_id = _submit(federation, federation.app_src, "run-approved")
-    status = _wait_finished(federation, run_id, timeout=500)
-    assert status == "finished:completed", federation.cli.logs(run_id)[-3000:]
-    report = json.loads((federation.out / "run-approved" / "report.json").read_text())
-    assert report["completed_rounds"] == 1 and [r["status"] for r in report["rounds"]] == ["ok"]
-    for name, log in _node_logs(federation).items():
-        assert f"app bundle sha256 {federation.app_sha256} is approved" in log, name
-
-
-@pytest.mark.slow
 def test_a_node_whose_operator_approves_the_changed_bundle_runs_it(federation, tmp_path):
     """The control: the same changed bundle does run where its operator approved it (so the refusal
     above is the approval check, and the marker would have shown the bundle's code running)."""
