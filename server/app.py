@@ -23,7 +23,15 @@ from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECOR
 from flwr.server.workflow.default_workflows import default_fit_workflow
 from flwr.serverapp import Grid, ServerApp
 
-from server.checkpoint import RunState, check_resumable, latest_checkpoint, load_state, publish_link, save_checkpoint
+from server.checkpoint import (
+    RunState,
+    check_resumable,
+    latest_checkpoint,
+    load_state,
+    publish_link,
+    record_resume,
+    save_checkpoint,
+)
 from server.evaluate import HeldOutEvaluator
 from server.report import plot_losses, write_report
 from server.secagg import SecureAggregation, load_run_roster
@@ -73,6 +81,7 @@ class Coordinator:
                                   "note": f"the run stopped after round {state.round} (its last checkpoint); round "
                                           f"{state.round + 1} runs again, and a node that had trained it before the "
                                           "stop keeps that line in its ledger too"})
+            record_resume(checkpoint, state)
         from peft import set_peft_model_state_dict
         from safetensors.torch import load_file
 

@@ -20,6 +20,7 @@ from pathlib import Path
 from shared.adapter import save_adapter
 from shared.config import RunConfig
 from shared.errors import CheckpointError
+from shared.files import atomic_write_bytes
 
 # Settings a resumed run must share with the checkpoint (they define the adapter).
 IDENTITY = ("base_model", "lora_r", "lora_alpha", "lora_target_modules", "aggregation", "seed")
@@ -63,6 +64,12 @@ def save_checkpoint(out: Path, state: RunState, peft_model, meta: dict) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
     publish_link(out / "adapter", final)
     return final
+
+
+def record_resume(checkpoint: Path, state: RunState) -> None:
+    """Write a resumed run's state (with its new `resumed` entry) into the checkpoint it resumes from, at once: a run
+    that stops again before its next checkpoint must not lose the record of this restart."""
+    atomic_write_bytes(checkpoint / "state.json", json.dumps(asdict(state), indent=1).encode())
 
 
 def latest_checkpoint(out: Path) -> Path | None:

@@ -40,6 +40,21 @@ def test_checkpoint_is_peft_loadable_and_resumable(tmp_path, tiny_dir):
         check_resumable(load_state(path), cfg.replace(aggregation="ffa"), path)
 
 
+def test_every_resume_is_recorded_even_when_the_resumed_run_stops_before_its_next_checkpoint(tmp_path, tiny_dir):
+    """A run resumed from round 1 and killed before round 2's checkpoint, then resumed again: the report lists both."""
+    from server.app import Coordinator
+
+    cfg = RunConfig(base_model="tiny", aggregation="fedavg", out_dir=str(tmp_path), num_rounds=3, resume=True)
+    model, _ = _trained_adapter(tiny_dir, cfg)
+    state = RunState(run_id="abc", config=cfg.to_flower(), round=1, base_eval_loss=3.0, rounds=[{"round": 1}])
+    path = save_checkpoint(tmp_path, state, model, {"base_model": "tiny", "base_model_path": str(tiny_dir)})
+    first = Coordinator(cfg).state  # resumed; then it dies before round 2 is checkpointed
+    second = Coordinator(cfg).state  # resumed again from the same checkpoint
+    assert [r["from_round"] for r in first.resumed] == [1]
+    assert [r["from_round"] for r in second.resumed] == [1, 1]
+    assert load_state(path).rounds == [{"round": 1}] and load_state(path).round == 1  # nothing else changed
+
+
 def test_unfinished_checkpoint_folders_are_ignored(tmp_path):
     (tmp_path / "checkpoints" / ".round-0003-abc").mkdir(parents=True)
     (tmp_path / "checkpoints" / "round-0004").mkdir()  # no state.json: never completed
