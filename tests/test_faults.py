@@ -7,10 +7,11 @@ veth pairs through a fault proxy (tests.support.netproxy) on a "wan" host; the c
 for coordinator.fedchat.test, which each node resolves through its own hosts file. One topology
 (namespaces, certificates, SuperLink) serves the module. Five faults act within one round: they
 share one run on fresh nodes (new state dirs and ledgers; the same identity keys and approved
-roster), a fault per round and a clean sixth round (tests.support.drill.run_chain), under fedchat's
-secure aggregation and DP. The two that resubmit their run (the coordinator killed, the SuperLink
-restarted) share a two-round run on fresh nodes: the SuperLink restarts after round 1, then the
-resumed run's ServerApp is killed in round 2. Each test checks:
+roster), a fault per round and a sixth round (tests.support.drill.run_chain), under fedchat's secure
+aggregation and DP. The two faults that resubmit the run (the coordinator killed, the SuperLink
+restarted) come in that sixth round of the same run: the SuperLink restarts once round 5 is over,
+then the resumed run's ServerApp is killed once every node trained round 6, and the run submitted
+again completes round 6. Each test checks:
 
 * the run completes, or the faulted round fails with an error that says what happened and in the
   next round the victim is back (after the last fault: the round runs with every node);
@@ -391,23 +392,16 @@ def _survived(out):
     return out
 
 
-def _drill(fed, name: str):
-    from tests.support.drill import node_host, run_scenario
-
-    out = _survived(run_scenario(fed, name))
-    for i in range(1, fed.settings.nodes + 1):  # no process left on any node host
-        assert fed.net.pids(node_host(i)) == [], f"processes left on {node_host(i)}"
-    return out
-
-
 @pytest.fixture(scope="module")
 def chain(fed):
     """One run, a fault per round (tests.support.drill.CHAIN: link-down, node-stall, kill-after-key-sharing,
-    kill-before-masked-update, disk-full) and a clean last round: each fault's test reads its round and the next."""
-    from tests.support.drill import CHAIN, node_host, run_chain
+    kill-before-masked-update, disk-full) and a last round without one, through both restarts (RESTARTS: the
+    SuperLink restarted once round 5 is over, the resumed run's ServerApp SIGKILLed once every node trained round 6,
+    the run submitted again): each fault's test reads its round and the next."""
+    from tests.support.drill import CHAIN, RESTARTS, node_host, run_chain
 
-    outs = {o.name: o for o in run_chain(fed)}
-    assert list(outs) == list(CHAIN)
+    outs = {o.name: o for o in run_chain(fed, restarts=True)}
+    assert list(outs) == [*CHAIN, RESTARTS]
     for i in range(1, fed.settings.nodes + 1):
         assert fed.net.pids(node_host(i)) == [], f"processes left on {node_host(i)}"
     return outs
@@ -501,10 +495,15 @@ def test_a_full_disk_before_the_ledger_append_sends_no_update_and_the_next_round
 
 
 @pytest.fixture(scope="module")
-def restarts(fed):
-    """One run through both restarts: the SuperLink restarted after round 1 (the run submitted again resumes), then
-    that run's ServerApp SIGKILLed once every node trained round 2 (submitted again, it resumes once more)."""
-    return _drill(fed, "superlink-restart-then-coordinator-killed")
+def restarts(chain):
+    """The chain's last round through both restarts: the SuperLink restarted once round 5 is over (the run submitted
+    again resumes), then that run's ServerApp SIGKILLed once every node trained round 6 (submitted again, it
+    resumes once more)."""
+    from tests.support.drill import RESTARTS
+
+    out = _survived(chain[RESTARTS])
+    assert out.facts["fault_round"] == 6
+    return out
 
 
 @pytest.mark.slow
@@ -513,8 +512,8 @@ def restarts(fed):
 def test_nodes_reconnect_to_a_restarted_superlink_and_the_run_resumes(restarts):
     assert restarts.facts["same_node_processes"] is True  # the SuperNodes reconnected by themselves (Flower #4844)
     assert not restarts.facts["interrupted_run_status"].startswith("finished:completed")  # the restart cut the run
-    assert restarts.facts["report"]["resumed"][0]["from_round"] == 1  # resumed after round 1, its checkpoint
-    assert [r["status"] for r in restarts.rows] == ["ok", "ok"]
+    assert restarts.facts["report"]["resumed"][0]["from_round"] == 5  # resumed after round 5, its checkpoint
+    assert [(r["round"], r["status"]) for r in restarts.rows] == [(6, "ok")]
 
 
 @pytest.mark.slow
@@ -522,10 +521,11 @@ def test_nodes_reconnect_to_a_restarted_superlink_and_the_run_resumes(restarts):
 @needs_netns
 def test_the_coordinator_killed_mid_round_resumes_and_completes(restarts):
     report = restarts.facts["report"]
-    assert restarts.facts["killed"] and [r["status"] for r in restarts.rows] == ["ok", "ok"]
-    assert report["resumed"][-1]["from_round"] == 1  # the report says it resumed from round 1's checkpoint
-    for name in ("org-1", "org-2", "org-3"):  # round 2 was trained twice (killed, then resumed): both lines are kept
-        assert restarts.facts["ledger_rounds"][name] == [1, 2, 2]
+    assert restarts.facts["killed"] and [(r["round"], r["status"]) for r in restarts.rows] == [(6, "ok")]
+    assert len(report["resumed"]) == 2 and report["resumed"][-1]["from_round"] == 5  # again from round 5's checkpoint
+    for name in ("org-1", "org-2", "org-3"):  # round 6 was trained twice (killed, then resumed): both lines are kept
+        rounds = restarts.facts["ledger_rounds"][name]
+        assert rounds[-2:] == [6, 6] and rounds.count(6) == 2 and all(r <= 5 for r in rounds[:-2]), rounds
 
 
 def test_under_ci_the_drill_fails_instead_of_skipping_without_namespaces(tmp_path):

@@ -730,11 +730,14 @@ def _disk_full(fed: NetworkFederation, out: Outcome, run: Run, rnd: int) -> None
     filler.unlink()  # the operator frees space
 
 
-def _kill_serverapp(fed: NetworkFederation, out: Outcome, run: Run, rnd: int) -> Run:
-    """Once every node trained round `rnd`, SIGKILL the ServerApp mid-round; the operator submits the run again and
-    it resumes from its last checkpoint. The resumed run."""
+def _kill_serverapp(fed: NetworkFederation, out: Outcome, run: Run, rnd: int, session: str | None = None,
+                    rounds: int = 2) -> Run:
+    """Once every node trained round `rnd` (one ledger line more than when the run was submitted), SIGKILL the
+    ServerApp mid-round; the operator submits the run again and it resumes from its last checkpoint. The resumed
+    run (of SESSION, out.name by default, and ROUNDS rounds)."""
     nodes = list(fed.nodes.values())
-    fed.wait(lambda: all(_head_entries(n) >= rnd for n in nodes), fed.settings.run_timeout,
+    before = {n.name: out.facts.get("entries_at_submit", {}).get(n.name, rnd - 1) for n in nodes}
+    fed.wait(lambda: all(_head_entries(n) > before[n.name] for n in nodes), fed.settings.run_timeout,
              f"the nodes did not train round {rnd}", interval=0.1)
     pids = fed.serverapp_pids()
     if not pids:
@@ -742,7 +745,7 @@ def _kill_serverapp(fed: NetworkFederation, out: Outcome, run: Run, rnd: int) ->
     signal_all([psutil.Process(p) for p in pids], signal.SIGKILL)  # the coordinator's ServerApp dies mid-round
     out.facts["killed"] = pids
     out.facts["killed_run_status"] = _stop_dead_run(fed, run)
-    resumed = fed.submit(out.name, 2)  # the operator resubmits: the run resumes from its last checkpoint
+    resumed = fed.submit(session or out.name, rounds)  # the operator resubmits: it resumes from its last checkpoint
     out.facts["resumed_flower_run"] = resumed.flower_id
     return resumed
 
@@ -751,9 +754,9 @@ def _coordinator_killed(fed: NetworkFederation, out: Outcome) -> Run:
     return _kill_serverapp(fed, out, fed.submit(out.name, 2), 1)
 
 
-def _superlink_restart(fed: NetworkFederation, out: Outcome) -> Run:
-    run = fed.submit(out.name, 2)
-    fed.wait_round(run, 1)
+def _restart_superlink(fed: NetworkFederation, out: Outcome, run: Run, session: str, rounds: int) -> Run:
+    """SIGTERM the SuperLink while every node is connected (as `systemctl restart` does) and start it again; the
+    operator submits the interrupted run again (it resumes). The resumed run, or RUN when it had finished."""
     pids = {name: n.service.pid for name, n in fed.nodes.items()}
     fed.stop_superlink()  # SIGTERM, as `systemctl restart` does, while every node is connected
     fed.start_superlink()
@@ -765,16 +768,31 @@ def _superlink_restart(fed: NetworkFederation, out: Outcome) -> Run:
     out.facts["interrupted_run_status"] = _stop_dead_run(fed, run)
     if out.facts["interrupted_run_status"].startswith("finished:completed"):
         return run
-    resumed = fed.submit(out.name, 2)
+    out.facts["entries_at_submit"] = {name: _head_entries(n) for name, n in fed.nodes.items()}
+    resumed = fed.submit(session, rounds)
     out.facts["resumed_flower_run"] = resumed.flower_id
     return resumed
 
 
-def _superlink_restart_then_coordinator_killed(fed: NetworkFederation, out: Outcome) -> Run:
-    run = _superlink_restart(fed, out)
+def _superlink_restart(fed: NetworkFederation, out: Outcome) -> Run:
+    run = fed.submit(out.name, 2)
+    fed.wait_round(run, 1)
+    return _restart_superlink(fed, out, run, out.name, 2)
+
+
+def _restarts_after(fed: NetworkFederation, out: Outcome, run: Run, rnd: int, session: str, rounds: int) -> Run:
+    """Once round `rnd` is over: the SuperLink restarted (the run submitted again resumes), then that run's
+    ServerApp SIGKILLed once every node trained round `rnd` + 1 (submitted again, it resumes once more)."""
+    fed.wait_round(run, rnd)
+    run = _restart_superlink(fed, out, run, session, rounds)
     if out.facts["interrupted_run_status"].startswith("finished:completed"):
-        raise FederationError("the run finished before the SuperLink restart interrupted it: no round 2 to kill")
-    return _kill_serverapp(fed, out, run, 2)
+        raise FederationError(f"the run finished before the SuperLink restart interrupted it: no round {rnd + 1} "
+                              "to kill")
+    return _kill_serverapp(fed, out, run, rnd + 1, session, rounds)
+
+
+def _superlink_restart_then_coordinator_killed(fed: NetworkFederation, out: Outcome) -> Run:
+    return _restarts_after(fed, out, fed.submit(out.name, 2), 1, out.name, 2)
 
 
 def _stop_dead_run(fed: NetworkFederation, run: Run) -> str:
@@ -821,19 +839,29 @@ def run_scenario(fed: NetworkFederation, name: str) -> Outcome:
     return _drill(fed, name, [spec], rounds=2, may_fail=spec.may_fail)[0]
 
 
-def run_chain(fed: NetworkFederation, names: tuple[str, ...] = CHAIN, session: str = "chain") -> list[Outcome]:
+RESTARTS = "superlink-restart-then-coordinator-killed"
+
+
+def run_chain(fed: NetworkFederation, names: tuple[str, ...] = CHAIN, session: str = "chain",
+              restarts: bool = False) -> list[Outcome]:
     """Fresh nodes and one run with one fault per round (`names[k]` in round k + 1) and a last round without
     one: each fault's round may fail, saying why, and the next must find the victim back. The same evidence
-    as `run_scenario`, over the whole run; each fault's outcome holds its round and the next."""
+    as `run_scenario`, over the whole run; each fault's outcome holds its round and the next.
+
+    restarts: the last round also goes through both restarts (RESTARTS, last in the list returned): the SuperLink
+    restarted once the last fault's round is over, the resumed run's ServerApp SIGKILLed once every node trained
+    the last round, the run submitted again; the last round must then complete."""
     if not names or not all(SCENARIOS[n].in_round for n in names):
         raise ValueError(f"a chain takes faults that act within one round: {', '.join(CHAIN)}")
     specs = [SCENARIOS[n] for n in names]
-    return _drill(fed, session, specs, rounds=len(specs) + 1, may_fail=tuple(range(1, len(specs) + 1)))
+    return _drill(fed, session, specs, rounds=len(specs) + 1, may_fail=tuple(range(1, len(specs) + 1)),
+                  restarts=restarts)
 
 
 def _drill(fed: NetworkFederation, session: str, specs: list[Scenario], rounds: int,
-           may_fail: tuple[int, ...]) -> list[Outcome]:
+           may_fail: tuple[int, ...], restarts: bool = False) -> list[Outcome]:
     outs = [Outcome(s.name, s.fault) for s in specs]
+    tail = Outcome(RESTARTS, SCENARIOS[RESTARTS].fault) if restarts else None
     started = time.monotonic()
     run, problems, flower_status = None, [], ""
     try:
@@ -848,6 +876,10 @@ def _drill(fed: NetworkFederation, session: str, specs: list[Scenario], rounds: 
                 t = time.monotonic()
                 spec.inject(fed, out, run, rnd)
                 out.seconds = round(time.monotonic() - t, 1)
+            if tail is not None:
+                t = time.monotonic()
+                run = _restarts_after(fed, tail, run, len(specs), session, rounds)
+                tail.seconds = round(time.monotonic() - t, 1)
         flower_status = fed.wait_finished(run)
     except FederationError as exc:
         problems.append(f"the drill could not finish: {exc}")
@@ -880,20 +912,25 @@ def _drill(fed: NetworkFederation, session: str, specs: list[Scenario], rounds: 
     check = check_ledgers(fed, report)
     problems += check.problems
     ledger_rounds = {n: [e["round"] for e in entries] for n, entries in check.entries.items()}
-    for k, out in enumerate(outs):
-        # a single scenario is judged by its whole run; a chained fault by its round and the next
-        out.rows = rows if len(outs) == 1 else rows[k:k + 2]
+    if tail is not None:
+        tail.facts["server_log"] = outs[0].facts.get("server_log", "")
+    judged = outs + ([tail] if tail is not None else [])
+    for k, out in enumerate(judged):
+        # a single scenario is judged by its whole run; a chained fault by its round and the next; the restarts
+        # at the end of a chain by the last round
+        out.rows = rows if len(judged) == 1 else rows[k:k + 2] if k < len(outs) else rows[-1:]
         out.rounds_completed = sum(r["status"] == "ok" for r in rows)
         out.flower_status = flower_status
         out.ledger_entries_lost = check.lost
         out.problems = list(problems)
-        out.facts.update(report=report, ledger_rounds=ledger_rounds, bound_rows=check.bound_rows, fault_round=k + 1)
-        if len(outs) == 1:
+        out.facts.update(report=report, ledger_rounds=ledger_rounds, bound_rows=check.bound_rows,
+                         fault_round=min(k + 1, rounds))
+        if len(judged) == 1:
             out.seconds = round(time.monotonic() - started, 1)
         out.survived = not out.problems
         out.detail = _detail(out)
     fed.stop_nodes()
-    return outs
+    return judged
 
 
 def _detail(out: Outcome) -> str:
