@@ -334,8 +334,10 @@ def test_local_federation_completes_its_run_and_leaves_no_process(tmp_path, tiny
 
 @pytest.mark.slow
 def test_ctrl_c_stops_every_process_of_a_running_federation(tmp_path, tiny_dir):
+    """One node without secure aggregation, quicker to bring up: the script stops what it started the same way for
+    any federation (Ctrl-C in each of three nodes' own terminals is followed in tests/test_deploy_kit.py)."""
     out = tmp_path / "fed"
-    script = _script(out, "--rounds", "3", "--timeout", "600")
+    script = _script(out, "--rounds", "3", "--timeout", "600", "--no-secagg", nodes=1)
     deadline = time.monotonic() + 240
     try:
         while not (out / "run" / "checkpoints").exists():  # round 0 checkpointed: the ServerApp runs round 1
@@ -350,13 +352,13 @@ def test_ctrl_c_stops_every_process_of_a_running_federation(tmp_path, tiny_dir):
     log = script.finish(timeout=90)
     assert script.proc.returncode == 130, log[-4000:]
     assert "interrupted" in log and "stopping every process" in log
-    _assert_nothing_left(out, at_least=7)
+    _assert_nothing_left(out, at_least=5)  # the SuperLink, its SuperExec, the node, its SuperNode, the ServerApp
 
 
 @pytest.mark.slow
 def test_a_failed_run_exits_non_zero_says_why_and_leaves_no_process(tmp_path, tiny_dir):
-    """One node without secure aggregation: the failure path is the same for any federation, and this one is quicker
-    to bring up (the three-node one is stopped with Ctrl-C above)."""
+    """One node without secure aggregation, quicker to bring up: the failure path is the same for any federation
+    (the three-node one runs to its end in the completion test above)."""
     out = tmp_path / "fed"
     script = _script(out, "--rounds", "3", "--timeout", "2", "--no-secagg", nodes=1)  # 3 rounds cannot finish in 2 s
     log = script.finish(timeout=300)
