@@ -9,14 +9,14 @@ Protocols (a row's ``protocol``):
   Flower graph that holds against any minority, as fedchat's does), threshold a strict majority,
   clipping range and quantisation levels as fedchat derives them. Its masked vectors travel as Flower
   sends them (int64).
-* ``fedchat``: fedchat's secure sum (client.secagg.secure_aggregation, server.secagg.SecureAggregation)
+* ``fedchat``: fedchat's secure sum (client.secagg_mod.secure_aggregation, server.secagg_workflow.SecureAggregation)
   with identity keys and one approved roster (fedchat.federation.simulation.provision_roster).
 
 The synthetic ServerApp runs the coordinator's strategy (server.strategy) and round loop
-(server.app.FitRounds: rounds timed, bytes metered) without a base model: the global adapter is
+(server.server_app.FitRounds: rounds timed, bytes metered) without a base model: the global adapter is
 `scale-adapter-params` zeros shaped like LoRA r=16 tensors of a Llama-3-8B layer. Its nodes'
 "training" draws a random update within the run's update bound, seeded by node and round (float64
-under a secure sum, float32 in plaintext, as client/app.py hands them to Flower).
+under a secure sum, float32 in plaintext, as client/client_app.py hands them to Flower).
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFI
 from flwr.server.workflow import SecAggPlusWorkflow
 from flwr.serverapp import Grid, ServerApp
 
-from client.secagg import SECAGG_FLAG, secure_aggregation
+from client.secagg_mod import SECAGG_FLAG, secure_aggregation
 from shared.config import NodeConfig, RunConfig
 from shared.protocol import CAN_TRAIN, META_ROUND, split_fit_config
 
@@ -119,15 +119,15 @@ class StockSecAggPlus(SecAggPlusWorkflow):
 
 
 def use_stock_secagg(nodes: int) -> None:
-    """The coordinator's round loop (server.app.FitRounds) runs Flower's stock SecAgg+ in place of fedchat's
+    """The coordinator's round loop (server.server_app.FitRounds) runs Flower's stock SecAgg+ in place of fedchat's
     secure sum, in this process (a bench child process of its own)."""
-    import server.app
+    import server.server_app
 
-    server.app.SecureAggregation = lambda cfg, roster, shapes: StockSecAggPlus(cfg, nodes)
+    server.server_app.SecureAggregation = lambda cfg, roster, shapes: StockSecAggPlus(cfg, nodes)
 
 
 def stock_flag_mod(msg, context: Context, call_next):
-    """Tells the node's client (client/app.py, or SyntheticNode) that Flower's stock mod masks this update."""
+    """Tells the node's client (client/client_app.py, or SyntheticNode) that Flower's stock mod masks this update."""
     if RECORD_KEY_CONFIGS in msg.content.config_records:
         context.state.config_records[SECAGG_FLAG] = ConfigRecord({"active": True})
     return call_next(msg, context)
@@ -139,8 +139,8 @@ def node_mods(protocol: str, node_config) -> list:
 
 
 def train_client_app(protocol: str, sim_nodes: dict[int, dict]) -> ClientApp:
-    """fedchat's real ClientApp (client/app.py: data, training, ledger) under `protocol`'s mods."""
-    from client.app import FedchatClient, make_client_app, resolve_node_config
+    """fedchat's real ClientApp (client/client_app.py: data, training, ledger) under `protocol`'s mods."""
+    from client.client_app import FedchatClient, make_client_app, resolve_node_config
     from shared.logs import setup_logging
 
     if protocol != STOCK:
@@ -161,7 +161,7 @@ def train_client_app(protocol: str, sim_nodes: dict[int, dict]) -> ClientApp:
 
 
 def run_synthetic(grid: Grid, context: Context, cfg: RunConfig, params: int) -> dict:
-    from server.app import FitRounds
+    from server.server_app import FitRounds
     from server.strategy import FedchatStrategy
     from server.traffic import TrafficMeter
 

@@ -9,7 +9,7 @@ phases of `--seconds` each, the same server:
 1. baseline: 4 well-behaved clients (threads, one `openai` client each) stream greedy answers of
    `--max-tokens` to the bench prompts, one request after the other;
 2. abuse: the same 4 clients, and 4 abusive ones, one kind each, each as fast as its own requests go:
-   * stops: 4 stop strings of the maximal length (serving.protocol.MAX_STOP_CHARS, none ever said), 64
+   * stops: 4 stop strings of the maximal length (serving.openai_schema.MAX_STOP_CHARS, none ever said), 64
      tokens streamed, and every other request one stop string a character over the cap (400);
    * bodies: a 2 MiB Content-Length (413 before a byte is read), then 4 connections at once that send their
      headers and 10 bytes of body, then a byte a second (408 at --body-timeout), and one that sends its
@@ -48,7 +48,7 @@ import numpy as np
 
 from bench.common import RESULTS
 from bench.serving import OFFLINE, PROMPTS, say
-from serving.protocol import MAX_STOP_CHARS
+from serving.openai_schema import MAX_STOP_CHARS
 from shared.logs import quiet_library_warnings
 from shared.model import resolve_base_model
 from tests.support.serve_process import ServeProcess

@@ -1,7 +1,7 @@
 """The coordinator's round logic as a Flower (legacy) Strategy.
 
 One code path for a round, with or without secure aggregation: Flower's default fit
-workflow hands ``aggregate_fit`` each node's update; the secure sum (server/secagg.py) hands it the
+workflow hands ``aggregate_fit`` each node's update; the secure sum (server/secagg_workflow.py) hands it the
 unmasked weighted average in place of every update (it never has one node's). Either
 way the weighted average of what arrives is the round's update, because the average
 of identical vectors is that vector.

@@ -25,9 +25,9 @@ under that id. The body is read in chunks and refused at --max-body-bytes (a lar
 Content-Length is refused before reading any of it), and JSON parsing and the chat template
 run in a worker thread, so one large prompt never stalls the event loop.
 
-This module is the HTTP layer only: the request and response shapes are serving.protocol's
+This module is the HTTP layer only: the request and response shapes are serving.openai_schema's
 pydantic models, generation is serving.engine's (continuous batching), the model and its hot
-reload are serving.model's.
+reload are serving.served_model's.
 """
 
 from __future__ import annotations
@@ -51,10 +51,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from serving.config import API_KEY_ENV, ModelSource, ServeConfig
 from serving.engine import Admission, ClientBusyError, Engine, Generation, GenerationParams, Job, QueueFullError
-from serving.model import ModelWatcher, PromptTooLong, ServedModel, model_loader
-from serving.protocol import (
+from serving.openai_schema import (
     AssistantMessage,
     BusyHealth,
     ChatCompletion,
@@ -71,6 +69,8 @@ from serving.protocol import (
     Usage,
     validation_error,
 )
+from serving.served_model import ModelWatcher, PromptTooLong, ServedModel, model_loader
+from serving.serving_config import API_KEY_ENV, ModelSource, ServeConfig
 from shared.errors import ConfigError, FedchatError
 
 log = logging.getLogger("fedchat.serve")

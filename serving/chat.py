@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from typing import TextIO
 
 from serving.engine import Engine, Generation, GenerationError, GenerationParams
-from serving.model import ServedModel
+from serving.served_model import ServedModel
 from shared.errors import FedchatError
 
 HELP = "Type a message and press Enter. /reset starts over, /exit (or Ctrl-D) leaves."

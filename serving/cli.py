@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from serving.config import (
+from serving.serving_config import (
     API_KEY_ENV,
     BODY_TIMEOUT_S,
     DTYPES,
@@ -117,7 +117,7 @@ def cmd_chat(args) -> int:
         raise ConfigError("nothing to chat with: give --model DIR (a merged model folder), --adapter DIR, "
                           "or --url URL (a running `fedchat serve`).")
     else:
-        from serving.model import model_loader
+        from serving.served_model import model_loader
 
         cfg = ServeConfig(model=args.model, base=args.base, adapter=args.adapter, device=args.device,
                           dtype=args.dtype)

@@ -44,8 +44,8 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
-from serving.model import ServedModel
 from serving.sampling import per_request_sampling, request_rng, sample
+from serving.served_model import ServedModel
 from shared.errors import FedchatError
 
 log = logging.getLogger("fedchat.serve")

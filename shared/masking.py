@@ -1,7 +1,7 @@
 """The arithmetic of fedchat's secure sum: key agreement, mask streams, secret sharing, quantisation.
 
 Everything here is a pure function of its arguments; the protocol (who sends what, who checks
-what) is in client/secagg.py and server/secagg.py, the rules for its parameters in
+what) is in client/secagg_mod.py and server/secagg_workflow.py, the rules for its parameters in
 shared/secagg_rules.py.
 
 * **Masks** are uniform over Z_2^32 and expanded from every bit of a 256-bit secret: HKDF-SHA256

@@ -7,7 +7,7 @@ keeps the node's promises (require-dp, require-secagg, the budget guard, the led
 Fast tests: `fedchat app build` is the bundle `flwr run` submits; `fedchat node approve` lists and
 records it, and refuses bad input with a message that says what to do. Slow tests: a real federation
 (TLS SuperLink with node authentication, 3 nodes started with `fedchat node start node.toml` as the
-runbooks do, on 127.0.0.1 with free ports): a bundle whose client/app.py was changed is refused by
+runbooks do, on 127.0.0.1 with free ports): a bundle whose client/client_app.py was changed is refused by
 every node before any of its code runs (it would write a marker file at import), the round fails
 saying so; the approved bundle runs; and the control: a node whose operator approves the changed
 bundle does run it (the marker appears), so the refusal is the approval check and nothing else.
@@ -40,9 +40,9 @@ def snapshot(dest: Path) -> Path:
 
 
 def tamper(app: Path, dest: Path, marker: Path) -> Path:
-    """A copy of the app whose client/app.py writes `marker` when it is imported: modified node code."""
+    """A copy of the app whose client/client_app.py writes `marker` when it is imported: modified node code."""
     shutil.copytree(app, dest)
-    with open(dest / "client" / "app.py", "a", encoding="utf-8") as f:
+    with open(dest / "client" / "client_app.py", "a", encoding="utf-8") as f:
         f.write(f"\n\nimport os as _os, pathlib as _pathlib  # not the code the node operator approved\n"
                 f"_pathlib.Path({str(marker)!r}).write_text(_os.environ.get('FLWR_HOME', '?'))\n")
     return dest
@@ -73,9 +73,10 @@ def test_app_build_is_the_bundle_flwr_run_submits(app, tmp_path, capsys):
     out = capsys.readouterr().out
     assert out.strip().splitlines()[-1] == f"sha256 {submitted}"
     assert hashlib.sha256((tmp_path / "b.fab").read_bytes()).hexdigest() == submitted
-    assert "client/app.py" in out and "shared/ledger.py" in out and ".venv" not in out
+    assert "client/client_app.py" in out and "shared/ledger.py" in out and ".venv" not in out
     bundle = load_bundle_file(tmp_path / "b.fab")
-    assert {"pyproject.toml", "client/app.py", "client/privacy.py", "server/app.py"} <= set(bundle.file_hashes())
+    assert {"pyproject.toml", "client/client_app.py", "client/privacy.py", "server/server_app.py"} \
+        <= set(bundle.file_hashes())
     # serving is no part of what nodes run: neither the serving package nor the old server/serve*.py
     assert not [f for f in bundle.file_hashes() if f.startswith(("serving/", "server/serve"))]
     assert fedchat_main(["app", "build", "--app", str(app), "--json"]) == 0
@@ -93,7 +94,7 @@ def test_node_approve_lists_the_bundle_and_records_its_hash(app, tmp_path, capsy
 
     assert fedchat_main(["node", "approve", str(path), str(tmp_path / "b.fab"), "--app", str(app)]) == 0
     out = capsys.readouterr().out
-    assert f"app bundle sha256 {sha}" in out and "client/app.py" in out and "same as installed" in out
+    assert f"app bundle sha256 {sha}" in out and "client/client_app.py" in out and "same as installed" in out
     assert read_node_file(path).approved == (sha,)
     text = path.read_text()
     assert "# the operator's comment" in text and "[connection]  # kept" in text  # the rest of the file is kept
@@ -127,12 +128,12 @@ def test_node_approve_refuses_what_it_cannot_inspect_with_a_clear_error(app, tmp
     with zipfile.ZipFile(io.BytesIO(good.content)) as src, zipfile.ZipFile(forged, "w") as dst:
         for name in src.namelist():
             data = src.read(name)
-            dst.writestr(name, data + b"\nx = 1\n" if name == "client/app.py" else data)
+            dst.writestr(name, data + b"\nx = 1\n" if name == "client/client_app.py" else data)
     (tmp_path / "forged.fab").write_bytes(forged.getvalue())
     for argument, message in [
         (str(tmp_path / "junk.fab"), "is not a Flower app bundle (.fab, a zip file)"),
         (str(tmp_path / "plain.zip"), "has no .info/CONTENT manifest"),
-        (str(tmp_path / "forged.fab"), "client/app.py does not match the bundle's manifest"),
+        (str(tmp_path / "forged.fab"), "client/client_app.py does not match the bundle's manifest"),
         ("abc123", "is neither an app bundle file (.fab) nor a SHA-256"),
         (str(tmp_path / "missing.fab"), "is neither an app bundle file"),
         ("0" * 64, "is not the app bundle of the fedchat installed here"),
@@ -146,7 +147,7 @@ def test_node_approve_refuses_what_it_cannot_inspect_with_a_clear_error(app, tmp
     capsys.readouterr()
     assert fedchat_main(["node", "approve", str(path), str(tmp_path / "changed.fab"), "--app", str(app)]) == 2
     captured = capsys.readouterr()
-    assert "client/app.py" in captured.out and "DIFFERS from installed" in captured.out
+    assert "client/client_app.py" in captured.out and "DIFFERS from installed" in captured.out
     assert "differ from the fedchat installed here" in captured.err and "--accept-differences" in captured.err
     assert read_node_file(path).approved == ()
     assert fedchat_main(["node", "approve", str(path), str(tmp_path / "changed.fab"), "--app", str(app),

@@ -9,7 +9,8 @@ ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "architecture.md"
 
 PACKAGE = re.compile(r"^([a-z_]+)/\s")           # "client/   the node's ClientApp"
-MODULE = re.compile(r"^  ([\w/]+\.py)(?:\s|$)")  # "  app.py   the ClientApp ..." (a subpackage: "  cli/node.py")
+# "  client_app.py   the ClientApp ..." (a subpackage: "  cli/node_commands.py")
+MODULE = re.compile(r"^  ([\w/]+\.py)(?:\s|$)")
 
 
 def layout_tree(text: str) -> dict[str, set[str]]:
@@ -53,5 +54,18 @@ def test_the_round_path_names_modules_that_exist():
 
 
 def test_the_parser_reads_nested_modules_and_ignores_prose():
-    text = "## Layout\n\n```\nfedchat/   tooling\n  cli/node.py   the node group\n  x.py\nprose here\n```\n"
-    assert layout_tree(text) == {"fedchat": {"cli/node.py", "x.py"}}
+    text = "## Layout\n\n```\nfedchat/   tooling\n  cli/node_commands.py   the node group\n  x.py\nprose here\n```\n"
+    assert layout_tree(text) == {"fedchat": {"cli/node_commands.py", "x.py"}}
+
+
+def test_no_two_modules_share_a_name():
+    # A name says what a module holds: two protocol.py (the node's instruction, OpenAI's schema) or two model.py
+    # meaning different things make every import and traceback ambiguous. Package markers are exempt.
+    where: dict[str, list[str]] = {}
+    for package in layout_tree(DOC.read_text()):
+        for module in modules_on_disk(package):
+            name = module.rsplit("/", 1)[-1]
+            if name not in ("__init__.py", "__main__.py"):
+                where.setdefault(name, []).append(f"{package}/{module}")
+    shared = {name: paths for name, paths in where.items() if len(paths) > 1}
+    assert not shared, f"modules that share a name (rename one to say what it holds): {shared}"

@@ -60,7 +60,7 @@ def _loaded_by_the_apps(modules: dict[str, Path]) -> set[str]:
 
 def test_every_module_in_the_bundle_is_imported_by_the_client_or_server_app():
     modules = _bundle_modules()
-    assert {"client.app", "server.app", "shared.ledger"} <= modules.keys()
+    assert {"client.client_app", "server.server_app", "shared.ledger"} <= modules.keys()
     unused = sorted(modules.keys() - _loaded_by_the_apps(modules))
     assert unused == [], (f"the app bundle ships modules neither app imports: {unused}. Move them out of the "
                           "packages fab-include packs (pyproject.toml), to fedchat/ or bench/")

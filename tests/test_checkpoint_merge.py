@@ -42,7 +42,7 @@ def test_checkpoint_is_peft_loadable_and_resumable(tmp_path, tiny_dir):
 
 def test_every_resume_is_recorded_even_when_the_resumed_run_stops_before_its_next_checkpoint(tmp_path, tiny_dir):
     """A run resumed from round 1 and killed before round 2's checkpoint, then resumed again: the report lists both."""
-    from server.app import Coordinator
+    from server.server_app import Coordinator
 
     cfg = RunConfig(base_model="tiny", aggregation="fedavg", out_dir=str(tmp_path), num_rounds=3, resume=True)
     model, _ = _trained_adapter(tiny_dir, cfg)

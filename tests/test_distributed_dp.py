@@ -130,7 +130,7 @@ def test_a_node_counts_only_the_shares_of_honest_nodes_it_does_not_know():
 
 
 def _planner(needs: dict[str, float]):
-    """A planner as client.app's, with a fixed need per node (its data and ledger stand behind it there)."""
+    """A planner as client.client_app's, with a fixed need per node (its data and ledger stand behind it there)."""
     from client.privacy import DistributedPlan
 
     def plan(node, cfg, meta, counted_shares, scale):
@@ -167,7 +167,7 @@ class _Recording:
 
 
 def test_the_unmasked_signed_sum_is_the_exact_integer_sum_near_the_modulus_and_with_dropouts(tmp_path):
-    from server.secagg import SecureAggregation
+    from server.secagg_workflow import SecureAggregation
 
     fed = _distributed(tmp_path)
     gone = sorted(fed.nodes)[-1]
@@ -192,7 +192,7 @@ def test_the_unmasked_signed_sum_is_the_exact_integer_sum_near_the_modulus_and_w
 
 
 def test_every_node_adds_at_least_the_largest_need_and_counts_only_honest_shares(tmp_path):
-    from server.secagg import SecureAggregation
+    from server.secagg_workflow import SecureAggregation
     from tests.support.secagg_federation import Federation  # noqa: F401 (the harness the helper builds on)
 
     fed = _distributed(tmp_path, n=5, colluders=1, needs={"org-1": 800.0, "org-2": 100.0, "org-3": 100.0,
@@ -214,7 +214,7 @@ def test_every_node_adds_at_least_the_largest_need_and_counts_only_honest_shares
 
 
 def test_a_coordinator_cannot_announce_a_smaller_need_for_a_node(tmp_path):
-    from server.secagg import SecureAggregation
+    from server.secagg_workflow import SecureAggregation
 
     fed = _distributed(tmp_path, n=3)
     victim = sorted(fed.nodes)[0]

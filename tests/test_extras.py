@@ -18,9 +18,10 @@ EXTRA_PACKAGES = {"fastapi", "uvicorn", "optuna", "rouge_score", "sacrebleu", "n
 
 # What a node imports to check its config, approve a bundle, start, and run the ClientApp.
 NODE_MODULES = [
-    "client.app", "client.data", "client.policy", "client.privacy", "client.secagg", "client.train",
+    "client.client_app", "client.data", "client.policy", "client.privacy", "client.secagg_mod", "client.train",
     "client.ledger_registry", "shared.config", "shared.evaluation", "shared.merge", "fedchat.audit.ledger_audit",
-    "fedchat.cli", "fedchat.node.runtime", "fedchat.node.app_bundle", "fedchat.cli.node", "fedchat.cli.roster",
+    "fedchat.cli", "fedchat.node.runtime", "fedchat.node.app_bundle", "fedchat.cli.node_commands",
+    "fedchat.cli.roster_commands",
     "fedchat.federation.service_config",
 ]
 

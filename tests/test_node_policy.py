@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from client.app import FedchatClient, NodeCache
+from client.client_app import FedchatClient, NodeCache
 from client.policy import RoundRefused
 from shared import ledger
 from shared.adapter import get_arrays

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from client.app import FedchatClient
+from client.client_app import FedchatClient
 from client.policy import RoundRefused
 from client.privacy import calibrate_noise, check_delta, compute_epsilon, fits_budget, plan_round
 from shared import ledger

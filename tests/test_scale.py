@@ -64,7 +64,7 @@ def test_a_many_node_secure_sum_unmasks_the_exact_weighted_mean(tmp_path):
         synthetic_update,
     )
     from fedchat.federation.simulation import provision_roster, run_apps
-    from server.secagg import quantisation_error_bound
+    from server.secagg_workflow import quantisation_error_bound
     from shared.secagg_rules import derive_parameters
 
     n, params = 25, 20_000

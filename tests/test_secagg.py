@@ -9,11 +9,11 @@ from flwr.common.serde import recorddict_from_proto, recorddict_to_proto
 from flwr.compat.common.recorddict_compat import recorddict_to_fitres
 from safetensors.numpy import load_file
 
-import server.app
+import server.server_app
 from fedchat.demo import run_demo
 from fedchat.demo_data import write_demo_data
 from fedchat.federation.simulation import simulate
-from server.secagg import quantisation_error_bound
+from server.secagg_workflow import quantisation_error_bound
 from server.traffic import TrafficMeter
 from shared import secagg_wire as wire
 from shared.config import RunConfig
@@ -37,7 +37,7 @@ class RecordingMeter(TrafficMeter):
 @pytest.fixture
 def record(monkeypatch):
     RecordingMeter.received = []
-    monkeypatch.setattr(server.app, "TrafficMeter", RecordingMeter)
+    monkeypatch.setattr(server.server_app, "TrafficMeter", RecordingMeter)
     return RecordingMeter
 
 
@@ -66,7 +66,7 @@ def plain3(tmp_path_factory, data) -> dict:
     folder = tmp_path_factory.mktemp("runs")
     with pytest.MonkeyPatch.context() as patch:
         RecordingMeter.received = []
-        patch.setattr(server.app, "TrafficMeter", RecordingMeter)
+        patch.setattr(server.server_app, "TrafficMeter", RecordingMeter)
         _, _, adapter = _run(folder, data, "plain", 3, secagg=False)
     updates, weights = {}, {}
     for content in RecordingMeter.received:

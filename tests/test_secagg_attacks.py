@@ -2,12 +2,12 @@
 
 Against Flower's stock SecAgg+ (`secaggplus_mod`, 1.41) each recovers a victim's update that secure aggregation
 should have hidden. The same attacks (same round size, victim and colluders; the tampering written for fedchat's
-messages) then run against fedchat's own secure sum (`client.secagg` on every node, its coordinator workflow
+messages) then run against fedchat's own secure sum (`client.secagg_mod` on every node, its coordinator workflow
 modified so that it never halts a round by itself): each is refused by the honest nodes with a clear
 PrivacyError, no honest node reveals enough shares to rebuild a secret that would unmask the victim's upload, and
 the attacker's best recovery, with everything its colluders leaked (identity keys, protocol state), is not the
 victim's update. Each fedchat test's docstring names the node check it depends on: with that check off
-(`if False:` in client/secagg.py) the test fails. The harness (tests/support/secagg_attacks.py) keeps each
+(`if False:` in client/secagg_mod.py) the test fails. The harness (tests/support/secagg_attacks.py) keeps each
 attack's description apart from the protocol it runs against."""
 
 import random

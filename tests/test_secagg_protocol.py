@@ -1,6 +1,6 @@
 """fedchat's secure sum against a coordinator that cheats, between real node mods in one process.
 
-Each adversary is a subclass of the real coordinator workflow (server.secagg.SecureAggregation) that
+Each adversary is a subclass of the real coordinator workflow (server.secagg_workflow.SecureAggregation) that
 changes what it sends, as a modified ServerApp would; colluding members hand it their identity keys
 and everything their nodes hold. Each test asserts the honest nodes' refusal and that no honest node
 revealed a share that would let the coordinator rebuild a secret of the victim's. The same attacks
@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from flwr.app import ConfigRecord
 
-from server.secagg import SecureAggregation, quantisation_error_bound
+from server.secagg_workflow import SecureAggregation, quantisation_error_bound
 from shared import masking
 from shared import secagg_wire as wire
 from shared.config import RunConfig
@@ -189,7 +189,7 @@ def test_sybils_in_the_sample_are_refused_before_any_share_is_sealed(tmp_path, c
             state.active.append(999)
             return super()._share_keys(grid, context, state)
 
-    import server.secagg as module
+    import server.secagg_workflow as module
 
     saved = module.derive_parameters  # the coordinator derives the parameters for the sample it shows
     module.derive_parameters = lambda cfg, n, c: saved(cfg, n + 1, c)
@@ -249,7 +249,7 @@ def test_a_round_of_the_victim_and_its_colluders_is_refused(tmp_path):
 
     class AnySize(SecureAggregation):  # ... and a modified one that skips the rule meets the node's
         def _advertise(self, grid, context, state):
-            import server.secagg as module
+            import server.secagg_workflow as module
 
             saved = module.round_refusal
             module.round_refusal = lambda n, c: None

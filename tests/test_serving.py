@@ -26,11 +26,11 @@ import torch
 from openai import OpenAI
 
 from server.checkpoint import RunState, publish_link, round_dir, save_checkpoint
-from serving.config import MAX_BODY_BYTES, ModelSource, ServeConfig
 from serving.engine import Engine, Generation, GenerationParams, TextStream
-from serving.model import ModelWatcher, load_served
-from serving.protocol import MAX_STOP_CHARS
+from serving.openai_schema import MAX_STOP_CHARS
 from serving.sampling import request_rng, sample
+from serving.served_model import ModelWatcher, load_served
+from serving.serving_config import MAX_BODY_BYTES, ModelSource, ServeConfig
 from shared.adapter import attach_adapter, exchanged_names, get_arrays, set_arrays
 from shared.config import RunConfig
 from shared.errors import ConfigError

@@ -11,7 +11,7 @@ import pytest
 import torch
 from flwr.app.message_type import MessageType
 
-import server.app
+import server.server_app
 from fedchat.audit.ledger_audit import audit_ledger, check_against_report
 from fedchat.demo_data import write_demo_data
 from fedchat.federation.simulation import simulate
@@ -74,7 +74,7 @@ def test_secure_dp_ffa_run_keeps_budgets_and_ledgers(tmp_path, monkeypatch):
                     eval_data=str(tmp_path / "data" / "eval.jsonl"), eval_max_conversations=20,
                     out_dir=str(tmp_path / "run"), merge=False)
     SentMeter.fit_configs = []
-    monkeypatch.setattr(server.app, "TrafficMeter", SentMeter)
+    monkeypatch.setattr(server.server_app, "TrafficMeter", SentMeter)
     report = simulate(run, _nodes(tmp_path / "data", tmp_path / "nodes", 3, **{"target-epsilon": 3.0}))
     assert report["secagg"] and report["dp"] and report["aggregation"] == "ffa"
     for row in report["rounds"]:

@@ -6,18 +6,18 @@ import argparse
 import logging
 import sys
 
-from fedchat.cli.app import add_app_command
-from fedchat.cli.audit import add_audit_command, add_canary_commands, empirical_argv
-from fedchat.cli.certs import add_certs_command
-from fedchat.cli.coordinator import add_coordinator_command
-from fedchat.cli.data import add_data_command
-from fedchat.cli.demo import add_demo_command
-from fedchat.cli.eval import add_eval_command
-from fedchat.cli.merge import add_merge_command
-from fedchat.cli.model import add_model_command
-from fedchat.cli.node import add_node_command
-from fedchat.cli.roster import add_roster_command
-from fedchat.cli.tune import add_tune_command
+from fedchat.cli.app_commands import add_app_command
+from fedchat.cli.audit_commands import add_audit_command, add_canary_commands, empirical_argv
+from fedchat.cli.certs_commands import add_certs_command
+from fedchat.cli.coordinator_commands import add_coordinator_command
+from fedchat.cli.data_commands import add_data_command
+from fedchat.cli.demo_commands import add_demo_command
+from fedchat.cli.eval_commands import add_eval_command
+from fedchat.cli.merge_commands import add_merge_command
+from fedchat.cli.model_commands import add_model_command
+from fedchat.cli.node_commands import add_node_command
+from fedchat.cli.roster_commands import add_roster_command
+from fedchat.cli.tune_commands import add_tune_command
 from serving.cli import add_serving_commands
 from shared.errors import FedchatError, require_extra
 from shared.logs import setup_logging
@@ -25,7 +25,7 @@ from shared.logs import setup_logging
 log = logging.getLogger("fedchat")
 
 
-# Each command group has its module here, named for it (cli/node.py: `fedchat node ...`), which registers
+# Each command group has its module here, named for it (cli/node_commands.py: `fedchat node ...`), which registers
 # its parser and runs it; serving/cli.py registers `serve` and `chat`.
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fedchat", description=__doc__.strip() + " Federated LoRA fine-tuning of chat "

@@ -9,8 +9,8 @@ import os
 from contextlib import contextmanager
 from pathlib import Path
 
-from client.app import make_client_app
-from server.app import make_server_app
+from client.client_app import make_client_app
+from server.server_app import make_server_app
 from shared.config import RunConfig
 from shared.errors import FederationError
 

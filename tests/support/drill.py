@@ -305,7 +305,7 @@ class NetworkFederation:
                 "connection": {"superlink": f"{COORDINATOR}:{PORT}", "root-certificates": str(self.certs.ca_cert),
                                "auth-private-key": str(self.certs.node_key(name)), "runtime-port": RUNTIME_PORT,
                                "max-wait-time": 900}})
-            from fedchat.cli.roster import record_approval
+            from fedchat.cli.roster_commands import record_approval
             from fedchat.federation.service_config import read_node_file
             from fedchat.node.app_bundle import write_approvals
             from shared.roster import load_roster

@@ -16,9 +16,9 @@ run the attack computes its best recovery of the victim's update from the transc
 Protocols. An attack is a description (round size, threshold, victim, colluders) plus, per protocol, message
 hooks and a recovery. `Protocol` says what the nodes run (their mods) and how the coordinator runs a round;
 `STOCK` is Flower 1.41's `secaggplus_mod` with its `SecAggPlusWorkflow`. `FEDCHAT` is fedchat's own secure sum:
-every node runs the real `client.secagg` mod with its own identity key and an approved roster (made per run by
+every node runs the real `client.secagg_mod` mod with its own identity key and an approved roster (made per run by
 `fedchat.federation.simulation.provision_roster`, colluder bound = the attack's colluders), and the coordinator runs
-`server.secagg.SecureAggregation` modified as a cheating ServerApp would be (`AdversaryCoordinator`: it never
+`server.secagg_workflow.SecureAggregation` modified as a cheating ServerApp would be (`AdversaryCoordinator`: it never
 halts a round by its own rules, so only a node's refusal can stop it). An attack gets a `run_<protocol>()` beside
 `run_stock()` that calls `run_attack(self, PROTOCOL, leak_dir, hooks)` with hooks written for that protocol's
 messages; against fedchat a test asserts on the transcript (the nodes' refusals in `Transcript.errors`, the
@@ -74,9 +74,9 @@ from flwr.supercore.primitives.asymmetric import (
     public_key_to_bytes,
 )
 
-from client.secagg import STATE as FEDCHAT_STATE
-from client.secagg import secure_aggregation
-from server.secagg import SecureAggregation
+from client.secagg_mod import STATE as FEDCHAT_STATE
+from client.secagg_mod import secure_aggregation
+from server.secagg_workflow import SecureAggregation
 from shared import masking
 from shared import secagg_wire as wire
 from shared.config import NodeConfig, RunConfig
@@ -355,7 +355,7 @@ def member_name(partition: int) -> str:
 
 
 class NodeSettings:
-    """`client.secagg`'s node settings: the provisioned config of the node's partition (its name, state folder,
+    """`client.secagg_mod`'s node settings: the provisioned config of the node's partition (its name, state folder,
     identity key and approved roster), whatever the run config says."""
 
     def __init__(self, configs: dict[int, dict]) -> None:
@@ -375,7 +375,7 @@ class AdversaryCoordinator(SecureAggregation):
 
 
 class FedchatSecAgg(Protocol):
-    """fedchat's secure sum: the real `client.secagg` mod on every node (an identity key each, one roster every
+    """fedchat's secure sum: the real `client.secagg_mod` mod on every node (an identity key each, one roster every
     node's operator approved: `fedchat.federation.simulation.provision_roster`), `AdversaryCoordinator` on the
     ServerApp."""
 

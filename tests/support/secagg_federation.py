@@ -1,8 +1,8 @@
 """fedchat's secure sum between real node mods and the real coordinator workflow, in one process.
 
-Fast protocol and adversary tests: every node runs ``client.secagg.secure_aggregation`` (its real
+Fast protocol and adversary tests: every node runs ``client.secagg_mod.secure_aggregation`` (its real
 mod, its own identity key, an approved roster) over a known synthetic update, and the coordinator
-runs ``server.secagg.SecureAggregation`` (or a subclass a test writes as the adversary). Messages
+runs ``server.secagg_workflow.SecureAggregation`` (or a subclass a test writes as the adversary). Messages
 are Flower ``Message`` objects handed from one to the other by ``InProcessGrid``, in place of a
 SuperLink; the engine tests (tests/test_secagg.py, tests/test_secagg_attacks.py) run the same code
 through Flower's simulation engine.
@@ -26,8 +26,8 @@ from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECOR
 from flwr.server.workflow.constant import Key as WorkflowKey
 from flwr.supercore.task_identity import TaskIdentity
 
-from client.secagg import secure_aggregation
-from server.secagg import SecureAggregation
+from client.secagg_mod import secure_aggregation
+from server.secagg_workflow import SecureAggregation
 from shared.config import NodeConfig, RunConfig
 from shared.crypto import create_identity_key, raw_public_hex
 from shared.protocol import fit_config
@@ -65,7 +65,7 @@ class SimNode:
     context: Context = field(default=None)
     trained: int = 0
     refusals: list[str] = field(default_factory=list)
-    plan_share: object = None  # distributed DP's planner (client.app.plan_distributed_share's signature)
+    plan_share: object = None  # distributed DP's planner (client.client_app.plan_distributed_share's signature)
 
     def __post_init__(self) -> None:
         self.context = Context(run_id=1, node_id=self.node_id, node_config={}, state=RecordDict(), run_config={})

@@ -1,7 +1,7 @@
 """The node's ClientApp: train the adapter on local data, reply with the update only.
 
 What leaves the node each round: the adapter update and its weight, the number of training
-conversations capped at secagg-max-weight (both masked by the secure sum, client/secagg.py, when
+conversations capped at secagg-max-weight (both masked by the secure sum, client/secagg_mod.py, when
 the coordinator runs it: it learns only their sums), and these metrics: node
 name, status, the fingerprint of its ledger key, cumulative epsilon and budget, and the
 head of its privacy ledger. Never a record, never a per-conversation value, and under
@@ -28,7 +28,7 @@ from flwr.clientapp import ClientApp
 from client.ledger_registry import LedgerRegistry
 from client.policy import RoundRefused, check_run, refusal
 from client.privacy import DistributedPlan, fits_budget, plan_distributed_round, plan_round
-from client.secagg import PLAN, SECAGG_FLAG, secure_aggregation
+from client.secagg_mod import PLAN, SECAGG_FLAG, secure_aggregation
 from shared import ledger
 from shared.config import NodeConfig, RunConfig, org_name
 from shared.crypto import key_fingerprint
@@ -341,7 +341,7 @@ def budget_allows_round(node: NodeConfig, cfg: RunConfig, rnd: int, run: str) ->
 
 def plan_distributed_share(node: NodeConfig, cfg: RunConfig, meta: dict, counted_shares: int,
                            scale: int) -> DistributedPlan:
-    """The secure sum's planner (client.secagg): this node's noise share for a distributed-DP round, from its
+    """The secure sum's planner (client.secagg_mod): this node's noise share for a distributed-DP round, from its
     own ledger (read only: training checks it again under the lock) and data size."""
     from shared.model import load_tokenizer, resolve_base_model
 
@@ -367,7 +367,7 @@ def plan_distributed_share(node: NodeConfig, cfg: RunConfig, meta: dict, counted
 def make_client_app(sim_nodes: dict[int, dict] | None = None) -> ClientApp:
     """The ClientApp. `sim_nodes` gives per-partition node settings in simulation.
 
-    Every training message passes `client.secagg` first: the secure sum on the node's own terms (its
+    Every training message passes `client.secagg_mod` first: the secure sum on the node's own terms (its
     approved roster, its colluder bound and minimum), and (require-secagg) never a plaintext update.
     """
 

@@ -1,6 +1,6 @@
 """The coordinator's side of fedchat's secure sum: a Flower fit workflow that learns only the sum.
 
-The node side (client/secagg.py) checks everything that protects a node; this side delivers the
+The node side (client/secagg_mod.py) checks everything that protects a node; this side delivers the
 messages, keeps the round going when nodes drop out, and decodes the sum. It runs the strategy's
 round (``configure_fit`` / ``aggregate_fit``) through five stages, each one Flower message to every
 node still in the round:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from serving.config import ModelSource
+from serving.serving_config import ModelSource
 from shared.adapter import ADAPTER_META
 from shared.errors import ModelError
 from shared.merge import MERGED_META, merged_in_memory

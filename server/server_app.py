@@ -2,7 +2,7 @@
 
 The round loop is Flower's legacy loop (``LegacyContext`` + a fit workflow) written
 out here so a run can resume at the round after its last checkpoint. The fit workflow
-is Flower's default one or fedchat's secure sum (server/secagg.py); the strategy is the same for both.
+is Flower's default one or fedchat's secure sum (server/secagg_workflow.py); the strategy is the same for both.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from server.checkpoint import (
 )
 from server.evaluate import HeldOutEvaluator
 from server.report import plot_losses, write_report
-from server.secagg import SecureAggregation, load_run_roster
+from server.secagg_workflow import SecureAggregation, load_run_roster
 from server.strategy import FedchatStrategy
 from server.traffic import TrafficMeter
 from shared.adapter import attach_adapter, exchanged_names, frozen_a_fingerprint, get_arrays, set_arrays

@@ -7,7 +7,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from fedchat.cli.app import print_bundle_files
+from fedchat.cli.app_commands import print_bundle_files
 from fedchat.federation.deployment import process_env
 from fedchat.federation.service_config import check_node_file, node_command, read_node_file, write_node_config
 from fedchat.node.app_bundle import SHA256, AppBundle, build_bundle, compare, load_bundle_file, write_approvals
