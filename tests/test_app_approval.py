@@ -78,7 +78,7 @@ def test_app_build_is_the_bundle_flwr_run_submits(app, tmp_path, capsys):
     assert {"pyproject.toml", "client/client_app.py", "client/privacy.py", "server/server_app.py"} \
         <= set(bundle.file_hashes())
     # serving is no part of what nodes run: neither the serving package nor the old server/serve*.py
-    assert not [f for f in bundle.file_hashes() if f.startswith(("serving/", "server/serve"))]
+    assert not [f for f in bundle.file_hashes() if f.startswith(("serving/", "server/serve.py", "server/serve_"))]
     assert fedchat_main(["app", "build", "--app", str(app), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["sha256"] == submitted
 
