@@ -18,7 +18,7 @@ quiet_library_warnings()
 # longest files go first, longest first (their durations under `make test`), so that neither worker is
 # left with one of them at the end. (xdist's own `--dist loadgroup` does not group under pytest 9.2:
 # its workers' test ids lose the group.)
-RAY_FILES = {"test_scale", "test_secagg", "test_secagg_attacks", "test_simulation", "test_tune"}
+RAY_FILES = {"test_bundle_contents", "test_scale", "test_secagg", "test_secagg_attacks", "test_simulation", "test_tune"}
 FIRST = ("test_faults", "ray", "test_deploy_kit", "test_app_approval", "test_deploy", "test_privacy_audit",
          "test_serving")
 
