@@ -46,6 +46,7 @@ EXTRA_MODULES = {
     "serve": ("fastapi", "uvicorn"),
     "eval": ("rouge_score", "sacrebleu"),
     "tune": ("optuna",),
+    "simulation": ("ray",),
 }
 
 

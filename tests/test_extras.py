@@ -14,7 +14,7 @@ from fedchat import cli
 from shared import errors
 
 ROOT = Path(__file__).resolve().parents[1]
-EXTRA_PACKAGES = {"fastapi", "uvicorn", "optuna", "rouge_score", "sacrebleu", "nltk", "openai", "pytest"}
+EXTRA_PACKAGES = {"fastapi", "uvicorn", "optuna", "rouge_score", "sacrebleu", "nltk", "openai", "pytest", "ray"}
 
 # What a node imports to check its config, approve a bundle, start, and run the ClientApp.
 NODE_MODULES = [
@@ -41,12 +41,15 @@ def test_the_base_install_leaves_the_extras_out_and_test_holds_them_all():
     names = lambda reqs: {r.split("[")[0].split("=")[0].split(">")[0].split("<")[0].strip().lower() for r in reqs}  # noqa: E731
     base = names(project["dependencies"])
     extras = project["optional-dependencies"]
-    for package in ("fastapi", "uvicorn", "optuna", "rouge-score", "sacrebleu", "pytest"):
+    for package in ("fastapi", "uvicorn", "optuna", "rouge-score", "sacrebleu", "pytest", "ray"):
         assert package not in base, package
+    assert not [r for r in project["dependencies"] if "[" in r], "a node's install pulls an extra of a dependency"
+    assert extras["simulation"] == [next(r for r in project["dependencies"] if r.startswith("flwr=="))
+                                    .replace("flwr==", "flwr[simulation]==")]  # the same Flower, with Ray
     assert {"fastapi", "uvicorn"} <= names(extras["serve"])
     assert {"rouge-score", "sacrebleu"} <= names(extras["eval"])
-    assert "optuna" in names(extras["tune"]) and "fedchat[eval]" in extras["tune"]
-    assert any(r.startswith("fedchat[") and {"serve", "eval", "tune"} <= set(r[8:-1].split(","))
+    assert "optuna" in names(extras["tune"]) and "fedchat[eval,simulation]" in extras["tune"]
+    assert any(r.startswith("fedchat[") and {"serve", "eval", "tune", "simulation"} <= set(r[8:-1].split(","))
                for r in extras["test"])
     assert set(errors.EXTRA_MODULES) <= set(extras)
 
@@ -56,6 +59,8 @@ def test_the_base_install_leaves_the_extras_out_and_test_holds_them_all():
     (["eval", "m", "--data", "d.jsonl"], "eval"),
     (["tune", "--trials", "1"], "tune"),
     (["demo", "--out", "x"], "eval"),
+    (["demo", "--out", "x"], "simulation"),
+    (["tune", "--trials", "1"], "simulation"),
 ])
 def test_a_command_missing_its_extra_says_which_to_install(monkeypatch, capsys, argv, extra):
     import importlib.util
@@ -77,3 +82,15 @@ def test_scoring_without_the_eval_extra_is_a_fedchat_error(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "sacrebleu" else real(name, *a))
     with pytest.raises(errors.MissingExtraError, match=r"install fedchat\[eval\]"):
         text_scores(["a"], ["a"])
+
+
+def test_a_simulation_without_the_simulation_extra_is_a_fedchat_error(monkeypatch):
+    import importlib.util
+
+    from fedchat.federation.simulation import run_apps
+    from shared.config import RunConfig
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "ray" else real(name, *a))
+    with pytest.raises(errors.MissingExtraError, match=r"install fedchat\[simulation\]"):
+        run_apps(RunConfig(), None, None, 2)

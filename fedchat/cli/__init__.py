@@ -50,7 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # The extras (pyproject.toml) a command needs beyond a node's install; checked before it starts.
-COMMAND_EXTRAS = {"serve": ("serve",), "eval": ("eval",), "tune": ("tune", "eval"), "demo": ("eval",)}
+COMMAND_EXTRAS = {"serve": ("serve",), "eval": ("eval",), "tune": ("tune", "eval", "simulation"),
+                  "demo": ("eval", "simulation")}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -12,7 +12,7 @@ from pathlib import Path
 from client.client_app import make_client_app
 from server.server_app import make_server_app
 from shared.config import RunConfig
-from shared.errors import FederationError
+from shared.errors import FederationError, require_extra
 
 log = logging.getLogger("fedchat")
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")  # what torch's CPU kernels read when a process starts
@@ -59,6 +59,7 @@ def one_ray_session():
     """Keep one Ray session for every simulation run inside (fedchat tune's trials, all with the same
     resources): Flower 1.41's Ray backend shuts Ray down at the end of each run, and starting it again
     costs tens of seconds on 2 cores. The virtual nodes (Ray actors) are still made anew for each run."""
+    require_extra("simulation", "Flower's simulation engine (the demo, fedchat tune, bench/)")
     import ray
 
     shutdown = ray.shutdown
@@ -113,6 +114,7 @@ def provision_roster(folder: Path, nodes: dict[int, dict], colluders: int | None
 def run_apps(run: RunConfig, server_app, client_app, num_nodes: int) -> dict:
     """Run a ServerApp and a ClientApp with `num_nodes` virtual SuperNodes, with `run`'s simulation
     resources; the report the ServerApp wrote in run.out_dir/report.json."""
+    require_extra("simulation", "Flower's simulation engine (the demo, fedchat tune, bench/)")
     from flwr.simulation import run_simulation
 
     backend, threads = backend_config(run)
