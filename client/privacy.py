@@ -82,6 +82,7 @@ class DistributedPlan:
     epsilon_after: float
     local_before: float  # of the node's own noise alone
     local_after: float
+    values: int  # the values of the sum (the exchanged tensors'): the planner's, and the wrap check's
 
     def ledger_fields(self) -> dict:
         return {"dp_mode": "distributed", "noise_share": self.share, "noise_counted": self.counted,
@@ -120,11 +121,11 @@ def plan_distributed_round(entries: list[dict], *, target_epsilon: float, local_
     while not fits(hi):
         hi *= 4
         if hi > 1e8 * l2**2:  # no noise fits: the budget is spent
-            return DistributedPlan(math.inf, math.inf, l2, l1, q, before[0], math.inf, before[1], math.inf)
+            return DistributedPlan(math.inf, math.inf, l2, l1, q, before[0], math.inf, before[1], math.inf, values)
     lo = 0.0
     while hi - lo > 1e-3 * hi:
         mid = (lo + hi) / 2
         lo, hi = (lo, mid) if fits(mid) else (mid, hi)
     one = {**entry(counted_shares * hi, hi), "steps": 1}
     after = ledger_epsilons(entries + [one], delta, accountant)
-    return DistributedPlan(hi, counted_shares * hi, l2, l1, q, before[0], after[0], before[1], after[1])
+    return DistributedPlan(hi, counted_shares * hi, l2, l1, q, before[0], after[0], before[1], after[1], values)

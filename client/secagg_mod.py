@@ -53,7 +53,7 @@ from shared.crypto import load_identity_key, raw_public_hex, sign, verify
 from shared.errors import PrivacyError
 from shared.protocol import META_ROUND, META_RUN, split_fit_config
 from shared.roster import Roster, load_approved
-from shared.secagg_rules import derive_parameters, parameter_mismatch, round_refusal, survivors_needed
+from shared.secagg_rules import derive_parameters, parameter_mismatch, round_refusal, survivors_needed, wrap_problem
 
 log = logging.getLogger("fedchat.node")
 SECAGG_FLAG = "fedchat.secagg"  # context state: whether the current training message runs the secure sum
@@ -265,6 +265,9 @@ class NodeProtocol:
             counted_shares = d["needed"] - d["colluders"] - 1
             common = max(ad["noise_need"] for ad in peers.values()) / counted_shares
             d["plan"].update(share=max(common, d["plan"]["share"]), counted=counted_shares * common, common=common)
+            if problem := wrap_problem(len(peers), self.cfg.batch_size, d["parameters"]["scale"], len(peers) * common,
+                                       d["plan"]["values"]):
+                _refuse(problem)
         order = sorted(peers)
         xs = {node: i + 1 for i, node in enumerate(order)}  # each node's Shamir point
         threshold = d["parameters"]["threshold"]

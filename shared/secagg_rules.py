@@ -93,6 +93,26 @@ def integer_scale(nodes: int, batch_size: int, noise_room: int = 64) -> int:
     return 2 ** int(math.floor(math.log2(room)))
 
 
+def wrap_problem(nodes: int, batch_size: int, scale: int, noise_total: float, values: int,
+                 bits: int = 40) -> str | None:
+    """Why a distributed-DP sum of `values` values from `nodes` nodes could wrap around 2^32 with probability
+    2^-bits or more once their Skellam shares total `noise_total` (None when it cannot). The scale leaves room
+    for noise up to about 5.5 times the sensitivity; a stricter budget, more rounds or a smaller batch needs
+    more, and a wrapped sum decodes to garbage, so a node refuses such a round before it sends anything.
+    Bound: the gradients as in integer_scale, plus Bernstein's inequality for the Skellam noise (a difference
+    of two Poisson sums, variance 2 * noise_total), P[|X| >= t] <= 2 exp(-t^2 / (2 (2 mu + t / 3))), at
+    2^-(bits + 1) over all values."""
+    log_p = (bits + 2) * math.log(2) + math.log(max(values, 1))
+    tail = (2 * log_p / 3 + math.sqrt((2 * log_p / 3) ** 2 + 16 * log_p * noise_total)) / 2
+    signal = nodes * (batch_bound(batch_size) * scale + 1)
+    if signal + tail <= 2**31 - 1:
+        return None
+    return (f"the noise this round's {nodes} nodes would add (Skellam {noise_total:.3g} in all, {tail / scale:.1f} "
+            f"clipping norms at its 2^-{bits} tail) does not fit the sum's {(2**31 - 1 - signal) / scale:.1f}: the "
+            "sum could wrap around 2^32 and decode to garbage. Lower the noise each round needs: a larger "
+            "batch-size, fewer rounds, or a larger target-epsilon / local-epsilon-cap")
+
+
 def round_refusal(nodes: int, colluders: int) -> str | None:
     """Why a round of `nodes` cannot hide an update when `colluders` may collude (None when it can)."""
     needed = survivors_needed(nodes, colluders)

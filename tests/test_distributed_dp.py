@@ -135,7 +135,7 @@ def _planner(needs: dict[str, float]):
 
     def plan(node, cfg, meta, counted_shares, scale):
         need = needs[node.node_name]
-        return DistributedPlan(need / counted_shares, need, 1.0, 1.0, 0.1, 0.0, 1.0, 0.0, 2.0)
+        return DistributedPlan(need / counted_shares, need, 1.0, 1.0, 0.1, 0.0, 1.0, 0.0, 2.0, 34)
 
     return plan
 
@@ -230,6 +230,41 @@ def test_a_coordinator_cannot_announce_a_smaller_need_for_a_node(tmp_path):
     _, workflow = fed.run(Shrink)
     assert workflow.last_parameters["halted_at"] == wire.SHARE_KEYS
     assert all(n.trained == 0 for n in fed.nodes.values())
+
+
+def test_the_sum_leaves_room_for_noise_to_five_and_a_half_sensitivities_and_no_more_than_it_can_hold():
+    from shared.secagg_rules import batch_bound, integer_scale, wrap_problem
+
+    def fits(nodes: int, batch: int, z: float) -> bool:  # total noise std z sensitivities, 40M values
+        scale = integer_scale(nodes, batch)
+        l2 = scale + 40_000_000**0.5
+        return wrap_problem(nodes, batch, scale, z**2 * l2**2 / 2, 40_000_000) is None
+
+    for nodes in (3, 6, 20, 100):
+        for batch in (8, 40, 256):
+            scale = integer_scale(nodes, batch)
+            l2 = scale + 40_000_000**0.5
+            assert fits(nodes, batch, 5.5), (nodes, batch)  # the noise the scale was chosen for
+            limit = next(z for z in np.geomspace(1, 1e6, 3000) if not fits(nodes, batch, z))
+            # the first noise refused is about where a Gaussian of its std would leave the room left after the
+            # gradients at 2^-40 over all values (Bernstein's bound is a little wider than the Gaussian's tail)
+            room = 2**31 - 1 - nodes * (batch_bound(batch) * scale + 1)
+            gaussian_tail = stats.norm.isf(2**-42 / 40_000_000) * limit * l2
+            assert room < gaussian_tail * 1.05 and gaussian_tail < room * 1.25, (nodes, batch, limit)
+
+
+def test_a_node_refuses_a_round_whose_noise_could_wrap_the_sum(tmp_path):
+    from server.secagg_workflow import SecureAggregation
+    from shared.secagg_rules import integer_scale
+
+    scale = integer_scale(3, 10)
+    needs = {"org-1": (100.0 * scale) ** 2, "org-2": 100.0, "org-3": 100.0}  # one node's need: 100 clip norms
+    fed = _distributed(tmp_path, n=3, needs=needs)
+    _, workflow = fed.run(SecureAggregation)
+    assert workflow.last_parameters["halted_at"] == wire.SHARE_KEYS
+    assert all(n.trained == 0 for n in fed.nodes.values())
+    refusals = [r for n in fed.nodes.values() for r in n.refusals]
+    assert len(refusals) == 3 and all("could wrap around 2^32" in r and "batch-size" in r for r in refusals)
 
 
 def test_a_ledger_of_local_then_distributed_rounds_is_audited_on_both_epsilons(tmp_path):
