@@ -257,6 +257,71 @@ def _train(tmp_path: Path, name: str, data_file: Path, *, broken: bool) -> tuple
     return state / "adapter", state / "ledger.jsonl", state / "ledger-key.pub"
 
 
+def _train_distributed(tmp_path: Path, name: str, data_file: Path, *, rounds: int, target_epsilon: float,
+                       nodes: int = 3, broken: bool = False) -> tuple[Path, Path, Path]:
+    """Distributed-DP rounds of a federation in which one node holds the canaries: the node's own steps (the
+    round's share planned from its ledger, counting the other nodes' shares as its roster allows; the clipped
+    gradient sum of a Poisson sample in the sum's integer units, rounded at random, plus its Skellam share), the
+    other nodes' shares, and the coordinator's (the exact integer sum, rescaled and divided by the federation's
+    expected batch, then Adam). The ledger claims the distributed epsilon: (adapter, ledger, public key).
+    broken=True: no node adds noise, while the ledger records the planned shares."""
+    import torch
+
+    from client.data import load_local_data
+    from client.privacy import plan_distributed_round
+    from client.train import clipped_gradient_sum, dp_streams, secure_seed
+    from server.aggregate import ServerAdam
+    from shared import ledger
+    from shared.accounting import ledger_epsilons, randomized_round, skellam_noise
+    from shared.adapter import attach_adapter, exchanged_names, fingerprint, get_arrays, save_adapter, set_arrays
+    from shared.config import RunConfig
+    from shared.crypto import load_or_create_signing_key
+    from shared.model import load_model, load_tokenizer, resolve_base_model
+    from shared.secagg_rules import integer_scale, wrap_problem
+
+    cfg = RunConfig(base_model="tiny", batch_size=8, learning_rate=0.02, secagg=True, dp_mode="distributed",
+                    lora_target_modules="q_proj,v_proj,lm_head", aggregation="fedavg", lora_r=8, lora_alpha=16)
+    base = resolve_base_model("tiny")
+    tokenizer = load_tokenizer(base)
+    torch.manual_seed(0)
+    model = attach_adapter(load_model(base, torch.device("cpu"), torch.float32), cfg)
+    names = exchanged_names(model, cfg.aggregation)
+    shapes = [a.shape for a in get_arrays(model, names)]
+    values = sum(int(np.prod(s)) for s in shapes)
+    data = load_local_data(str(data_file), tokenizer, max_len=cfg.max_seq_len, validation_fraction=0.0, seed=0)
+    scale, units = integer_scale(nodes, cfg.batch_size), integer_scale(nodes, cfg.batch_size) / cfg.dp_max_grad_norm
+    adam = ServerAdam(cfg.learning_rate)
+    state = tmp_path / name
+    key = load_or_create_signing_key(state / "ledger-key.pem")
+    with ledger.open_for_training(state / "ledger.jsonl", key) as book:
+        # colluder bound 0: an observer of the sum does not know the other nodes' shares (nodes - 0 - 1)
+        plan = plan_distributed_round([], target_epsilon=target_epsilon, local_cap=1e6, delta=1e-5,
+                                      num_conversations=len(data.train), batch_size=cfg.batch_size, rounds_left=rounds,
+                                      scale=scale, values=values, counted_shares=nodes - 1, accountant="prv")
+        assert wrap_problem(nodes, cfg.batch_size, scale, nodes * plan.share, values) is None  # nodes accept it
+        for rnd in range(1, rounds + 1):
+            sampling, noise = dp_streams(secure_seed())
+            sums, _ = clipped_gradient_sum(model, names, data.train, cfg, pad_id=tokenizer.pad_token_id,
+                                           sampling=sampling)
+            total = np.concatenate([randomized_round(s.ravel() * units, noise) for s in sums])
+            for _ in range(nodes):  # each node's share; the other nodes' gradient sums hold no canary
+                total += skellam_noise(0.0 if broken else plan.share, values, noise)
+            step = adam.step(total / units / (nodes * cfg.batch_size))
+            arrays, offset = [], 0
+            for old, shape in zip(get_arrays(model, names), shapes):
+                arrays.append(old + step[offset:offset + old.size].reshape(shape).astype(np.float32))
+                offset += old.size
+            set_arrays(model, names, arrays)
+            line = {**plan.ledger_fields(), "steps": rnd}  # the spend so far: rounds of one step compose
+            eps, local = ledger_epsilons([line], 1e-5, "prv")
+            book.append({"node": "org-1", "run": "run-1", "round": rnd, "time": "2026-01-01T00:00:00+00:00",
+                         "num_examples": len(data.train), "max_grad_norm": cfg.dp_max_grad_norm, "delta": 1e-5,
+                         "accountant": "prv", "target_epsilon": target_epsilon, "update_sha256": fingerprint(arrays),
+                         **plan.ledger_fields(), "epsilon": eps, "local_epsilon": local})
+    save_adapter(model, state / "adapter", {"base_model": "tiny"})
+    return state / "adapter", state / "ledger.jsonl", state / "ledger-key.pub"
+
+
 @pytest.mark.slow
 def test_broken_dp_fails_the_empirical_audit_and_honest_dp_passes(tmp_path, tiny_dir, capsys):
     filler = write_jsonl(tmp_path / "node.jsonl", [conversation(f"How do I reset password {i}?",
@@ -283,4 +348,26 @@ def test_broken_dp_fails_the_empirical_audit_and_honest_dp_passes(tmp_path, tiny
     assert broken["exposure"]["median"] > 2
     code, honest, out = verdicts["honest"]
     assert code == 0 and honest["verdict"] == "OK"
+    assert honest["epsilon_lower"] <= honest["epsilon_claimed"]
+
+
+@pytest.mark.slow
+def test_the_canary_bound_on_a_distributed_dp_model_stays_below_its_distributed_claim(tmp_path, tiny_dir, capsys):
+    """Distributed DP at epsilon 1 over 20 rounds, as an observer of the sum counts it (the other two nodes'
+    shares): the canaries' bound stays below the claim. Without the noise shares the same run fails: all 16
+    guesses right, bound 1.58 > 1 (measured with broken=True; the local-DP test above keeps a broken run)."""
+    filler = write_jsonl(tmp_path / "node.jsonl", [conversation(f"How do I reset password {i}?",
+                                                                f"Open settings, step {i}.") for i in range(16)])
+    data, secret = tmp_path / "train.jsonl", tmp_path / "auditor" / "secret.json"
+    assert main(["canary", "make", "--m", "32", "--base-model", "tiny", "--data", str(filler), "--out", str(data),
+                 "--secret", str(secret), "--k-plus", "8", "--k-minus", "8", "--seed", "7"]) == 0
+    adapter, ledger_path, pub = _train_distributed(tmp_path, "distributed", data, rounds=20, target_epsilon=1.0)
+    capsys.readouterr()
+    assert main(["audit", str(ledger_path), "--key", str(pub)]) == 0  # both epsilons recompute
+    report = tmp_path / "distributed.json"
+    code = main(["audit", "empirical", "--adapter", str(adapter), "--base-model", "tiny", "--secret", str(secret),
+                 "--ledger", str(ledger_path), "--key", str(pub), "--json", str(report)])
+    honest = json.loads(report.read_text())
+    assert code == 0 and honest["verdict"] == "OK", honest
+    assert honest["epsilon_claimed"] == pytest.approx(1.0, abs=0.02)
     assert honest["epsilon_lower"] <= honest["epsilon_claimed"]
