@@ -48,14 +48,22 @@ def update_problem(update: list[np.ndarray], shapes: list[tuple[int, ...]], boun
 
 class ServerAdam:
     """Adam on the coordinator, for distributed DP: each round's unmasked, noised mean gradient in, the
-    update to the global adapter out (a post-processing of the DP sum). Its moments live for the run's
-    process: a resumed run starts them again from zero."""
+    update to the global adapter out (a post-processing of the DP sum). Its moments go into each checkpoint
+    (`state`), and a resumed run takes them up again (`load`)."""
 
     def __init__(self, lr: float, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> None:
         self.lr, self.betas, self.eps = lr, betas, eps
         self.m: np.ndarray | None = None
         self.v: np.ndarray | None = None
         self.t = 0
+
+    def state(self) -> dict[str, np.ndarray]:
+        """The moments and step count (empty before the first step)."""
+        return {} if self.m is None else {"m": self.m, "v": self.v, "t": np.array(self.t)}
+
+    def load(self, state: dict[str, np.ndarray]) -> None:
+        if state:
+            self.m, self.v, self.t = np.array(state["m"]), np.array(state["v"]), int(state["t"])
 
     def step(self, grad: np.ndarray) -> np.ndarray:
         b1, b2 = self.betas

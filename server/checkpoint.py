@@ -2,6 +2,7 @@
 
     OUT/checkpoints/round-0003/   PEFT adapter (adapter_config.json, adapter_model.safetensors)
                                   + fedchat-adapter.json + state.json (the run state)
+                                  + server-optimizer.npz (distributed DP: the coordinator's Adam moments)
     OUT/adapter -> checkpoints/round-0003   (the latest; swapped atomically)
 
 A checkpoint folder is written under a temporary name and renamed when complete, so
@@ -16,6 +17,8 @@ import shutil
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+import numpy as np
 
 from shared.adapter import save_adapter
 from shared.config import RunConfig
@@ -49,13 +52,18 @@ def publish_link(link: Path, target: Path) -> None:
     os.replace(tmp, link)
 
 
-def save_checkpoint(out: Path, state: RunState, peft_model, meta: dict) -> Path:
+OPTIMIZER_FILE = "server-optimizer.npz"
+
+
+def save_checkpoint(out: Path, state: RunState, peft_model, meta: dict, optimizer: dict | None = None) -> Path:
     final = round_dir(out, state.round)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".round-{state.round:04d}-", dir=final.parent))
     try:
         save_adapter(peft_model, tmp, {**meta, "round": state.round})
         (tmp / "state.json").write_text(json.dumps(asdict(state), indent=1))
+        if optimizer:
+            np.savez(tmp / OPTIMIZER_FILE, **optimizer)
         os.chmod(tmp, 0o755)
         if final.exists():  # the same round again (a resumed run redid it)
             shutil.rmtree(final)
@@ -70,6 +78,19 @@ def record_resume(checkpoint: Path, state: RunState) -> None:
     """Write a resumed run's state (with its new `resumed` entry) into the checkpoint it resumes from, at once: a run
     that stops again before its next checkpoint must not lose the record of this restart."""
     atomic_write_bytes(checkpoint / "state.json", json.dumps(asdict(state), indent=1).encode())
+
+
+def load_optimizer(checkpoint: Path) -> dict:
+    """The coordinator's optimizer state saved with `checkpoint` (empty when it holds none)."""
+    path = checkpoint / OPTIMIZER_FILE
+    if not path.exists():
+        return {}
+    try:
+        with np.load(path) as saved:
+            return {k: saved[k] for k in saved.files}
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{path} is unreadable ({exc}): remove that checkpoint folder to resume from the "
+                              "previous round.") from None
 
 
 def latest_checkpoint(out: Path) -> Path | None:

@@ -27,6 +27,7 @@ from server.checkpoint import (
     RunState,
     check_resumable,
     latest_checkpoint,
+    load_optimizer,
     load_state,
     publish_link,
     record_resume,
@@ -63,6 +64,7 @@ class Coordinator:
         self.evaluator = (HeldOutEvaluator(cfg.eval_data, self.tokenizer, max_len=cfg.max_seq_len,
                                            max_conversations=cfg.eval_max_conversations)
                           if cfg.eval_data else None)
+        self.optimizer_state: dict = {}  # distributed DP's Adam moments, from the checkpoint a resumed run continues
         self.state = self._start_or_resume()
 
     def _start_or_resume(self) -> RunState:
@@ -86,6 +88,7 @@ class Coordinator:
         from safetensors.torch import load_file
 
         set_peft_model_state_dict(self.model, load_file(checkpoint / "adapter_model.safetensors"))
+        self.optimizer_state = load_optimizer(checkpoint)
         log.info("resuming run %s from %s (round %d of %d done)", state.run_id, checkpoint, state.round,
                  self.cfg.num_rounds)
         return state
@@ -97,10 +100,10 @@ class Coordinator:
     def evaluate(self) -> float | None:
         return self.evaluator(self.model) if self.evaluator else None
 
-    def checkpoint(self) -> Path:
+    def checkpoint(self, optimizer: dict | None = None) -> Path:
         meta = {"base_model": self.cfg.base_model, "base_model_path": str(self.base_dir),
                 "aggregation": self.cfg.aggregation, "seed": self.cfg.seed, "run_id": self.state.run_id}
-        return save_checkpoint(self.out, self.state, self.model, meta)
+        return save_checkpoint(self.out, self.state, self.model, meta, optimizer)
 
     def report(self, status: str, merged: Path | None = None, generation: dict | None = None) -> dict:
         s = self.state
@@ -204,6 +207,9 @@ def run_coordinator(grid: Grid, context: Context, cfg: RunConfig) -> dict:
             if "ledger_entries" in c and "ledger_head" in c:
                 strategy.ledger_heads[c["node_id"]] = (int(c["ledger_entries"]), str(c["ledger_head"]))
     with FitRounds(context, cfg, strategy, meter) as rounds:
+        optimizer = rounds.secagg.server_optimizer if rounds.secagg else None
+        if optimizer:
+            optimizer.load(coordinator.optimizer_state)
         if state.round == 0 and state.base_eval_loss is None:
             state.base_eval_loss = coordinator.evaluate()
             if state.base_eval_loss is not None:
@@ -217,7 +223,7 @@ def run_coordinator(grid: Grid, context: Context, cfg: RunConfig) -> dict:
             row["eval_seconds"] = round(time.perf_counter() - t_eval, 2)
             state.rounds.append(row)
             state.round = rnd
-            coordinator.checkpoint()
+            coordinator.checkpoint(optimizer.state() if optimizer else None)
             coordinator.report("running")
             _log_round(row, cfg)
     merged = coordinator.merge() if cfg.merge else None

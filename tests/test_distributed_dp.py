@@ -311,9 +311,14 @@ def test_the_demo_in_distributed_dp_shows_both_epsilons_as_the_ledgers_state_the
     from shared.accounting import ledger_epsilons
 
     caplog.set_level(logging.INFO, logger="fedchat.demo")
-    report = run_demo(out=str(tmp_path / "demo"), clients=4, rounds=1, local_steps=1, base_model="tiny",
-                      aggregation="ffa", dp=True, secagg=True, target_epsilon=8.0, fresh=True,
-                      extra={"dp-mode": "distributed", "batch-size": 16, "merge": False})
+    demo_log = logging.getLogger("fedchat.demo")  # the ServerApp's setup_logging stops fedchat's records at
+    demo_log.addHandler(caplog.handler)  # "fedchat" (propagate off) once it runs in this process
+    try:
+        report = run_demo(out=str(tmp_path / "demo"), clients=4, rounds=1, local_steps=1, base_model="tiny",
+                          aggregation="ffa", dp=True, secagg=True, target_epsilon=8.0, fresh=True,
+                          extra={"dp-mode": "distributed", "batch-size": 16, "merge": False})
+    finally:
+        demo_log.removeHandler(caplog.handler)
     assert len(report["privacy"]) == 4
     for p in report["privacy"]:
         path = tmp_path / "demo" / "nodes" / p["node"] / "ledger.jsonl"
@@ -326,3 +331,40 @@ def test_the_demo_in_distributed_dp_shows_both_epsilons_as_the_ledgers_state_the
         assert f"{p['node']} (distributed DP, 1 round(s) in its ledger): epsilon {p['epsilon']:.2f} against an " \
                f"observer of the secure sum, {p['local_epsilon']:.2f} of its own noise alone" in caplog.text
     assert "(secure sum) /" in caplog.text and "(a node's own noise) of 8 (distributed DP)" in caplog.text
+    # the coordinator's Adam moments go into the round's checkpoint, and a resumed run takes them up
+    from server.checkpoint import latest_checkpoint, load_optimizer, load_state
+    from server.server_app import Coordinator
+    from shared.config import RunConfig
+
+    checkpoint = latest_checkpoint(tmp_path / "demo")
+    saved = load_optimizer(checkpoint)
+    assert checkpoint.name == "round-0001" and int(saved["t"]) == 1 and np.abs(saved["m"]).max() > 0
+    config = {**load_state(checkpoint).config, "resume": True, "out-dir": str(tmp_path / "demo")}
+    resumed = Coordinator(RunConfig.from_flower(config, ignore_unknown=True))
+    assert resumed.optimizer_state.keys() == {"m", "v", "t"}
+    assert np.array_equal(resumed.optimizer_state["v"], saved["v"])
+
+
+def test_the_coordinators_adam_continues_from_a_checkpoint_as_if_never_stopped(tmp_path, tiny_dir):
+    import torch
+
+    from server.aggregate import ServerAdam
+    from server.checkpoint import RunState, load_optimizer, save_checkpoint
+    from shared.adapter import attach_adapter
+    from shared.config import RunConfig
+    from shared.model import load_model
+
+    grads = [np.random.default_rng(i).normal(size=50) for i in range(4)]
+    straight = ServerAdam(0.01)
+    expected = [straight.step(g) for g in grads]
+    first = ServerAdam(0.01)
+    for g in grads[:2]:
+        first.step(g)
+    model = attach_adapter(load_model(tiny_dir, torch.device("cpu"), torch.float32), RunConfig(base_model="tiny"))
+    checkpoint = save_checkpoint(tmp_path, RunState(run_id="r", config={}, round=2), model, {}, first.state())
+    again = ServerAdam(0.01)
+    again.load(load_optimizer(checkpoint))
+    assert all(np.array_equal(again.step(g), e) for g, e in zip(grads[2:], expected[2:]))
+    fresh = ServerAdam(0.01)  # what a resumed run did before: moments from zero, a different step
+    assert not np.allclose(fresh.step(grads[2]), expected[2])
+    assert load_optimizer(tmp_path) == {}  # a checkpoint of a run without distributed DP holds none

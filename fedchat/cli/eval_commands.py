@@ -8,7 +8,7 @@ from pathlib import Path
 
 from shared.errors import ModelError
 
-log = logging.getLogger("fedchat.eval")
+log = logging.getLogger("fedchat.evaluation")
 
 
 def _load(spec: str, adapter: str | None, device, dtype):

@@ -14,7 +14,7 @@ from server.server_app import make_server_app
 from shared.config import RunConfig
 from shared.errors import FederationError, require_extra
 
-log = logging.getLogger("fedchat")
+log = logging.getLogger("fedchat.federation")
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")  # what torch's CPU kernels read when a process starts
 
 
