@@ -46,6 +46,17 @@ def test_simulation_resources_come_from_the_run_config():
             RunConfig.from_flower({key: -1})
 
 
+def test_a_secure_sum_stage_waits_for_every_wave_of_virtual_nodes():
+    from fedchat.federation.simulation import stage_timeout_for_waves
+
+    default = RunConfig().secagg_timeout
+    assert stage_timeout_for_waves(RunConfig(), 3, cores=2).secagg_timeout == 3 * default  # one node at a time
+    two_at_once = RunConfig(sim_cpus_per_node=1.0)
+    assert stage_timeout_for_waves(two_at_once, 3, cores=2).secagg_timeout == 2 * default
+    assert stage_timeout_for_waves(two_at_once, 2, cores=2).secagg_timeout == default  # one wave
+    assert stage_timeout_for_waves(RunConfig(secagg_timeout=50.0), 6, cores=2).secagg_timeout == 50.0  # as set
+
+
 # ------------------------------------------------------------------ many nodes, end to end
 
 

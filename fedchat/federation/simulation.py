@@ -39,6 +39,21 @@ def backend_config(run: RunConfig, cores: int | None = None) -> tuple[dict, int]
     return backend, threads
 
 
+def stage_timeout_for_waves(run: RunConfig, num_nodes: int, cores: int | None = None) -> RunConfig:
+    """`run` with its secure-sum stage timeout fitted to the simulation: the virtual nodes train in waves
+    (floor(cores / sim-cpus-per-node) at a time, one by one by default), so a stage's replies take as long as
+    every wave together; a secagg-timeout left at its default is multiplied by the number of waves. (On a
+    loaded machine the demo's 3 nodes one after another once took longer than the 600 s one node would.)"""
+    backend, _ = backend_config(run, cores)
+    parallel = max(1, int(backend["init_args"]["num_cpus"] // backend["client_resources"]["num_cpus"]))
+    waves = math.ceil(num_nodes / parallel)
+    if waves <= 1 or run.secagg_timeout != RunConfig().secagg_timeout:
+        return run
+    log.info("simulation: %d nodes train in %d waves, so each secure-sum stage waits up to %d x %g s", num_nodes,
+             waves, waves, run.secagg_timeout)
+    return run.replace(secagg_timeout=run.secagg_timeout * waves)
+
+
 @contextmanager
 def _environment(**values: str):
     """Environment variables set for the duration (Ray's worker processes inherit them), then restored."""
@@ -84,6 +99,7 @@ def simulate(run: RunConfig, sim_nodes: dict[int, dict], colluders: int | None =
     if run.secagg and not run.secagg_roster:
         roster, sim_nodes = provision_roster(Path(run.out_dir), sim_nodes, colluders)
         run = run.replace(secagg_roster=str(roster))
+    run = stage_timeout_for_waves(run, len(sim_nodes))
     return run_apps(run, make_server_app(run.to_flower()), make_client_app(sim_nodes), len(sim_nodes))
 
 
