@@ -218,28 +218,36 @@ def test_audit_empirical_refuses_bad_inputs(tmp_path, tiny_dir, capsys):
 # ----------------------------------------------------------------- end to end on the tiny model
 
 
+def _tiny_trainee(cfg) -> tuple:
+    """The tiny model with `cfg`'s adapter, seeded: (tokenizer, model, exchanged names)."""
+    import torch
+
+    from shared.adapter import attach_adapter, exchanged_names
+    from shared.model import load_model, load_tokenizer, resolve_base_model
+
+    base = resolve_base_model("tiny")
+    tokenizer = load_tokenizer(base)
+    torch.manual_seed(0)
+    model = attach_adapter(load_model(base, torch.device("cpu"), torch.float32), cfg)
+    return tokenizer, model, exchanged_names(model, cfg.aggregation)
+
+
 def _train(tmp_path: Path, name: str, data_file: Path, *, broken: bool) -> tuple[Path, Path, Path]:
     """One node round through the real trainer and ledger, claiming epsilon 1: (adapter, ledger, public key).
     broken=True trains with noise multiplier 0 while the ledger records the calibrated one."""
-    import torch
 
     from client.data import load_local_data
     from client.privacy import plan_round
     from client.train import train_round
     from shared import ledger
-    from shared.adapter import attach_adapter, exchanged_names, fingerprint, save_adapter
+    from shared.adapter import fingerprint, save_adapter
     from shared.config import RunConfig
     from shared.crypto import load_or_create_signing_key
-    from shared.model import load_model, load_tokenizer, resolve_base_model
 
     # The tiny random model's logits barely move through q/v alone; LoRA on lm_head lets it memorise.
     cfg = RunConfig(base_model="tiny", local_steps=40, batch_size=8, learning_rate=0.02, secagg=False,
                     lora_target_modules="q_proj,v_proj,lm_head", aggregation="fedavg", lora_r=8, lora_alpha=16)
-    base = resolve_base_model("tiny")
-    tokenizer = load_tokenizer(base)
-    torch.manual_seed(0)
-    model = attach_adapter(load_model(base, torch.device("cpu"), torch.float32), cfg)
-    names = exchanged_names(model, cfg.aggregation)
+    tokenizer, model, names = _tiny_trainee(cfg)
     data = load_local_data(str(data_file), tokenizer, max_len=cfg.max_seq_len, validation_fraction=0.0, seed=0)
     state = tmp_path / name
     key = load_or_create_signing_key(state / "ledger-key.pem")
@@ -265,7 +273,6 @@ def _train_distributed(tmp_path: Path, name: str, data_file: Path, *, rounds: in
     other nodes' shares, and the coordinator's (the exact integer sum, rescaled and divided by the federation's
     expected batch, then Adam). The ledger claims the distributed epsilon: (adapter, ledger, public key).
     broken=True: no node adds noise, while the ledger records the planned shares."""
-    import torch
 
     from client.data import load_local_data
     from client.privacy import plan_distributed_round
@@ -273,19 +280,14 @@ def _train_distributed(tmp_path: Path, name: str, data_file: Path, *, rounds: in
     from server.aggregate import ServerAdam
     from shared import ledger
     from shared.accounting import ledger_epsilons, randomized_round, skellam_noise
-    from shared.adapter import attach_adapter, exchanged_names, fingerprint, get_arrays, save_adapter, set_arrays
+    from shared.adapter import fingerprint, get_arrays, save_adapter, set_arrays
     from shared.config import RunConfig
     from shared.crypto import load_or_create_signing_key
-    from shared.model import load_model, load_tokenizer, resolve_base_model
     from shared.secagg_rules import integer_scale, wrap_problem
 
     cfg = RunConfig(base_model="tiny", batch_size=8, learning_rate=0.02, secagg=True, dp_mode="distributed",
                     lora_target_modules="q_proj,v_proj,lm_head", aggregation="fedavg", lora_r=8, lora_alpha=16)
-    base = resolve_base_model("tiny")
-    tokenizer = load_tokenizer(base)
-    torch.manual_seed(0)
-    model = attach_adapter(load_model(base, torch.device("cpu"), torch.float32), cfg)
-    names = exchanged_names(model, cfg.aggregation)
+    tokenizer, model, names = _tiny_trainee(cfg)
     shapes = [a.shape for a in get_arrays(model, names)]
     values = sum(int(np.prod(s)) for s in shapes)
     data = load_local_data(str(data_file), tokenizer, max_len=cfg.max_seq_len, validation_fraction=0.0, seed=0)
