@@ -320,20 +320,21 @@ def _ledger_entry(node: NodeConfig, cfg: RunConfig, run: str, rnd: int, n: int, 
 def budget_allows_round(node: NodeConfig, cfg: RunConfig, rnd: int, run: str) -> bool:
     """Whether the node's budget guard lets it train round `rnd` of `run`: fit()'s plan over the
     node's ledger, read only (nothing is written or reserved; fit() decides again under the lock)."""
-    from shared.model import load_tokenizer, resolve_base_model
+    from client.data import count_training_conversations
 
     check_run(cfg, node)  # before the node opens any file the run names
     if (node.require_dp and not cfg.dp) or (node.require_secagg and not cfg.secagg):
         return False  # fit() would refuse: say so now, before key sharing
     if not cfg.dp:
         return True
-    data = NodeCache.local_data(cfg, node, load_tokenizer(resolve_base_model(cfg.base_model)))
+    conversations = count_training_conversations(node.data_path, validation_fraction=node.validation_fraction,
+                                                 skip_bad_lines=node.skip_bad_lines)
     path = Path(node.state_dir) / "ledger.jsonl"
     key = ledger.signing_key_for(path, node.ledger_key or Path(node.state_dir) / "ledger-key.pem")
     lines = ledger.read_lines(path)
     LedgerRegistry.of(node.ledger_registry).check(node.data_path, path, lines, key_fingerprint(key.public_key()))
     plan = plan_round(ledger.verify_lines(path, lines, key.public_key()), run,
-                      target_epsilon=node.target_epsilon, delta=node.target_delta, num_conversations=len(data.train),
+                      target_epsilon=node.target_epsilon, delta=node.target_delta, num_conversations=conversations,
                       batch_size=cfg.batch_size, local_steps=cfg.local_steps, rounds_left=cfg.num_rounds - rnd + 1,
                       accountant=cfg.dp_accountant)
     return fits_budget(plan, node.target_epsilon)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from client.data import load_local_data
+from client.data import count_training_conversations, load_local_data
 from fedchat.cli import main
 from shared.dialogue import IGNORE, encode_conversation, read_dialogues
 from shared.errors import DataError
@@ -102,6 +102,21 @@ def test_split_is_seeded_and_disjoint(tmp_path, tokenizer):
     assert [e.input_ids for e in a.validation] == [e.input_ids for e in b.validation]
     train_ids = {tuple(e.input_ids) for e in a.train}
     assert not train_ids & {tuple(e.input_ids) for e in a.validation}
+
+
+@pytest.mark.parametrize("conversations,fraction", [(1, 0.5), (7, 0.0), (10, 0.1), (23, 0.3), (40, 0.99)])
+def test_the_count_before_a_round_is_the_training_split_without_a_tokenizer(tmp_path, tokenizer, conversations,
+                                                                              fraction):
+    """The budget check before a round counts the training conversations without encoding them: the same number
+    that training then uses (a long conversation is truncated, never dropped; a skipped line counts in neither)."""
+    rows = [conversation(f"question {i} " + "word " * (400 if i % 5 == 0 else 0)) for i in range(conversations)]
+    path = write_jsonl(tmp_path / "d.jsonl", [*rows[:1], "{not json", *rows[1:]])
+    loaded = load_local_data(str(path), tokenizer, max_len=64, validation_fraction=fraction, seed=0,
+                             skip_bad_lines=True)
+    assert count_training_conversations(str(path), validation_fraction=fraction, skip_bad_lines=True) == len(
+        loaded.train) >= 1
+    with pytest.raises(DataError, match="line 2"):
+        count_training_conversations(str(path), validation_fraction=fraction)
 
 
 def test_data_check_cli_prints_statistics(tmp_path, capsys, tiny_dir):
