@@ -140,7 +140,7 @@ class RunConfig(_FlowerConfig):
     secagg_max_weight: int = field(default=100000, metadata=_doc("largest per-node weight (conversations); larger nodes are capped"))
     secagg_timeout: float = field(default=600.0, metadata=_doc("seconds to wait for replies at each secure-aggregation stage"))
     sim_cpus_per_node: float = field(default=0.0, metadata=_doc("simulation only: CPU cores each virtual node reserves (Flower's client_resources num_cpus); 0 = every core, so nodes train one after another; 1 on 2 cores trains two at once"))
-    sim_threads_per_node: int = field(default=0, metadata=_doc("simulation only: torch threads of each virtual node; 0 = its cores (rounded down, at least 1)"))
+    sim_threads_per_node: int = field(default=0, metadata=_doc("simulation only: torch threads of each virtual node; 0 = OMP_NUM_THREADS if set, else its cores (rounded down, at least 1)"))
     sim_data_dir: str = field(default="", metadata=_doc("simulation only: folder of org-1.jsonl, org-2.jsonl, ... for virtual nodes that have just a partition id (`flwr run .`)"))
     device: str = field(default="auto", metadata=_doc("coordinator device for evaluation: auto, cpu, cuda, cuda:N, mps"))
     dtype: str = field(default="auto", metadata=_doc("coordinator dtype: auto, float32, bfloat16, float16"))

@@ -7,7 +7,13 @@ from pathlib import Path
 
 import pytest
 
-from shared.logs import quiet_library_warnings
+# One torch thread per process, in this process and every one a test starts (nodes, SuperNodes' ClientApps, Ray's
+# virtual nodes): two workers on 2 cores each start several torch processes at once, and more threads than cores
+# only make OpenMP's waiting threads spin (measured: 17% less CPU time for the same tests). Set before torch loads.
+for _variable in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_variable, "1")
+
+from shared.logs import quiet_library_warnings  # noqa: E402
 
 quiet_library_warnings()
 

@@ -53,6 +53,7 @@ EXAMPLES = DEPLOY / "examples"
 
 CONFIG = {"coordinator": "/etc/fedchat/coordinator.toml", "node": "/etc/fedchat/node.toml"}
 NODES = ("org-1", "org-2", "org-3")
+THREADS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
 
 
 def _program(argv: list[str]) -> list[str]:
@@ -401,7 +402,8 @@ def test_following_the_runbooks_on_one_machine_gives_a_finished_run(tmp_path):
     sup = Supervisor(tmp_path / "logs", record=tmp_path / "processes.json")
     base = {"HOME": str(home), "PATH": clean_path(), "LANG": "C.UTF-8", "TERM": "dumb",
             "TMPDIR": os.environ.get("TMPDIR", "/tmp"), "BASE_MODEL": "tiny",
-            "FEDCHAT_SRC": str(checkout_snapshot(tmp_path / "fedchat"))}
+            "FEDCHAT_SRC": str(checkout_snapshot(tmp_path / "fedchat")),
+            **{k: os.environ[k] for k in THREADS if k in os.environ}}  # the test machine's threads (conftest)
     superlink_port = free_port(LOOPBACK)
     coordinator = Terminal("coordinator", sup, {**base, "ROUNDS": "2", "LOCAL_STEPS": "2",
                                                 "SUPERLINK_PORT": str(superlink_port)}, ROOT, scripts)

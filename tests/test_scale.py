@@ -33,9 +33,15 @@ def test_the_superlinks_database_waits_two_minutes_for_a_lock(tmp_path, monkeypa
 # ------------------------------------------------------------------ simulation resources
 
 
-def test_simulation_resources_come_from_the_run_config():
+def test_simulation_resources_come_from_the_run_config(monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)  # tests/conftest.py sets it
     backend, threads = backend_config(RunConfig(), cores=2)  # default: one node at a time, every core
     assert backend["client_resources"]["num_cpus"] == 2 and threads == 2
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # an environment that asks for fewer threads is heard
+    assert backend_config(RunConfig(), cores=2)[1] == 1
+    assert backend_config(RunConfig(sim_threads_per_node=2), cores=2)[1] == 2  # the run config's own value wins
+    monkeypatch.setenv("OMP_NUM_THREADS", "many")
+    assert backend_config(RunConfig(), cores=2)[1] == 2
     backend, threads = backend_config(RunConfig(sim_cpus_per_node=2 / 3, sim_threads_per_node=1), cores=2)
     assert backend["init_args"]["num_cpus"] // backend["client_resources"]["num_cpus"] == 3 and threads == 1
     assert backend_config(RunConfig(sim_cpus_per_node=1.0), cores=2)[1] == 1

@@ -20,7 +20,8 @@ THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")  # what torch's CPU ke
 
 def backend_config(run: RunConfig, cores: int | None = None) -> tuple[dict, int]:
     """Flower's Ray backend settings for `run` (its sim-cpus-per-node), and the torch threads of each
-    virtual node (sim-threads-per-node; by default the cores it reserves, rounded down, at least 1).
+    virtual node (sim-threads-per-node; else OMP_NUM_THREADS where the environment sets it; else the cores it
+    reserves, rounded down, at least 1).
 
     Nodes run one after another by default (each reserves every core); with sim-cpus-per-node
     c, floor(cores / c) of them run at once (Ray's actors, one process each).
@@ -30,13 +31,20 @@ def backend_config(run: RunConfig, cores: int | None = None) -> tuple[dict, int]
     if cpus > cores:
         raise FederationError(f"sim-cpus-per-node={cpus:g} is more than the {cores} cores of this machine: no virtual "
                               f"node could start; set it to {cores} or less (0 = every core).")
-    threads = run.sim_threads_per_node or max(1, math.floor(cpus))
+    threads = run.sim_threads_per_node or _environment_threads() or max(1, math.floor(cpus))
     backend = {
         "client_resources": {"num_cpus": cpus, "num_gpus": 0.0},
         "init_args": {"num_cpus": cores, "include_dashboard": False, "logging_level": "error",
                       "_node_ip_address": "127.0.0.1", "log_to_driver": True},
     }
     return backend, threads
+
+
+def _environment_threads() -> int | None:
+    """OMP_NUM_THREADS where the environment sets a positive number (a machine shared with other work, as
+    under `make test`'s two workers, keeps each process on fewer threads than it has cores)."""
+    value = os.environ.get("OMP_NUM_THREADS", "")
+    return int(value) if value.isdigit() and int(value) > 0 else None
 
 
 def stage_timeout_for_waves(run: RunConfig, num_nodes: int, cores: int | None = None) -> RunConfig:
