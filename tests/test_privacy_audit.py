@@ -244,8 +244,9 @@ def _train(tmp_path: Path, name: str, data_file: Path, *, broken: bool) -> tuple
     from shared.config import RunConfig
     from shared.crypto import load_or_create_signing_key
 
-    # The tiny random model's logits barely move through q/v alone; LoRA on lm_head lets it memorise.
-    cfg = RunConfig(base_model="tiny", local_steps=40, batch_size=8, learning_rate=0.02, secagg=False,
+    # The tiny random model's logits barely move through q/v alone; LoRA on lm_head lets it memorise. 20 steps
+    # are enough (measured: without noise 16/16 guesses right, bound 1.58, median exposure 4.2; honest bound 0).
+    cfg = RunConfig(base_model="tiny", local_steps=20, batch_size=8, learning_rate=0.02, secagg=False,
                     lora_target_modules="q_proj,v_proj,lm_head", aggregation="fedavg", lora_r=8, lora_alpha=16)
     tokenizer, model, names = _tiny_trainee(cfg)
     data = load_local_data(str(data_file), tokenizer, max_len=cfg.max_seq_len, validation_fraction=0.0, seed=0)
