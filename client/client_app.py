@@ -27,7 +27,7 @@ from flwr.clientapp import ClientApp
 
 from client.ledger_registry import LedgerRegistry
 from client.policy import RoundRefused, check_run, refusal
-from client.privacy import DistributedPlan, fits_budget, plan_distributed_round, plan_round
+from client.privacy import DistributedPlan, fits_budget, plan_distributed_round, plan_round, round_can_fit
 from client.secagg_mod import PLAN, SECAGG_FLAG, secure_aggregation
 from shared import ledger
 from shared.config import NodeConfig, RunConfig, org_name
@@ -318,8 +318,9 @@ def _ledger_entry(node: NodeConfig, cfg: RunConfig, run: str, rnd: int, n: int, 
 
 
 def budget_allows_round(node: NodeConfig, cfg: RunConfig, rnd: int, run: str) -> bool:
-    """Whether the node's budget guard lets it train round `rnd` of `run`: fit()'s plan over the
-    node's ledger, read only (nothing is written or reserved; fit() decides again under the lock)."""
+    """Whether the node's budget guard lets it train round `rnd` of `run`: fit()'s answer over the node's
+    ledger (client.privacy.round_can_fit), read only (nothing is written or reserved; fit() decides again
+    under the lock)."""
     from client.data import count_training_conversations
 
     check_run(cfg, node)  # before the node opens any file the run names
@@ -333,11 +334,10 @@ def budget_allows_round(node: NodeConfig, cfg: RunConfig, rnd: int, run: str) ->
     key = ledger.signing_key_for(path, node.ledger_key or Path(node.state_dir) / "ledger-key.pem")
     lines = ledger.read_lines(path)
     LedgerRegistry.of(node.ledger_registry).check(node.data_path, path, lines, key_fingerprint(key.public_key()))
-    plan = plan_round(ledger.verify_lines(path, lines, key.public_key()), run,
-                      target_epsilon=node.target_epsilon, delta=node.target_delta, num_conversations=conversations,
-                      batch_size=cfg.batch_size, local_steps=cfg.local_steps, rounds_left=cfg.num_rounds - rnd + 1,
-                      accountant=cfg.dp_accountant)
-    return fits_budget(plan, node.target_epsilon)
+    return round_can_fit(ledger.verify_lines(path, lines, key.public_key()), run, target_epsilon=node.target_epsilon,
+                         delta=node.target_delta, num_conversations=conversations, batch_size=cfg.batch_size,
+                         local_steps=cfg.local_steps, rounds_left=cfg.num_rounds - rnd + 1,
+                         accountant=cfg.dp_accountant)
 
 
 def plan_distributed_share(node: NodeConfig, cfg: RunConfig, meta: dict, counted_shares: int,

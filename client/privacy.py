@@ -12,11 +12,11 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from shared.accounting import calibrate_noise, check_delta, compute_epsilon, ledger_history
+from shared.accounting import SIGMA_MAX, calibrate_noise, check_delta, compute_epsilon, ledger_history
 from shared.errors import PrivacyError
 
 __all__ = ["RoundPlan", "calibrate_noise", "check_delta", "compute_epsilon", "fits_budget", "ledger_history",
-           "plan_round"]
+           "plan_round", "round_can_fit"]
 
 
 @dataclass(frozen=True)
@@ -61,6 +61,28 @@ def plan_round(entries: list[dict], run_id: str, *, target_epsilon: float, delta
     after = math.inf if math.isinf(sigma) else compute_epsilon(
         history + [(sigma, sample_rate, local_steps)], delta, accountant)
     return RoundPlan(sigma, sample_rate, local_steps, before, after)
+
+
+def round_can_fit(entries: list[dict], run_id: str, *, target_epsilon: float, delta: float, num_conversations: int,
+                  batch_size: int, local_steps: int, rounds_left: int, accountant: str) -> bool:
+    """What `fits_budget(plan_round(...), target_epsilon)` answers, without calibrating (one or two evaluations
+    of the accountant instead of a dozen): the question a node answers before a round, when fit() plans it.
+
+    Epsilon grows with every step, so the next round fits whenever a whole plan for the rounds left does: the
+    run's kept noise if it still covers them, or else the most noise calibration may choose (calibration
+    fails exactly when that does not fit). fit() plans again under the ledger's lock and decides."""
+    check_delta(delta, num_conversations)
+    history = ledger_history(entries)
+    sample_rate = min(1.0, batch_size / num_conversations)
+    same_run = [e for e in entries if e["run"] == run_id]
+    steps = local_steps * max(rounds_left, 1)
+
+    def fits(sigma: float) -> bool:
+        return compute_epsilon(history + [(sigma, sample_rate, steps)], delta, accountant) <= target_epsilon
+
+    if same_run and rounds_left >= 1 and fits(float(same_run[-1]["noise_multiplier"])):
+        return True
+    return fits(SIGMA_MAX)
 
 
 def fits_budget(plan: RoundPlan, target_epsilon: float) -> bool:

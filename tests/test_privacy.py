@@ -9,7 +9,7 @@ import torch
 
 from client.client_app import FedchatClient
 from client.policy import RoundRefused
-from client.privacy import calibrate_noise, check_delta, compute_epsilon, fits_budget, plan_round
+from client.privacy import calibrate_noise, check_delta, compute_epsilon, fits_budget, plan_round, round_can_fit
 from shared import ledger
 from shared.adapter import attach_adapter, exchanged_names, frozen_a_fingerprint, get_arrays
 from shared.config import NodeConfig, RunConfig
@@ -99,6 +99,43 @@ def test_a_round_run_again_after_a_resume_is_paid_for_by_the_rounds_left():
     assert last.noise_multiplier > first.noise_multiplier  # what is left, spread over the round left
     history = [(e["noise_multiplier"], e["sample_rate"], e["steps"]) for e in twice]
     assert compute_epsilon(history + [(last.noise_multiplier, last.sample_rate, last.steps)], 1e-5, "prv") <= 8.0
+
+
+@pytest.mark.parametrize("accountant", ["prv", "rdp"])
+def test_a_ledgers_rounds_of_one_noise_compose_as_one_entry_of_their_steps(accountant):
+    """compute_epsilon gives the accountant equal mechanisms taken together (a run's lines share one noise):
+    the same epsilon as the accountant fed every line, interleaved runs included."""
+    from opacus.accountants import PRVAccountant, RDPAccountant
+
+    lines = [(0.7, 0.2, 1)] * 4 + [(1.1, 0.05, 3)] + [(0.7, 0.2, 1)] * 2 + [(1.1, 0.05, 3)]
+    per_line = {"prv": PRVAccountant, "rdp": RDPAccountant}[accountant]()
+    per_line.history = list(lines)
+    assert compute_epsilon(lines, 1e-5, accountant) == pytest.approx(per_line.get_epsilon(1e-5), rel=1e-6)
+    assert compute_epsilon(lines[:-1], 1e-5, accountant) < compute_epsilon(lines, 1e-5, accountant)
+
+
+def test_the_answer_before_a_round_is_the_plans_answer_without_calibrating(monkeypatch):
+    """round_can_fit (get_properties) answers what fits_budget(plan_round(...)) (fit) does, in every case of the
+    plan: a fresh run, a run on its plan, one whose kept noise no longer covers the rounds left, a round beyond
+    the plan, an exhausted budget; and it evaluates the accountant at most twice."""
+    kw = dict(delta=1e-5, num_conversations=400, batch_size=8, local_steps=10, accountant="rdp")
+    first = plan_round([], "r1", target_epsilon=8.0, rounds_left=3, **kw)
+    on_plan = _entries([(first.noise_multiplier, first.sample_rate, first.steps)] * 2, accountant="rdp")
+    cases = [([], "r1", 8.0, 3), (on_plan[:1], "r1", 8.0, 2), (on_plan, "r1", 8.0, 1), (on_plan, "r1", 8.0, 0),
+             (on_plan * 2, "r1", 8.0, 1), (on_plan, "r1", 3.0, 1), (on_plan, "r2", 8.0, 2),
+             (_entries([(0.8, 0.02, 30)], accountant="rdp"), "r2", 0.5, 3)]
+    answers = []
+    for entries, run, target, left in cases:
+        planned = fits_budget(plan_round(entries, run, target_epsilon=target, rounds_left=left, **kw), target)
+        calls = []
+        monkeypatch.setattr("client.privacy.compute_epsilon",
+                            lambda *a, calls=calls, **k: calls.append(1) or compute_epsilon(*a, **k))
+        answered = round_can_fit(entries, run, target_epsilon=target, rounds_left=left, **kw)
+        monkeypatch.undo()
+        assert answered == planned, (len(entries), run, target, left)
+        assert len(calls) <= 2
+        answers.append(answered)
+    assert True in answers and False in answers
 
 
 def test_a_lowered_budget_below_what_was_spent_refuses_every_round():
