@@ -23,8 +23,11 @@ def _step(i: int, n: int, text: str) -> None:
     log.info("[%d/%d] %s", i, n, text)
 
 
-def _samples(generation: dict | None, questions: int = 3) -> list[dict]:
+def _samples(generation: dict | None, merged: bool, questions: int = 3) -> list[dict]:
     """The first held-out questions with the reference, the base's and the merged model's answers."""
+    if not merged:
+        log.info("    no answers to compare: this run merges no model (merge is off)")
+        return []
     if not generation or "samples" not in generation:
         log.warning("    no answers to show: the coordinator's evaluation of the merged model failed (%s)",
                     (generation or {}).get("error", "no held-out data"))
@@ -109,7 +112,7 @@ def run_demo(*, out: str, clients: int, rounds: int, local_steps: int, base_mode
                      p["target_epsilon"], p["delta"])
     generation = report.get("generation")
     _step(4, n, "the model before and after, on held-out questions (greedy answers, scored by the coordinator)")
-    report["samples"] = _samples(generation)
+    report["samples"] = _samples(generation, bool(report.get("merged_model")))
     for s in report["samples"]:
         log.info("    Q: %s\n        reference: %s\n        before:    %s\n        after:     %s",
                  s["question"], s["reference"], s["before"], s["after"])
@@ -130,6 +133,6 @@ def run_demo(*, out: str, clients: int, rounds: int, local_steps: int, base_mode
     write_report(out_dir / "report.json", report)
     _step(5, n, f"done in {report['wall_seconds']:.0f}s: held-out loss {report['base_eval_loss']:.4f} -> "
                 f"{report['final_eval_loss']:.4f}{scores}{privacy}; report {out_dir / 'report.json'}, "
-                f"plot {out_dir / 'loss.png'}, "
-                f"merged model {report['merged_model']}")
+                f"plot {out_dir / 'loss.png'}"
+                f"{', merged model ' + report['merged_model'] if report.get('merged_model') else ''}")
     return report
