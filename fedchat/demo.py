@@ -112,7 +112,7 @@ def run_demo(*, out: str, clients: int, rounds: int, local_steps: int, base_mode
                      p["target_epsilon"], p["delta"])
     generation = report.get("generation")
     _step(4, n, "the model before and after, on held-out questions (greedy answers, scored by the coordinator)")
-    report["samples"] = _samples(generation, bool(report.get("merged_model")))
+    report["samples"] = _samples(generation, run.merge)
     for s in report["samples"]:
         log.info("    Q: %s\n        reference: %s\n        before:    %s\n        after:     %s",
                  s["question"], s["reference"], s["before"], s["after"])

@@ -303,7 +303,9 @@ def test_the_demo_in_distributed_dp_shows_both_epsilons_as_the_ledgers_state_the
     """A real distributed-DP demo (4 tiny nodes, the roster's colluder bound 1): the report and the log give each
     node's epsilon against an observer of the sum and of its own share alone, both as recomputed from its ledger,
     within the budget; the second is larger unless the node counts on no more noise than its own share (at the
-    fewest survivors this roster allows, 3 - 1 colluder - itself = 1 share)."""
+    fewest survivors this roster allows, 3 - 1 colluder - itself = 1 share). Resumed for a second round, the run
+    steps the coordinator's Adam on from the moments its first round checkpointed."""
+    import functools
     import logging
 
     from fedchat.demo import run_demo
@@ -313,10 +315,11 @@ def test_the_demo_in_distributed_dp_shows_both_epsilons_as_the_ledgers_state_the
     caplog.set_level(logging.INFO, logger="fedchat.demo")
     demo_log = logging.getLogger("fedchat.demo")  # the ServerApp's setup_logging stops fedchat's records at
     demo_log.addHandler(caplog.handler)  # "fedchat" (propagate off) once it runs in this process
+    demo = functools.partial(run_demo, out=str(tmp_path / "demo"), clients=4, local_steps=1, base_model="tiny",
+                             aggregation="ffa", dp=True, secagg=True,
+                             extra={"dp-mode": "distributed", "batch-size": 16, "merge": False})
     try:
-        report = run_demo(out=str(tmp_path / "demo"), clients=4, rounds=1, local_steps=1, base_model="tiny",
-                          aggregation="ffa", dp=True, secagg=True, target_epsilon=8.0, fresh=True,
-                          extra={"dp-mode": "distributed", "batch-size": 16, "merge": False})
+        report = demo(rounds=1, target_epsilon=8.0, fresh=True)
     finally:
         demo_log.removeHandler(caplog.handler)
     assert len(report["privacy"]) == 4
@@ -334,11 +337,10 @@ def test_the_demo_in_distributed_dp_shows_both_epsilons_as_the_ledgers_state_the
     # the coordinator's Adam moments go into the round's checkpoint, and a resumed run steps on from them
     from server.checkpoint import latest_checkpoint, load_optimizer
 
-    first = load_optimizer(latest_checkpoint(tmp_path / "demo"))
-    assert int(first["t"]) == 1 and np.abs(first["m"]).max() > 0
-    run_demo(out=str(tmp_path / "demo"), clients=4, rounds=2, local_steps=1, base_model="tiny", aggregation="ffa",
-             dp=True, secagg=True, target_epsilon=16.0, fresh=False,  # the first round spent the budget of 8
-             extra={"dp-mode": "distributed", "batch-size": 16, "merge": False})
+    checkpoint = latest_checkpoint(tmp_path / "demo")
+    first = load_optimizer(checkpoint)
+    assert checkpoint.name == "round-0001" and int(first["t"]) == 1 and np.abs(first["m"]).max() > 0
+    demo(rounds=2, target_epsilon=16.0, fresh=False)  # resumed; the first round spent the budget of 8
     checkpoint = latest_checkpoint(tmp_path / "demo")
     second = load_optimizer(checkpoint)
     assert checkpoint.name == "round-0002"
